@@ -1,0 +1,3 @@
+from engram_lm.cli import main
+
+raise SystemExit(main())

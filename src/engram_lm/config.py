@@ -1,0 +1,103 @@
+"""Frozen, validated configuration of one Engram setup (hashing + fusion module).
+
+Field names follow the paper; the reference demo's names are given in comments and
+accepted by `EngramConfig.from_reference_dict` (see `compat/reference.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngramConfig:
+    # --- hashing (ENGRAM_SPEC section 3) ---
+    tokenizer: str = "deepseek-v3"  # built-in name, a tokenizer.json path, or "identity:V"
+    table_sizes: tuple[int, ...] = (646400, 646400)  # engram_vocab_size, one per order 2..N
+    max_ngram: int = 3  # max_ngram_size (N)
+    num_heads: int = 8  # n_head_per_ngram (K), per order
+    layer_ids: tuple[int, ...] = (1, 15)  # 0-based block indices
+    pad_id: int = 2  # raw pad id, mapped through the compression
+    seed: int = 0
+    # --- fusion (ENGRAM_SPEC section 4 / 8) ---
+    embed_per_ngram: int = 512  # n_embed_per_ngram; head dim = embed_per_ngram / num_heads
+    hidden_size: int = 1024
+    num_branches: int = 1  # hc_mult (M); 1 = plain residual stream
+    kernel_size: int = 4
+    use_short_conv: bool = True  # the V4.1 layout has no conv
+    use_gating: bool = True  # ablation switch: alpha = 1 when False
+    projection_bias: bool = True  # reference: Linear with bias; V4.1 wkv: no bias
+    gate_eps: float | None = None  # RMSNorm eps of the gate; None = finfo(dtype).eps (reference)
+    conv_eps: float = 1e-5
+    zero_init_conv: bool = True  # paper: conv starts at zero (the demo does not)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_sizes", tuple(int(s) for s in self.table_sizes))
+        object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
+        _check(self.max_ngram >= 2, "max_ngram", self.max_ngram, "N-grams start at 2; use max_ngram >= 2")
+        _check(self.num_heads >= 1, "num_heads", self.num_heads, "use at least 1 hash head per order")
+        _check(
+            len(self.table_sizes) == self.max_ngram - 1,
+            "table_sizes",
+            self.table_sizes,
+            f"give one base table size per order 2..{self.max_ngram} ({self.max_ngram - 1} values)",
+        )
+        for size in self.table_sizes:
+            _check(size >= 2, "table_sizes", self.table_sizes, "every table size must be >= 2")
+        _check(len(self.layer_ids) >= 1, "layer_ids", self.layer_ids, "name at least one Engram layer")
+        _check(
+            len(set(self.layer_ids)) == len(self.layer_ids),
+            "layer_ids",
+            self.layer_ids,
+            "layer ids must be distinct",
+        )
+        _check(min(self.layer_ids) >= 0, "layer_ids", self.layer_ids, "layer ids are 0-based and >= 0")
+        _check(self.pad_id >= 0, "pad_id", self.pad_id, "the pad id is a raw token id >= 0")
+        _check(self.seed >= 0, "seed", self.seed, "use a seed >= 0 (NumPy default_rng)")
+        _check(self.embed_per_ngram >= 1, "embed_per_ngram", self.embed_per_ngram, "use >= 1")
+        _check(
+            self.embed_per_ngram % self.num_heads == 0,
+            "embed_per_ngram",
+            self.embed_per_ngram,
+            f"must be divisible by num_heads={self.num_heads}",
+        )
+        _check(self.hidden_size >= 1, "hidden_size", self.hidden_size, "use >= 1")
+        _check(self.num_branches >= 1, "num_branches", self.num_branches, "use 1 for a plain residual")
+        _check(self.kernel_size >= 1, "kernel_size", self.kernel_size, "use >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_per_ngram // self.num_heads
+
+    @property
+    def num_hash_columns(self) -> int:
+        """(N-1) * K: hash ids per token per layer."""
+        return (self.max_ngram - 1) * self.num_heads
+
+    @property
+    def memory_dim(self) -> int:
+        """d_mem = (N-1) * embed_per_ngram."""
+        return (self.max_ngram - 1) * self.embed_per_ngram
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["table_sizes"] = list(self.table_sizes)
+        d["layer_ids"] = list(self.layer_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EngramConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "EngramConfig":
+        return replace(self, **changes)
+
+
+def _check(ok: bool, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid EngramConfig.{field}={value!r}: {fix}")

@@ -1,0 +1,86 @@
+"""The Engram fusion module of one layer (ENGRAM_SPEC s.4, with the V4.1 layout of s.8).
+
+    e_t   = concat of the N-gram rows looked up for token t         (d_mem)
+    k^(m) = W_K^(m) e_t,  v = W_V e_t                                (one fused matmul)
+    a^(m) = sigmoid(squash(RMSNorm(h^(m)) . RMSNorm(k^(m)) / sqrt(D)))
+    u^(m) = a^(m) * v
+    Y     = u + SiLU(Conv1D(RMSNorm(u)))                             (if use_short_conv)
+
+forward returns Y; the block adds it to the residual stream (H <- H + Y). Where the
+table lives is decided when the model is assembled: `memory` is any module mapping
+global row ids (..., H) to (..., H, head_dim).
+
+Shape legend: B batch, T positions, M branches, D hidden, H hash columns, E = d_mem.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engram_lm.config import EngramConfig
+from engram_lm.engram.conv import ShortConv
+from engram_lm.engram.gate import ContextGate
+from engram_lm.memory.dense import DenseTable
+
+
+class Engram(nn.Module):
+    def __init__(self, config: EngramConfig, num_rows: int, *, memory: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        M, D = config.num_branches, config.hidden_size
+        self.memory = memory if memory is not None else DenseTable(num_rows, config.head_dim)
+        # rows of key_value.weight: M key projections (one per branch), then the shared value
+        self.key_value = nn.Linear(config.memory_dim, (M + 1) * D, bias=config.projection_bias)
+        self.gate = ContextGate(M, D, config.gate_eps) if config.use_gating else None
+        self.short_conv = (
+            ShortConv(
+                D,
+                M,
+                kernel_size=config.kernel_size,
+                dilation=config.max_ngram,
+                eps=config.conv_eps,
+                zero_init=config.zero_init_conv,
+            )
+            if config.use_short_conv
+            else None
+        )
+
+    def forward(
+        self, h: torch.Tensor, rows_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h: (B, T, M, D), or (B, T, D) when M = 1; rows_BTH: global row ids (int64).
+        token_mask_BT (bool, optional): False forces the gate to 0 (V4.1's token mask).
+        Returns Y with the shape of h."""
+        h_BTMD = self._as_branches(h, rows_BTH)
+        M, D = self.config.num_branches, self.config.hidden_size
+        e_BTE = self.memory(rows_BTH).flatten(start_dim=-2)
+        kv_BTXD = self.key_value(e_BTE).unflatten(-1, (M + 1, D))
+        k_BTMD, v_BTD = kv_BTXD[..., :M, :], kv_BTXD[..., M, :]
+        if self.gate is not None:
+            alpha_BTM = self.gate(h_BTMD, k_BTMD)
+        else:
+            alpha_BTM = torch.ones(h_BTMD.shape[:3], dtype=v_BTD.dtype, device=v_BTD.device)
+        if token_mask_BT is not None:
+            alpha_BTM = alpha_BTM * token_mask_BT.unsqueeze(-1).to(alpha_BTM.dtype)
+        u_BTMD = alpha_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
+        y_BTMD = u_BTMD + self.short_conv(u_BTMD) if self.short_conv is not None else u_BTMD
+        return y_BTMD if h.dim() == 4 else y_BTMD.squeeze(2)
+
+    def _as_branches(self, h: torch.Tensor, rows_BTH: torch.Tensor) -> torch.Tensor:
+        M, D = self.config.num_branches, self.config.hidden_size
+        if h.dim() == 3 and M == 1:
+            h = h.unsqueeze(2)
+        if h.dim() != 4 or h.shape[2] != M or h.shape[3] != D:
+            want = f"(B, T, {M}, {D})" + (f" or (B, T, {D})" if M == 1 else "")
+            raise ValueError(
+                f"hidden states have shape {tuple(h.shape)}, this Engram expects {want}; "
+                "check hidden_size and num_branches in the EngramConfig"
+            )
+        H = self.config.num_hash_columns
+        if rows_BTH.dtype != torch.int64 or rows_BTH.shape != (*h.shape[:2], H):
+            raise ValueError(
+                f"row ids must be int64 of shape (B, T, {H}) matching the hidden states, got "
+                f"{rows_BTH.dtype} {tuple(rows_BTH.shape)}; hash with NgramHasher(global_rows=True)"
+            )
+        return h

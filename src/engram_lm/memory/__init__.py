@@ -1,0 +1,3 @@
+from engram_lm.memory.dense import DenseTable
+
+__all__ = ["DenseTable"]
