@@ -31,6 +31,7 @@ class EngramConfig:
     gate_eps: float | None = None  # RMSNorm eps of the gate; None = finfo(dtype).eps (reference)
     conv_eps: float = 1e-5
     zero_init_conv: bool = True  # paper: conv starts at zero (the demo does not)
+    zero_init_output: bool = False  # zero value projection: the module adds exactly 0 at init
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "table_sizes", tuple(int(s) for s in self.table_sizes))

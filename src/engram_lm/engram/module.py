@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from engram_lm.config import EngramConfig
-from engram_lm.engram.conv import ShortConv
+from engram_lm.engram.conv import ConvState, ShortConv
 from engram_lm.engram.gate import ContextGate
 from engram_lm.memory.dense import DenseTable
 
@@ -45,12 +45,21 @@ class Engram(nn.Module):
             if config.use_short_conv
             else None
         )
+        if config.zero_init_output:  # the value rows: Y = 0 until training moves them
+            nn.init.zeros_(self.key_value.weight[M * D :])
+            if self.key_value.bias is not None:
+                nn.init.zeros_(self.key_value.bias)
 
     def forward(
-        self, h: torch.Tensor, rows_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        rows_BTH: torch.Tensor,
+        token_mask_BT: torch.Tensor | None = None,
+        conv_state: ConvState | None = None,
     ) -> torch.Tensor:
         """h: (B, T, M, D), or (B, T, D) when M = 1; rows_BTH: global row ids (int64).
         token_mask_BT (bool, optional): False forces the gate to 0 (V4.1's token mask).
+        conv_state: streaming state of the short conv when decoding (see ShortConv).
         Returns Y with the shape of h."""
         h_BTMD = self._as_branches(h, rows_BTH)
         M, D = self.config.num_branches, self.config.hidden_size
@@ -64,7 +73,7 @@ class Engram(nn.Module):
         if token_mask_BT is not None:
             alpha_BTM = alpha_BTM * token_mask_BT.unsqueeze(-1).to(alpha_BTM.dtype)
         u_BTMD = alpha_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
-        y_BTMD = u_BTMD + self.short_conv(u_BTMD) if self.short_conv is not None else u_BTMD
+        y_BTMD = u_BTMD + self.short_conv(u_BTMD, conv_state) if self.short_conv is not None else u_BTMD
         return y_BTMD if h.dim() == 4 else y_BTMD.squeeze(2)
 
     def _as_branches(self, h: torch.Tensor, rows_BTH: torch.Tensor) -> torch.Tensor:

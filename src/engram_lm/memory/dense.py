@@ -12,8 +12,9 @@ from torch import nn
 
 
 class DenseTable(nn.Module):
-    def __init__(self, num_rows: int, dim: int, *, init_std: float = 1.0) -> None:
+    def __init__(self, num_rows: int, dim: int, *, init_std: float = 1.0, sparse_grad: bool = False) -> None:
         super().__init__()
+        self.sparse_grad = sparse_grad  # True: backward yields a sparse row gradient (training)
         if num_rows < 1 or dim < 1:
             raise ValueError(f"a memory table needs >= 1 row and dim >= 1, got ({num_rows}, {dim})")
         self.num_rows, self.dim, self.init_std = num_rows, dim, init_std
@@ -25,7 +26,7 @@ class DenseTable(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (...) int64 global row ids -> (..., dim)."""
-        return F.embedding(rows, self.weight)
+        return F.embedding(rows, self.weight, sparse=self.sparse_grad)
 
     def extra_repr(self) -> str:
         return f"rows={self.num_rows}, dim={self.dim}"

@@ -1,11 +1,9 @@
-"""The `engram` command. Thin: parses flags, calls typed functions, prints text or JSON."""
+"""`engram vocab | layout | hash`: the core (compression, layout, hashing) from the shell."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -136,23 +134,7 @@ def _print_hash(r: dict[str, Any]) -> None:
             print(f"  t={t:<3d} {row}")
 
 
-def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.bench.hashing import bench_hashing
-
-    return bench_hashing(batch=args.batch, seq=args.seq, repeats=args.repeats)
-
-
-def _print_bench(r: dict[str, Any]) -> None:
-    print(f"hashing, {r['layout']} layout, batch ({r['batch']}, {r['seq']}), {r['layers']} layers x {r['hash_columns_per_layer']} columns")
-    print(f"  torch ({r['torch_threads']} threads) {r['torch_tokens_per_s']:>14,.0f} tokens/s")
-    print(f"  numpy reference   {r['numpy_tokens_per_s']:>14,.0f} tokens/s")
-    print(f"  speedup {r['speedup_vs_numpy']:.2f}x   outputs equal: {r['outputs_equal']}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram", description="Engram conditional memory tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_core_commands(sub) -> None:
     p = sub.add_parser("vocab", help="tokenizer compression statistics")
     p.add_argument("--tokenizer", default="deepseek-v3", help="built-in name or tokenizer.json path")
     p.add_argument("--top", type=int, default=10, help="how many top merges to list")
@@ -174,32 +156,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eod-id", type=int, help="end-of-document token id: n-grams never cross it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_hash, show=_print_hash)
-
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    bench = p.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("hashing", help="hashing throughput, torch vs NumPy, paper-demo layout")
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--seq", type=int, default=4096)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(run=cmd_bench, show=_print_bench)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"engram {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
-        print()
-    else:
-        args.show(result)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""`engram bench ...`: benchmarks that print figures (ratios measured side by side)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_bench_hashing(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.hashing import bench_hashing
+
+    return bench_hashing(batch=args.batch, seq=args.seq, repeats=args.repeats)
+
+
+def _print_hashing(r: dict[str, Any]) -> None:
+    print(f"hashing, {r['layout']} layout, batch ({r['batch']}, {r['seq']}), {r['layers']} layers x "
+          f"{r['hash_columns_per_layer']} columns")  # fmt: skip
+    print(f"  torch ({r['torch_threads']} threads) {r['torch_tokens_per_s']:>14,.0f} tokens/s")
+    print(f"  numpy reference   {r['numpy_tokens_per_s']:>14,.0f} tokens/s")
+    print(f"  speedup {r['speedup_vs_numpy']:.2f}x   outputs equal: {r['outputs_equal']}")
+
+
+def cmd_bench_train_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.train_scaling import bench_train_scaling
+
+    return bench_train_scaling(slots=args.slots, steps=args.steps, warmup=args.warmup)
+
+
+def _print_train_scaling(r: dict[str, Any]) -> None:
+    print(f"train step time vs Engram table size ({r['steps']} timed steps, batch {r['batch']}x{r['seq']})")
+    for c in r["configs"]:
+        print(f"  {c['slots']:>12,} slots  {c['table_gb']:6.2f} GB   {c['step_ms']:8.1f} ms/step  "
+              f"(median; rows touched/step {c['rows_touched']:,})")  # fmt: skip
+    print(f"  ratio largest/smallest: {r['ratio']:.3f}")
+
+
+def add_bench_commands(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("hashing", help="hashing throughput, torch vs NumPy, paper-demo layout")
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--seq", type=int, default=4096)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_hashing, show=_print_hashing)
+    b = bench.add_parser("train-scaling", help="train step time with small vs huge Engram tables")
+    b.add_argument("--slots", type=lambda s: [int(float(x)) for x in s.split(",")], default=[1 << 20, 64 << 20],
+                   help="total table slots to compare, e.g. 1e6,64e6")  # fmt: skip
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_train_scaling, show=_print_train_scaling)

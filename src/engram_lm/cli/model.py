@@ -1,0 +1,157 @@
+"""`engram train | eval | generate | quickstart`: the model from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from engram_lm.models.config import ModelConfig
+from engram_lm.recipes import RECIPES, get_recipe
+from engram_lm.training.config import TrainConfig
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """--set key=value: a TrainConfig field, a ModelConfig field, or engram.<field>.
+    Values are JSON when they parse (numbers, lists, true/false), else strings."""
+    train_keys, model_keys = set(TrainConfig.__dataclass_fields__), set(ModelConfig.__dataclass_fields__)
+    t_changes: dict[str, Any] = {}
+    m_changes: dict[str, Any] = {}
+    e_changes: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("engram."):
+            if model.engram is None:
+                raise ValueError(f"--set {key}: this preset has no Engram; pick a preset with Engram")
+            e_changes[key[len("engram.") :]] = value
+        elif key in train_keys:
+            t_changes[key] = value
+        elif key in model_keys:
+            m_changes[key] = value
+        else:
+            raise ValueError(f"unknown config key {key!r}; use a TrainConfig or ModelConfig field, or engram.<field>")
+    if e_changes:
+        unknown = set(e_changes) - set(model.engram.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {sorted('engram.' + k for k in unknown)}")
+        m_changes["engram"] = model.engram.with_(**e_changes)
+    return model.with_(**m_changes), train.with_(**t_changes)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.training.loop import train
+
+    model_cfg, train_cfg = get_recipe(args.preset)
+    if args.data is not None:
+        train_cfg = train_cfg.with_(data=args.data)
+    if args.steps is not None:
+        train_cfg = train_cfg.with_(steps=args.steps)
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set or [])
+    out = Path(args.out or f"runs/{args.preset}")
+    return train(model_cfg, train_cfg, out, name=args.preset, device=args.device, progress=not args.quiet).to_dict()
+
+
+def _print_train(r: dict[str, Any]) -> None:
+    print(f"{r['name']}: val loss {r['val_loss']:.4f} after {r['tokens_seen']:,} tokens "
+          f"({r['tokens_per_s']:,.0f} tok/s); P_tot {r['params_total']:,}, P_act {r['params_active']:,}, "
+          f"Engram {r['params_engram']:,}; run folder {r['run_dir']}")  # fmt: skip
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from engram_lm.training.data import eval_windows, prepare_data
+    from engram_lm.training.loop import evaluate, load_trained
+
+    model, state = load_trained(args.checkpoint, args.device or "cpu")
+    train_cfg = TrainConfig.from_dict(state["train_config"])
+    data = prepare_data(args.data or state["corpus"], str(Path(state["path"]) / "tokenizer.json"))
+    windows = eval_windows(data.val, train_cfg.batch_size, train_cfg.seq_len, args.batches)
+    loss = evaluate(model, windows, torch.device(args.device or "cpu"))
+    tokens = sum(y.numel() for _, y in windows)
+    return {"checkpoint": state["path"], "step": state["step"], "data": data.corpus, "val_loss": loss,
+            "val_tokens": tokens}  # fmt: skip
+
+
+def _print_eval(r: dict[str, Any]) -> None:
+    print(f"{r['checkpoint']} (step {r['step']}): val loss {r['val_loss']:.4f} on {r['val_tokens']:,} held-out tokens of {r['data']}")
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.inference.generate import SamplingConfig, generate
+    from engram_lm.training.loop import load_trained
+    from tokenizers import Tokenizer
+
+    model, state = load_trained(args.checkpoint, args.device or "cpu")
+    tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
+    prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
+    outputs = generate(model, prompts, cfg)
+    return {"checkpoint": state["path"], "completions": [
+        {"prompt": p, "ids": ids, "text": tokenizer.decode(ids)} for p, ids in zip(args.prompt, outputs)]}  # fmt: skip
+
+
+def _print_generate(r: dict[str, Any]) -> None:
+    for c in r["completions"]:
+        print(c["prompt"] + c["text"])
+
+
+def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.quickstart import quickstart
+
+    return quickstart(Path(args.out), data=args.data, steps=args.steps, progress=not args.quiet)
+
+
+def _print_quickstart(r: dict[str, Any]) -> None:
+    from engram_lm.experiments.quickstart import format_table
+
+    print(format_table(r))
+
+
+def add_model_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a preset")
+    p.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
+    p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", help="run folder (default runs/<preset>); rerun the same command to resume")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_train, show=_print_train)
+
+    p = sub.add_parser("eval", help="validation loss of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
+    p.add_argument("--data", help="corpus to evaluate on (its held-out split); default: the training corpus")
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_eval, show=_print_eval)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_generate, show=_print_generate)
+
+    p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~8 min on 2 cores)")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--data", help="run the same comparison on your corpus")
+    p.add_argument("--steps", type=int, help="override the number of steps (default from the presets)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_quickstart, show=_print_quickstart)

@@ -1,0 +1,176 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engram_lm.config import EngramConfig
+from engram_lm.models.config import ModelConfig
+from engram_lm.models.transformer import EngramLM
+from engram_lm.recipes import get_recipe
+from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.training.data import eval_windows, is_val_document, prepare_data, sample_batch
+from engram_lm.training.loop import load_trained, train
+from engram_lm.training.optim import (
+    ROLES, OptimConfig, SparseRowAdam, build_optimizers, lr_multiplier, param_roles,
+)  # fmt: skip
+
+
+def small_model(**kw):
+    engram = EngramConfig(tokenizer="identity:128", table_sizes=(101, 103), max_ngram=3, num_heads=2,
+                          layer_ids=(1,), pad_id=0, embed_per_ngram=8)  # fmt: skip
+    base = dict(vocab_size=128, dim=16, num_layers=2, num_heads=2, max_seq_len=32, ffn_hidden=32,
+                num_routed_experts=3, top_k=1, expert_hidden=8, num_shared_experts=1, engram=engram,
+                num_branches=2, overencoding=engram.with_(layer_ids=(0,), embed_per_ngram=2 * 16))  # fmt: skip
+    return EngramLM(ModelConfig(**{**base, **kw}))
+
+
+def test_every_parameter_gets_exactly_one_optimizer():
+    model = small_model()
+    roles = param_roles(model)
+    assert set(roles) == {n for n, _ in model.named_parameters()} and set(roles.values()) <= set(ROLES)
+    assert roles["blocks.1.engram.memory.weight"] == "table"
+    assert roles["overencoding.memory.weight"] == "table"
+    assert roles["blocks.0.attn.wqkv.weight"] == "matrix"
+    assert roles["embed.weight"] == "decay" and roles["blocks.1.ffn.router.weight"] == "decay"
+    assert roles["blocks.1.attn_hc.phi.weight"] == "no_decay"
+    optimizers = build_optimizers(model, OptimConfig(lr=1e-3))
+    seen = [id(p) for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    assert optimizers["table"].param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert isinstance(optimizers["matrix"], torch.optim.Muon)
+
+
+def test_sparse_row_adam_equals_dense_adam_on_touched_rows():
+    torch.manual_seed(0)
+    w_sparse = torch.nn.Parameter(torch.randn(10, 3))
+    w_dense = torch.nn.Parameter(w_sparse.detach().clone())
+    sparse_opt = SparseRowAdam([w_sparse], lr=0.1, betas=(0.9, 0.99))
+    dense_opt = torch.optim.Adam([w_dense], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    rows = torch.tensor([1, 4, 4, 7])  # a row read twice accumulates
+    untouched = [i for i in range(10) if i not in (1, 4, 7)]
+    before = w_sparse.detach().clone()
+    for step in range(5):
+        g = torch.randn(4, 3)
+        torch.nn.functional.embedding(rows, w_sparse, sparse=True).mul(g).sum().backward()
+        torch.nn.functional.embedding(rows, w_dense).mul(g).sum().backward()
+        sparse_opt.step(), dense_opt.step()
+        sparse_opt.zero_grad(), dense_opt.zero_grad()
+    assert torch.allclose(w_sparse[[1, 4, 7]], w_dense[[1, 4, 7]], atol=1e-6)
+    assert torch.equal(w_sparse.detach()[untouched], before[untouched])
+    state = sparse_opt.state[w_sparse]
+    assert state["exp_avg"][untouched].abs().sum() == 0 and state["exp_avg_sq"][untouched].abs().sum() == 0
+
+
+def test_lr_schedule_warmup_and_step_decay():
+    m = [lr_multiplier(s, 100, 10, (0.8, 0.9), 0.5) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0
+    assert m[80] == 0.5 and m[89] == 0.5 and m[90] == 0.25
+
+
+def test_data_split_and_batches_are_deterministic():
+    data = prepare_data("bible", "bpe:4096")
+    assert data.eod_id == 0 and data.vocab_size == 4096
+    assert is_val_document(10) and not is_val_document(11)
+    assert 0.03 < len(data.val) / (len(data.train) + len(data.val)) < 0.08
+    a = sample_batch(data.train, 4, 32, seed=1, step=7)
+    b = sample_batch(data.train, 4, 32, seed=1, step=7)
+    c = sample_batch(data.train, 4, 32, seed=1, step=8)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0][:, 1:], a[1][:, :-1])  # targets are inputs shifted by one
+    w = eval_windows(data.val, 4, 32, 2)
+    assert len(w) == 2 and torch.equal(w[0][0], eval_windows(data.val, 4, 32, 2)[0][0])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no text"),
+        (lambda p: (p / "b.txt").write_bytes(b"\xff\xfe\x00bin") and p / "b.txt", "not UTF-8 text"),
+        (lambda p: (p / "x.jsonl").write_text('{"title": 1}\n') and p / "x.jsonl", "no string field 'text'"),
+        (lambda p: (p / "one.txt").write_text("only one document") and p / "one.txt", "at least 11 documents"),
+    ],
+)
+def test_bad_data_paths_are_refused(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_data(str(make(tmp_path)), "bpe:4096")
+
+
+def _user_corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = [{"text": f"Record {i}: the quick brown fox jumps over the lazy dog {i % 7} times."} for i in range(40)]
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    (folder / "b.txt").write_text("A plain text document about foxes and dogs. " * 20)
+    return folder
+
+
+def test_user_corpus_jsonl_and_txt(tmp_path):
+    data = prepare_data(str(_user_corpus(tmp_path)), "bpe:300")
+    assert data.vocab_size == 300 and len(data.train) > 100
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_kill_and_resume_gives_identical_losses(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train_cfg = train_cfg.with_(steps=12, save_every=4, eval_every=6)
+    full = train(model_cfg, train_cfg, tmp_path / "full", progress=False)
+    train(model_cfg, train_cfg, tmp_path / "cut", progress=False, stop_after=6)  # "dies" after step 6
+    assert ckpt_io.latest_checkpoint(tmp_path / "cut").name == "step-000004"
+    resumed = train(model_cfg, train_cfg, tmp_path / "cut", progress=False)
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    assert resumed.val_loss == full.val_loss
+    a, _ = load_trained(tmp_path / "full")
+    b, _ = load_trained(tmp_path / "cut")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=4), tmp_path, progress=False)
+    latest = ckpt_io.latest_checkpoint(tmp_path)
+    shutil.copytree(latest, latest.with_name("step-000009.tmp"))  # a crash mid-save leaves *.tmp
+    assert ckpt_io.latest_checkpoint(tmp_path) == latest
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=2), tmp_path / "run", progress=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run")
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        load_trained(bad)
+    (bad / "state.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a checkpoint of this tool"):
+        load_trained(bad)
+    with pytest.raises(ValueError, match="no state.json"):
+        load_trained(tmp_path)
+
+
+def test_checkpoint_from_another_layout_is_refused(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=2), tmp_path / "run", progress=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run")
+    state = ckpt_io.read_state(ckpt)
+    model, _ = load_trained(ckpt)
+    other = EngramLM(model.config.with_(engram=model.config.engram.with_(seed=1)))
+    with pytest.raises(ValueError, match="hash layout"):
+        ckpt_io.load_model_state(other, ckpt, other.hasher.layout.fingerprint, state["fingerprint"])
+
+
+def test_changed_config_in_same_run_folder_is_refused(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(model_cfg.with_(dim=32), train_cfg.with_(steps=2), tmp_path, progress=False)
