@@ -33,7 +33,7 @@ def tiny() -> Recipe:
 def quickstart_moe() -> Recipe:
     model = ModelConfig(vocab_size=4096, dim=128, num_layers=4, num_heads=4, max_seq_len=256, ffn_hidden=512,
                         num_routed_experts=16, num_shared_experts=1, top_k=2, expert_hidden=128)  # fmt: skip
-    train = TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, log_every=10,
+    train = TrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, log_every=10,
                         eval_every=100, eval_batches=16)  # fmt: skip
     return model, train
 

@@ -18,6 +18,7 @@ import torch
 from engram_lm.config import EngramConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.recipes import quickstart_moe
+from engram_lm.training.allocator import keep_large_buffers_on_heap
 from engram_lm.training.optim import OptimConfig, build_optimizers
 
 HEAD_DIM, HEADS, MAX_NGRAM = 8, 4, 3
@@ -58,6 +59,7 @@ def _time_steps(slots: int, batches, warmup: int) -> dict:
 
 
 def bench_train_scaling(slots: list[int], steps: int = 20, warmup: int = 3, batch: int = 16, seq: int = 128) -> dict:
+    allocator_tuned = keep_large_buffers_on_heap()  # see training/allocator.py
     vocab = quickstart_moe()[0].vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -66,4 +68,5 @@ def bench_train_scaling(slots: list[int], steps: int = 20, warmup: int = 3, batc
     ]
     configs = [_time_steps(s, batches, warmup) for s in slots]
     return {"batch": batch, "seq": seq, "steps": steps, "head_dim": HEAD_DIM, "configs": configs,
-            "ratio": configs[-1]["step_ms"] / configs[0]["step_ms"], "torch_threads": torch.get_num_threads()}  # fmt: skip
+            "ratio": configs[-1]["step_ms"] / configs[0]["step_ms"], "torch_threads": torch.get_num_threads(),
+            "allocator_tuned": allocator_tuned}  # fmt: skip

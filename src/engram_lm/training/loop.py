@@ -21,6 +21,7 @@ from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.training.allocator import keep_large_buffers_on_heap
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
@@ -87,6 +88,7 @@ def train(
     """Train (or resume) a model; `stop_after` ends early after that step (for tests)."""
     out_dir = Path(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep_large_buffers_on_heap()
     data = prepare_data(train_cfg.data, train_cfg.tokenizer)
     resolved = resolve_model_config(model_cfg, data)
     latest = _prepare_run_dir(out_dir, model_cfg, train_cfg, resolved)
