@@ -34,6 +34,22 @@ def _print_train_scaling(r: dict[str, Any]) -> None:
     print(f"  ratio largest/smallest: {r['ratio']:.3f}")
 
 
+def cmd_bench_offload(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.offload import bench_offload
+
+    return bench_offload(table_gb=args.table_gb, cache_rows=args.cache_rows, repeats=args.repeats)
+
+
+def _print_offload(r: dict[str, Any]) -> None:
+    print(f"Engram table {r['table_bytes'] / 1e9:.2f} GB ({r['table_rows']:,} rows), batch {r['batch']} x "
+          f"{r['prompt_len']} prompt tokens, {r['new_tokens']} decoded; cache {r['cache_rows']:,} rows, "
+          f"hit rate {r['cache_hit_rate']:.1%}")  # fmt: skip
+    print(f"  {'config':<21}{'prefill tok/s':>14}{'decode tok/s':>13}{'penalty vs ram':>16}{'cold prefill':>14}{'cold decode':>13}")
+    for c in r["configs"]:
+        cold = f"{c['cold_prefill_tok_s']:>14,.0f}{c['cold_decode_tok_s']:>13,.0f}" if "cold_prefill_tok_s" in c else ""
+        print(f"  {c['name']:<21}{c['prefill_tok_s']:>14,.0f}{c['decode_tok_s']:>13,.0f}{c['penalty_vs_ram']:>16.1%}{cold}")
+
+
 def add_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -50,3 +66,9 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_train_scaling, show=_print_train_scaling)
+    b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
+    b.add_argument("--table-gb", type=float, default=4.0)
+    b.add_argument("--cache-rows", type=int, default=1 << 18)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_offload, show=_print_offload)

@@ -85,23 +85,39 @@ def _print_eval(r: dict[str, Any]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.inference.generate import SamplingConfig, generate
-    from engram_lm.training.loop import load_trained
     from tokenizers import Tokenizer
 
-    model, state = load_trained(args.checkpoint, args.device or "cpu")
+    from engram_lm.inference.generate import SamplingConfig, generate
+    from engram_lm.inference.loading import load_for_inference
+
+    model, state = load_for_inference(args.checkpoint, memory=args.memory, cache_rows=args.cache_rows,
+                                      prefetch=args.prefetch, device=args.device or "cpu")  # fmt: skip
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
     outputs = generate(model, prompts, cfg)
-    return {"checkpoint": state["path"], "completions": [
+    placement = [block.engram.memory.placement() for block in model.blocks if block.engram is not None]
+    return {"checkpoint": state["path"], "memory": placement, "completions": [
         {"prompt": p, "ids": ids, "text": tokenizer.decode(ids)} for p, ids in zip(args.prompt, outputs)]}  # fmt: skip
 
 
 def _print_generate(r: dict[str, Any]) -> None:
     for c in r["completions"]:
         print(c["prompt"] + c["text"])
+
+
+def cmd_export_memory(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.memory.export import export_memory
+
+    return export_memory(Path(args.checkpoint), Path(args.to), args.dtype)
+
+
+def _print_export(r: dict[str, Any]) -> None:
+    for layer, entry in r["layers"].items():
+        print(f"layer {layer}: {entry['rows']:,} rows x {r['head_dim']} ({r['dtype']}) -> {entry['file']}, "
+              f"{entry['bytes']:,} bytes, sha256 {entry['sha256'][:16]}...")  # fmt: skip
+    print(f"layout fingerprint {r['fingerprint']}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,9 +160,20 @@ def add_model_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", default="device", choices=("device", "ram", "mmap"),
+                   help="where the Engram tables live (mmap exports them next to the checkpoint once)")
+    p.add_argument("--cache-rows", type=int, default=0, help="hot-row cache in front of the tables (rows)")
+    p.add_argument("--prefetch", action="store_true", help="gather table rows in the background")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_generate, show=_print_generate)
+
+    p = sub.add_parser("export-memory", help="write a checkpoint's Engram tables as mmap-able files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--to", required=True, help="output folder (manifest.json + layer-<L>.bin)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_export_memory, show=_print_export)
 
     p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~8 min on 2 cores)")
     p.add_argument("--out", default="runs/quickstart")

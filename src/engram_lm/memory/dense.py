@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram_lm.memory.table import MemoryTable
 
-class DenseTable(nn.Module):
+
+class DenseTable(MemoryTable):
+    """Device-resident and trainable (an nn.Parameter)."""
+
+    tier = "device"
+
     def __init__(self, num_rows: int, dim: int, *, init_std: float = 1.0, sparse_grad: bool = False) -> None:
         super().__init__()
         self.sparse_grad = sparse_grad  # True: backward yields a sparse row gradient (training)
@@ -27,6 +33,11 @@ class DenseTable(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (...) int64 global row ids -> (..., dim)."""
         return F.embedding(rows, self.weight, sparse=self.sparse_grad)
+
+    def placement(self) -> dict:
+        w = self.weight
+        return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim, "bytes": w.numel() * w.element_size(),
+                "where": str(w.device), "trainable": True}  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"rows={self.num_rows}, dim={self.dim}"

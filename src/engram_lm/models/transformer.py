@@ -165,6 +165,8 @@ class EngramLM(nn.Module):
             self._check_ids(input_ids_BT)
         B, T = input_ids_BT.shape
         engram_rows, oe_rows = self.hash_rows(input_ids_BT, cache)
+        for layer, rows in engram_rows.items():  # start slow tiers now; layer l waits only for its rows
+            self.blocks[layer].engram.memory.prefetch(rows)
         x_BTD = self.embed(input_ids_BT)
         if self.overencoding is not None:
             x_BTD = self.overencoding(x_BTD, oe_rows)

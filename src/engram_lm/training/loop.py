@@ -186,14 +186,8 @@ def _prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
 
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, dict[str, Any]]:
-    """A trained model from a checkpoint (or a run folder's newest one), in eval mode."""
-    state = ckpt_io.read_state(Path(checkpoint))
-    path = Path(state["path"])
-    cfg = ModelConfig.from_dict(state["model_config"])
-    tokenizer = str(path / "tokenizer.json")  # the checkpoint's own copy: portable across machines
-    changes = {k: getattr(cfg, k).with_(tokenizer=tokenizer) for k in ("engram", "overencoding") if getattr(cfg, k)}
-    cfg = cfg.with_(**changes)
-    model = EngramLM(cfg)
-    fingerprint = model.hasher.layout.fingerprint if model.hasher else None
-    ckpt_io.load_model_state(model, path, fingerprint, state.get("fingerprint"))
-    return model.to(device).eval(), state
+    """A trained model from a checkpoint (or a run folder's newest one), in eval mode,
+    with its tables on the compute device (see inference/loading.py for other tiers)."""
+    from engram_lm.inference.loading import load_for_inference
+
+    return load_for_inference(checkpoint, memory="device", device=device)

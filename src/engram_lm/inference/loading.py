@@ -1,0 +1,120 @@
+"""Load a trained model for inference with its Engram tables on a chosen tier.
+
+The model is built on the meta device, so no table is ever allocated twice or
+materialised on the compute device when it is meant to live elsewhere; the dense weights
+are then read tensor by tensor from the checkpoint and assigned, and each Engram layer gets
+its table from the chosen tier:
+    device  trainable DenseTable on the compute device (the training layout)
+    ram     HostTable in host RAM (pinned with CUDA)
+    mmap    MmapTable over exported files (exported on first use next to the checkpoint)
+optionally behind a hot-row cache (`cache_rows`) and a background prefetcher (`prefetch`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engram_lm.layers.rope import rope_tables
+from engram_lm.memory.cache import CachedTable
+from engram_lm.memory.dense import DenseTable
+from engram_lm.memory.export import dense_weight, export_memory, open_exported, read_manifest, table_key
+from engram_lm.memory.host import HostTable
+from engram_lm.memory.prefetch import PrefetchingTable
+from engram_lm.memory.table import MemoryTable
+from engram_lm.models.config import ModelConfig
+from engram_lm.models.transformer import EngramLM
+from engram_lm.training.checkpoint import read_state
+
+MEMORY_TIERS = ("device", "ram", "mmap")
+
+
+def load_for_inference(
+    checkpoint: str | Path,
+    *,
+    memory: str = "device",
+    cache_rows: int = 0,
+    prefetch: bool = False,
+    export_dir: Path | None = None,
+    export_dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    verify: bool = False,
+) -> tuple[EngramLM, dict[str, Any]]:
+    if memory not in MEMORY_TIERS:
+        raise ValueError(f"unknown memory tier {memory!r}; choose one of {MEMORY_TIERS}")
+    if cache_rows < 0:
+        raise ValueError(f"cache size must be >= 1 row (or 0 for no cache), got {cache_rows}")
+    device = torch.device(device)
+    state = read_state(Path(checkpoint))
+    ckpt = Path(state["path"])
+    cfg = ModelConfig.from_dict(state["model_config"])
+    tokenizer = str(ckpt / "tokenizer.json")  # the checkpoint's own copy: portable across machines
+    cfg = cfg.with_(**{k: getattr(cfg, k).with_(tokenizer=tokenizer) for k in ("engram", "overencoding") if getattr(cfg, k)})
+    with torch.device("meta"):
+        model = EngramLM(cfg)
+    fingerprint = model.hasher.layout.fingerprint if model.hasher else None
+    if fingerprint != state.get("fingerprint"):
+        raise ValueError(
+            f"checkpoint {ckpt} was trained with hash layout {state.get('fingerprint')}, its config now gives "
+            f"{fingerprint}: the tokenizer or hashing changed. Use the engram-lm version that wrote it"
+        )
+    table_keys = {table_key(b) for b, block in enumerate(model.blocks) if block.engram is not None}
+    _assign_dense_weights(model, ckpt / "model.safetensors", table_keys, device)
+    if memory == "mmap":
+        export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
+        if not (export_dir / "manifest.json").exists():
+            export_memory(ckpt, export_dir, export_dtype)
+        read_manifest(export_dir, fingerprint)
+    for layer_id, block in enumerate(model.blocks):
+        if block.engram is None:
+            continue
+        table = _make_table(memory, ckpt, export_dir, layer_id, block.engram.memory, fingerprint, device, verify)
+        if cache_rows:
+            table = CachedTable(table, cache_rows, device=device)
+        if prefetch:
+            table = PrefetchingTable(table, device=device)
+        block.engram.memory = table
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval(), state
+
+
+def _make_table(memory, ckpt, export_dir, layer_id, meta_table, fingerprint, device, verify) -> MemoryTable:
+    rows, dim = meta_table.num_rows, meta_table.dim
+    if memory == "mmap":
+        return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify)
+    weight = dense_weight(ckpt, layer_id)
+    if tuple(weight.shape) != (rows, dim):
+        raise ValueError(f"checkpoint table of layer {layer_id} has shape {tuple(weight.shape)}, expected {(rows, dim)}")
+    if memory == "ram":
+        return HostTable(weight, device=device)
+    with torch.device("meta"):
+        table = DenseTable(rows, dim, sparse_grad=True)
+    table.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
+    return table
+
+
+def _assign_dense_weights(model: EngramLM, path: Path, skip: set[str], device: torch.device) -> None:
+    expected = model.state_dict()
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            for name in expected:
+                if name not in skip and name in names:
+                    tensors[name] = f.get_tensor(name).to(device)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {path}: {exc}. The file is truncated or not a safetensors file") from None
+    missing = sorted(set(expected) - set(tensors) - skip)
+    unexpected = sorted(names - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path.parent} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"checkpoint {path.parent}: {name} has shape {tuple(t.shape)}, model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,113 @@
+"""Export a checkpoint's Engram tables to memory-mappable files, and load them back.
+
+Layout of an export folder:
+    manifest.json   format, layout fingerprint, dtype, head dim, and per layer: file,
+                    rows, bytes, sha256
+    layer-<L>.bin   rows encoded as fp32, bf16 or fp8 (memory/codec.py), row-major
+Tables are streamed chunk by chunk from the checkpoint's safetensors (never a second full
+copy in memory). Loading refuses a manifest for another layout, a wrong dtype or shape, and
+missing or truncated files; `verify=True` also re-hashes every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engram_lm.memory.codec import DTYPES, encode_rows, row_bytes
+from engram_lm.memory.host import MmapTable
+
+FORMAT = "engram-lm-memory/1"
+CHUNK_ROWS = 1 << 16
+
+
+def table_key(layer_id: int) -> str:
+    return f"blocks.{layer_id}.engram.memory.weight"
+
+
+def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
+    from engram_lm.training.checkpoint import read_state
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
+    state = read_state(Path(checkpoint))
+    layer_ids = (state["model_config"].get("engram") or {}).get("layer_ids")
+    if not layer_ids:
+        raise ValueError(f"checkpoint {state['path']} has no Engram tables to export")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers: dict[str, Any] = {}
+    with safe_open(str(Path(state["path"]) / "model.safetensors"), framework="pt") as f:
+        for layer_id in layer_ids:
+            table = f.get_slice(table_key(layer_id))
+            rows, dim = table.get_shape()
+            layers[str(layer_id)] = _write_table(table, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
+    manifest = {"format": FORMAT, "fingerprint": state["fingerprint"], "dtype": dtype, "head_dim": dim,
+                "checkpoint": state["path"], "step": state["step"], "layers": layers}  # fmt: skip
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / "manifest.json")  # written last: an export without it is incomplete
+    return manifest
+
+
+def _write_table(table, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for start in range(0, rows, CHUNK_ROWS):
+            encoded = encode_rows(table[start : min(rows, start + CHUNK_ROWS)], dtype).tobytes()
+            digest.update(encoded)
+            out.write(encoded)
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": rows, "bytes": rows * row_bytes(dtype, dim), "sha256": digest.hexdigest()}
+
+
+def read_manifest(export_dir: Path, fingerprint: str | None) -> dict[str, Any]:
+    path = Path(export_dir) / "manifest.json"
+    if not path.exists():
+        raise ValueError(f"{export_dir} holds no manifest.json: export the tables with `engram export-memory`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"exported tables in {export_dir} have layout {manifest.get('fingerprint')}, the model has {fingerprint}; "
+            "export them again from this model's checkpoint"
+        )
+    if manifest.get("dtype") not in DTYPES:
+        raise ValueError(f"{path}: unknown dtype {manifest.get('dtype')!r}")
+    return manifest
+
+
+def open_exported(
+    export_dir: Path, layer_id: int, rows: int, dim: int, fingerprint: str | None, *, device="cpu", verify: bool = False
+) -> MmapTable:
+    manifest = read_manifest(export_dir, fingerprint)
+    entry = manifest["layers"].get(str(layer_id))
+    if entry is None:
+        raise ValueError(f"exported tables in {export_dir} have no layer {layer_id}")
+    if entry["rows"] != rows or manifest["head_dim"] != dim:
+        raise ValueError(
+            f"exported layer {layer_id} has shape ({entry['rows']}, {manifest['head_dim']}), the model expects ({rows}, {dim})"
+        )
+    path = Path(export_dir) / entry["file"]
+    table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
+    if verify:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export again")
+    return table
+
+
+def dense_weight(checkpoint_dir: Path, layer_id: int) -> torch.Tensor:
+    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(table_key(layer_id))

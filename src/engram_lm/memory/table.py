@@ -1,0 +1,32 @@
+"""The memory-table interface every storage tier implements.
+
+A table maps global row ids (any shape, int64) to vectors (..., dim) on the compute
+device. Tiers differ only in where rows live; the model calls the same two methods on all
+of them, so `forward` never branches on storage:
+    table.prefetch(rows)  start fetching these rows (a no-op where rows are at hand)
+    table(rows)           the vectors; waits only for what is not yet ready
+`placement()` reports rows, bytes and where they are, for logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MemoryTable(nn.Module):
+    num_rows: int
+    dim: int
+    tier: str = "abstract"
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Start fetching `rows` for the next call; tiers without latency ignore it."""
+
+    def placement(self) -> dict[str, Any]:
+        return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim}
+
+    def check_rows(self, rows: torch.Tensor) -> None:
+        if rows.dtype != torch.int64:
+            raise ValueError(f"row ids must be int64, got {rows.dtype}")

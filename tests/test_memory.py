@@ -1,0 +1,167 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engram_lm.inference.generate import SamplingConfig, generate
+from engram_lm.inference.loading import load_for_inference
+from engram_lm.memory.cache import CachedTable
+from engram_lm.memory.codec import decode_rows, encode_rows, row_bytes
+from engram_lm.memory.dense import DenseTable
+from engram_lm.memory.export import export_memory, open_exported
+from engram_lm.memory.host import HostTable, MmapTable
+from engram_lm.memory.prefetch import PrefetchingTable
+from engram_lm.recipes import get_recipe
+from engram_lm.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-mem")
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=4), out, progress=False)
+    return out
+
+
+def test_fp8_hand_value_and_bf16_fp32_round_trips():
+    x = torch.zeros(1, 32)
+    x[0, 0] = 1.0
+    raw = encode_rows(x, "fp8")
+    assert raw.shape == (1, 33) and raw[0, 0] == 0x78 and raw[0, 32] == 119  # 1.0 = 256 * 2**-8
+    y = torch.randn(5, 40)
+    assert torch.equal(decode_rows(encode_rows(y, "fp32"), "fp32", 40), y)
+    assert torch.equal(decode_rows(encode_rows(y, "bf16"), "bf16", 40), y.to(torch.bfloat16).float())
+    assert row_bytes("fp8", 40) == 42 and row_bytes("bf16", 40) == 80
+
+
+def test_fp8_round_trip_within_format_error():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    y = decode_rows(encode_rows(x, "fp8"), "fp8", 256)
+    blocks = x.view(64, 8, 32).abs().amax(-1)
+    scale = torch.pow(2.0, torch.ceil(torch.log2(blocks / 448))).repeat_interleave(32, 1)
+    bound = torch.maximum(x.abs() * 2**-4, scale * 2**-10)
+    assert ((x - y).abs() <= bound + 1e-12).all()
+
+
+def _tiers(weight, tmp_path, dtype="fp32"):
+    path = tmp_path / "t.bin"
+    path.write_bytes(encode_rows(weight, dtype).tobytes())
+    mmap = lambda: MmapTable(path, *weight.shape, dtype)  # noqa: E731
+    return {
+        "ram": HostTable(weight),
+        "mmap": mmap(),
+        "mmap+cache": CachedTable(mmap(), 8, admit_after=1),
+        "mmap+prefetch": PrefetchingTable(mmap(), min_rows=1),
+        "mmap+prefetch+cache": PrefetchingTable(CachedTable(mmap(), 8, admit_after=1), min_rows=1),
+    }
+
+
+def test_every_tier_returns_the_device_rows(tmp_path):
+    torch.manual_seed(0)
+    dense = DenseTable(50, 6)
+    tiers = _tiers(dense.weight.detach(), tmp_path)
+    for step in range(4):
+        rows = torch.randint(0, 50, (3, 7, 2))
+        want = dense(rows)
+        for name, table in tiers.items():
+            table.prefetch(rows)
+            assert torch.equal(table(rows), want), (name, step)
+    assert tiers["mmap+prefetch"].prefetched == 4 and tiers["mmap+prefetch"].synchronous == 0
+    small = PrefetchingTable(HostTable(dense.weight.detach()), min_rows=100)
+    rows = torch.tensor([1, 2])
+    small.prefetch(rows)  # too few rows to be worth a hand-off: fetched in forward
+    assert torch.equal(small(rows), dense(rows)) and small.synchronous == 1
+
+
+def test_cache_admission_eviction_and_counters():
+    weight = torch.arange(20.0).unsqueeze(1).repeat(1, 2)
+    cache = CachedTable(HostTable(weight), 2, admit_after=2)
+    cache(torch.tensor([1, 1, 2]))  # first sight: counters 1, nothing admitted
+    assert (cache.hits, cache.misses) == (0, 3) and (cache.row_in < 0).all()
+    cache(torch.tensor([1, 2]))  # second sight: both admitted
+    assert sorted(cache.row_in.tolist()) == [1, 2]
+    out = cache(torch.tensor([2, 1, 1]))
+    assert torch.equal(out[:, 0], torch.tensor([2.0, 1.0, 1.0]))
+    assert cache.hits == 3 and cache.hit_rate == pytest.approx(3 / 8)
+    cache(torch.tensor([1]))  # counters count calls that read a row: freq(1)=4, freq(2)=3
+    cache(torch.tensor([5]))
+    cache(torch.tensor([5]))  # freq(5)=2: not worth a slot
+    assert sorted(cache.row_in.tolist()) == [1, 2]
+    for _ in range(3):
+        cache(torch.tensor([5]))  # freq(5)=5 > freq(2)=3: replaces the least frequent slot
+    assert sorted(cache.row_in.tolist()) == [1, 5]
+    assert cache.slot_of[2] == -1
+    with pytest.raises(ValueError, match=">= 1 row"):
+        CachedTable(HostTable(weight), 0)
+
+
+def test_background_failure_reaches_the_caller_without_hanging():
+    class Broken(HostTable):
+        def gather_host(self, rows):
+            raise OSError("disk went away")
+
+    table = PrefetchingTable(Broken(torch.zeros(4, 2)), min_rows=1)
+    rows = torch.tensor([1, 2])
+    table.prefetch(rows)
+    with pytest.raises(OSError, match="disk went away"):
+        table(rows)
+    with pytest.raises(OSError, match="disk went away"):
+        table(torch.tensor([3]))  # the synchronous path fails loudly too
+
+
+def test_export_round_trip_and_manifest_checks(tiny_ckpt, tmp_path):
+    manifest = export_memory(tiny_ckpt, tmp_path / "bf16", "bf16")
+    ((layer, entry),) = manifest["layers"].items()
+    model, state = load_for_inference(tiny_ckpt)
+    dense = model.blocks[int(layer)].engram.memory
+    table = open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"], verify=True)
+    rows = torch.arange(0, dense.num_rows, 97)
+    assert torch.equal(table(rows), dense(rows).to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match="have layout"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, "0000000000000000")
+    with pytest.raises(ValueError, match="expects"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows + 1, dense.dim, state["fingerprint"])
+    bin_path = tmp_path / "bf16" / entry["file"]
+    data = bin_path.read_bytes()
+    bin_path.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="re-export"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"])
+    bin_path.write_bytes(data[:-2] + b"\x00\x01")
+    with pytest.raises(ValueError, match="checksum"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"], verify=True)
+    m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    m["dtype"] = "int4"
+    (tmp_path / "bf16" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"])
+    shutil.rmtree(tmp_path / "bf16")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(memory="ram"), dict(memory="mmap"), dict(memory="mmap", prefetch=True),
+     dict(memory="mmap", prefetch=True, cache_rows=64), dict(memory="ram", cache_rows=1)],
+)  # fmt: skip
+def test_generation_is_identical_on_every_memory_tier(tiny_ckpt, kwargs, monkeypatch):
+    monkeypatch.setattr("engram_lm.memory.prefetch.MIN_ASYNC_ROWS", 1)  # exercise the background path
+    prompts = [[17, 250, 31, 9], [5, 6, 7, 8], [100, 3]]
+    cfg = SamplingConfig(max_new_tokens=8)
+    reference, _ = load_for_inference(tiny_ckpt)
+    model, _ = load_for_inference(tiny_ckpt, **kwargs)
+    assert generate(model, prompts, cfg) == generate(reference, prompts, cfg)
+    ids = torch.tensor([[17, 250, 31, 9, 44, 45]])
+    assert torch.equal(model(ids)[0], reference(ids)[0])  # prefetched == synchronous, bit for bit
+    if kwargs.get("prefetch"):
+        assert model.blocks[1].engram.memory.prefetched > 0
+
+
+def test_bad_memory_requests(tiny_ckpt):
+    with pytest.raises(ValueError, match="unknown memory tier"):
+        load_for_inference(tiny_ckpt, memory="ssd")
+    with pytest.raises(ValueError, match=">= 1 row"):
+        load_for_inference(tiny_ckpt, cache_rows=-1)
