@@ -27,6 +27,7 @@ import torch
 
 from engram_lm.config import EngramConfig
 from engram_lm.inference.generate import SamplingConfig, generate
+from engram_lm.layers.rope import rope_tables
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import encode_rows
 from engram_lm.memory.host import HostTable, MmapTable
@@ -52,16 +53,25 @@ def _workload(tokens: np.ndarray, batch: int, prompt_len: int) -> list[list[int]
     return [tokens[i * prompt_len : (i + 1) * prompt_len].astype(int).tolist() for i in range(batch)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _measure(model: EngramLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, float]:
-    ids = torch.tensor(prompts)
+    device = model.head.weight.device
+    ids = torch.tensor(prompts, device=device)
     prefill, decode = [], []
     with torch.no_grad():
         for _ in range(repeats):
+            _sync(device)
             t0 = time.perf_counter()
             model(ids)
+            _sync(device)
             prefill.append(ids.numel() / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens))
+            _sync(device)
             total = time.perf_counter() - t0
             decode.append(len(prompts) * new_tokens / total)
     return statistics.median(prefill), statistics.median(decode)
@@ -76,7 +86,7 @@ def _stream_hit_rate(model: EngramLM, weight: torch.Tensor, tokens: np.ndarray, 
     for i, window in enumerate(windows):
         if i == warm:
             cache.reset_counters()
-        cache(model.hasher(window.unsqueeze(0), eod_id=model.config.eod_id, global_rows=True)[1])
+        cache(model.hasher(window.unsqueeze(0), eod_id=model.config.eod_id, global_rows=True)[1].cpu())
     return cache.hit_rate
 
 
@@ -90,8 +100,10 @@ def _evict(path: Path) -> None:
 
 
 def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, new_tokens: int = 32,
-                  cache_rows: int = 1 << 18, repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                  cache_rows: int = 1 << 18, repeats: int = 3, workdir: Path | None = None,
+                  device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     keep_large_buffers_on_heap()
+    device = torch.device(device)
     data = prepare_data("bible", "bpe:4096")
     prompts = _workload(np.asarray(data.val), batch, prompt_len)
     base, _ = quickstart_moe()
@@ -101,11 +113,10 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
         model = EngramLM(cfg)
     engram = model.blocks[1].engram
     rows, dim = engram.memory.num_rows, engram.memory.dim
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model._init_weights()
-    from engram_lm.layers.rope import rope_tables
-
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     weight = torch.empty(rows, dim)
     for start in range(0, rows, 1 << 22):  # chunked init keeps peak memory at one table
         weight[start : start + (1 << 22)].normal_(std=0.02)
@@ -120,16 +131,16 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
         model.blocks[1].engram = model.hasher = None  # the same backbone without its Engram layer
         results["no_engram"] = dict(zip(("prefill", "decode"), _measure(model, prompts, new_tokens, repeats)))
         model.blocks[1].engram, model.hasher = engram_block, hasher
-        engram_block.memory = HostTable(weight)
+        engram_block.memory = HostTable(weight, device=device)
         results["ram"] = dict(zip(("prefill", "decode"), _measure(model, prompts, new_tokens, repeats)))
         hit_rate = _stream_hit_rate(model, weight, np.asarray(data.val), cache_rows, prompt_len)
         for name in ("mmap_sync", "mmap_prefetch", "mmap_prefetch_cache"):
             for state in ("cold", "warm"):
-                table = MmapTable(path, rows, dim, "fp32")
+                table = MmapTable(path, rows, dim, "fp32", device=device)
                 if name.endswith("cache"):
-                    table = CachedTable(table, cache_rows)
+                    table = CachedTable(table, cache_rows, device=device)
                 if "prefetch" in name:
-                    table = PrefetchingTable(table)
+                    table = PrefetchingTable(table, device=device)
                 engram_block.memory = table
                 if state == "cold":
                     _evict(path)
@@ -151,4 +162,4 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
         configs.append(entry)
     return {"table_bytes": rows * dim * 4, "table_rows": rows, "cache_rows": cache_rows, "cache_hit_rate": hit_rate,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "torch_threads": torch.get_num_threads(), "configs": configs}  # fmt: skip
+            "torch_threads": torch.get_num_threads(), "device": str(device), "configs": configs}  # fmt: skip

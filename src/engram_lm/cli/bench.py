@@ -37,7 +37,7 @@ def _print_train_scaling(r: dict[str, Any]) -> None:
 def cmd_bench_offload(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.offload import bench_offload
 
-    return bench_offload(table_gb=args.table_gb, cache_rows=args.cache_rows, repeats=args.repeats)
+    return bench_offload(table_gb=args.table_gb, cache_rows=args.cache_rows, repeats=args.repeats, device=args.device)
 
 
 def _print_offload(r: dict[str, Any]) -> None:
@@ -70,5 +70,6 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="cpu", help="compute device (cuda: pinned host RAM, side-stream prefetch)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_offload, show=_print_offload)

@@ -1,0 +1,33 @@
+"""CUDA paths of the memory tiers; skipped without a GPU (run by benchmarks/gpu_check.sh)."""
+
+import pytest
+import torch
+
+from engram_lm.memory.cache import CachedTable
+from engram_lm.memory.codec import encode_rows
+from engram_lm.memory.dense import DenseTable
+from engram_lm.memory.host import HostTable, MmapTable
+from engram_lm.memory.prefetch import PrefetchingTable
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_pinned_host_and_side_stream_prefetch_match_the_device_table(tmp_path):
+    torch.manual_seed(0)
+    dense = DenseTable(5000, 64).cuda()
+    weight = dense.weight.detach().cpu()
+    path = tmp_path / "t.bin"
+    path.write_bytes(encode_rows(weight, "fp32").tobytes())
+    ram = HostTable(weight, device="cuda")
+    assert ram.weight_host.is_pinned()
+    tiers = [ram, PrefetchingTable(HostTable(weight, device="cuda"), device="cuda", min_rows=1),
+             PrefetchingTable(MmapTable(path, 5000, 64, "fp32", device="cuda"), device="cuda", min_rows=1),
+             PrefetchingTable(CachedTable(MmapTable(path, 5000, 64, "fp32"), 512, device="cuda", admit_after=1),
+                              device="cuda", min_rows=1)]  # fmt: skip
+    for _ in range(5):
+        rows = torch.randint(0, 5000, (4, 33, 8), device="cuda")
+        want = dense(rows)
+        for table in tiers:
+            table.prefetch(rows)
+            got = table(rows)
+            assert got.device.type == "cuda" and torch.equal(got, want)
