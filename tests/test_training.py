@@ -166,7 +166,7 @@ def test_checkpoint_from_another_layout_is_refused(tmp_path):
     model, _ = load_trained(ckpt)
     other = EngramLM(model.config.with_(engram=model.config.engram.with_(seed=1)))
     with pytest.raises(ValueError, match="hash layout"):
-        ckpt_io.load_model_state(other, ckpt, other.hasher.layout.fingerprint, state["fingerprint"])
+        ckpt_io.load_model_state(other, state, other.hasher.layout.fingerprint)
 
 
 def test_changed_config_in_same_run_folder_is_refused(tmp_path):

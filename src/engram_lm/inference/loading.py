@@ -21,13 +21,13 @@ from safetensors import safe_open
 from engram_lm.layers.rope import rope_tables
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.dense import DenseTable
-from engram_lm.memory.export import dense_weight, export_memory, open_exported, read_manifest, table_key
+from engram_lm.memory.export import export_memory, open_exported, read_manifest, table_key
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.table import MemoryTable
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
-from engram_lm.training.checkpoint import read_state
+from engram_lm.training.checkpoint import check_fingerprint, read_state, read_table_rows
 
 MEMORY_TIERS = ("device", "ram", "mmap")
 
@@ -56,13 +56,15 @@ def load_for_inference(
     with torch.device("meta"):
         model = EngramLM(cfg)
     fingerprint = model.hasher.layout.fingerprint if model.hasher else None
-    if fingerprint != state.get("fingerprint"):
-        raise ValueError(
-            f"checkpoint {ckpt} was trained with hash layout {state.get('fingerprint')}, its config now gives "
-            f"{fingerprint}: the tokenizer or hashing changed. Use the engram-lm version that wrote it"
-        )
+    check_fingerprint(ckpt, fingerprint, state.get("fingerprint"))
     table_keys = {table_key(b) for b, block in enumerate(model.blocks) if block.engram is not None}
+    if model.overencoding is not None:
+        table_keys.add("overencoding.memory.weight")
     _assign_dense_weights(model, ckpt / "model.safetensors", table_keys, device)
+    if model.overencoding is not None:  # the input-side table stays with the model
+        oe = model.overencoding.memory
+        weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
+        model.overencoding.memory = _device_table(weight, device)
     if memory == "mmap":
         export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
         if not (export_dir / "manifest.json").exists():
@@ -71,7 +73,7 @@ def load_for_inference(
     for layer_id, block in enumerate(model.blocks):
         if block.engram is None:
             continue
-        table = _make_table(memory, ckpt, export_dir, layer_id, block.engram.memory, fingerprint, device, verify)
+        table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify)
         if cache_rows:
             table = CachedTable(table, cache_rows, device=device)
         if prefetch:
@@ -82,17 +84,21 @@ def load_for_inference(
     return model.eval(), state
 
 
-def _make_table(memory, ckpt, export_dir, layer_id, meta_table, fingerprint, device, verify) -> MemoryTable:
+def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify) -> MemoryTable:
     rows, dim = meta_table.num_rows, meta_table.dim
     if memory == "mmap":
         return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify)
-    weight = dense_weight(ckpt, layer_id)
+    weight = read_table_rows(state, table_key(layer_id), 0, rows)
     if tuple(weight.shape) != (rows, dim):
         raise ValueError(f"checkpoint table of layer {layer_id} has shape {tuple(weight.shape)}, expected {(rows, dim)}")
     if memory == "ram":
         return HostTable(weight, device=device)
+    return _device_table(weight, device)
+
+
+def _device_table(weight: torch.Tensor, device: torch.device) -> DenseTable:
     with torch.device("meta"):
-        table = DenseTable(rows, dim, sparse_grad=True)
+        table = DenseTable(*weight.shape, sparse_grad=True)
     table.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
     return table
 

@@ -4,7 +4,7 @@ Layout of an export folder:
     manifest.json   format, layout fingerprint, dtype, head dim, and per layer: file,
                     rows, bytes, sha256
     layer-<L>.bin   rows encoded as fp32, bf16 or fp8 (memory/codec.py), row-major
-Tables are streamed chunk by chunk from the checkpoint's safetensors (never a second full
+Tables are streamed chunk by chunk from the checkpoint's table shards (never a second full
 copy in memory). Loading refuses a manifest for another layout, a wrong dtype or shape, and
 missing or truncated files; `verify=True` also re-hashes every file.
 """
@@ -16,9 +16,6 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import safe_open
 
 from engram_lm.memory.codec import DTYPES, encode_rows, row_bytes
 from engram_lm.memory.host import MmapTable
@@ -32,7 +29,7 @@ def table_key(layer_id: int) -> str:
 
 
 def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
-    from engram_lm.training.checkpoint import read_state
+    from engram_lm.training.checkpoint import read_state, read_table_rows
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
@@ -43,11 +40,11 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers: dict[str, Any] = {}
-    with safe_open(str(Path(state["path"]) / "model.safetensors"), framework="pt") as f:
-        for layer_id in layer_ids:
-            table = f.get_slice(table_key(layer_id))
-            rows, dim = table.get_shape()
-            layers[str(layer_id)] = _write_table(table, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
+    for layer_id in layer_ids:
+        shape = state["tables"][table_key(layer_id)]
+        rows, dim = shape["rows"], shape["dim"]
+        chunks = (read_table_rows(state, table_key(layer_id), a, min(rows, a + CHUNK_ROWS)) for a in range(0, rows, CHUNK_ROWS))
+        layers[str(layer_id)] = _write_table(chunks, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
     manifest = {"format": FORMAT, "fingerprint": state["fingerprint"], "dtype": dtype, "head_dim": dim,
                 "checkpoint": state["path"], "step": state["step"], "layers": layers}  # fmt: skip
     tmp = out_dir / "manifest.json.tmp"
@@ -56,12 +53,12 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
     return manifest
 
 
-def _write_table(table, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
+def _write_table(chunks, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as out:
-        for start in range(0, rows, CHUNK_ROWS):
-            encoded = encode_rows(table[start : min(rows, start + CHUNK_ROWS)], dtype).tobytes()
+        for chunk in chunks:
+            encoded = encode_rows(chunk, dtype).tobytes()
             digest.update(encoded)
             out.write(encoded)
     os.replace(tmp, path)
@@ -106,8 +103,3 @@ def open_exported(
         if digest.hexdigest() != entry["sha256"]:
             raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export again")
     return table
-
-
-def dense_weight(checkpoint_dir: Path, layer_id: int) -> torch.Tensor:
-    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor(table_key(layer_id))

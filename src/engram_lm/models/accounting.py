@@ -23,7 +23,7 @@ import torch
 from engram_lm.config import EngramConfig
 from engram_lm.hashing.layout import build_layout
 from engram_lm.layers.moe import MoE
-from engram_lm.memory.dense import DenseTable
+from engram_lm.memory.table import MemoryTable
 from engram_lm.models.config import ModelConfig
 from engram_lm.tokenizer.compression import VocabProjection
 
@@ -54,9 +54,9 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
             continue
         if any(id(p) in vocab_params for p in own):
             vocab += n
-        elif isinstance(module, DenseTable):
-            table += n
-            total += n
+        elif isinstance(module, MemoryTable):  # the whole table, also when this rank holds a shard
+            table += module.num_rows * module.dim
+            total += module.num_rows * module.dim
         else:
             total += n
             active += n

@@ -178,7 +178,8 @@ class EngramLM(nn.Module):
         logits_BTV = self.head(self.norm(x_BTMD.sum(dim=2)))
         if targets_BT is None:
             return logits_BTV, None
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        logits = logits_BTV if logits_BTV.dtype == torch.float64 else logits_BTV.float()  # fp32 or better
+        loss = F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
         return logits_BTV, loss
 
     def new_cache(self, batch: int, max_len: int | None = None) -> DecodeCache:

@@ -21,6 +21,7 @@ class TrainConfig:
     decay_at: tuple[float, ...] = (0.8, 0.9)  # fractions of the run where lr steps down
     decay_factor: float = 0.316
     grad_clip: float = 1.0  # on dense parameters; 0 disables
+    matrix_optimizer: str = "muon"  # "muon" (paper) or "adamw" for the 2-D block matrices
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -37,6 +38,8 @@ class TrainConfig:
                 raise ValueError(f"invalid TrainConfig.{name}={getattr(self, name)!r}: must be >= 0")
         if not self.lr > 0 or not self.table_lr_mult > 0:
             raise ValueError(f"invalid TrainConfig.lr={self.lr} / table_lr_mult={self.table_lr_mult}: must be > 0")
+        if self.matrix_optimizer not in ("muon", "adamw"):
+            raise ValueError(f"invalid TrainConfig.matrix_optimizer={self.matrix_optimizer!r}: use 'muon' or 'adamw'")
         if any(not 0 < f < 1 for f in self.decay_at) or not 0 < self.decay_factor <= 1:
             raise ValueError("invalid TrainConfig.decay_at/decay_factor: fractions in (0, 1), factor in (0, 1]")
 

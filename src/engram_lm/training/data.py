@@ -111,13 +111,19 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def sample_batch(
-    tokens: np.ndarray, batch: int, seq_len: int, *, seed: int, step: int, micro: int = 0, rank: int = 0
+    tokens: np.ndarray, batch: int, seq_len: int, *, seed: int, step: int, micro: int = 0, rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 tokens: (inputs, next-token targets), int64 (B, T)."""
+    """Random windows of seq_len + 1 tokens: (inputs, next-token targets), int64 (B, T).
+    `batch` is global: rank r of P reads only its rows [r*B/P, (r+1)*B/P) of it."""
     if len(tokens) < seq_len + 2:
         raise ValueError(f"the training split has {len(tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
-    rng = np.random.default_rng([seed, step, micro, rank])
+    if batch % world_size:
+        raise ValueError(f"batch_size {batch} does not divide over {world_size} ranks; use a multiple of {world_size}")
+    rng = np.random.default_rng([seed, step, micro, 0])
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
+    per_rank = batch // world_size
+    starts = starts[rank * per_rank : (rank + 1) * per_rank]
     windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from engram_lm.distributed.context import (
+    DistContext, all_reduce_dense_grads, all_reduce_moe_loads, shard_tables,
+)  # fmt: skip
 from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
@@ -85,67 +88,70 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train (or resume) a model; `stop_after` ends early after that step (for tests)."""
+    """Train (or resume) a model; `stop_after` ends early after that step (for tests).
+    Under torchrun (WORLD_SIZE > 1) tables are row-sharded across the ranks, the rest is
+    data-parallel, each rank reads its slice of the global batch, and rank 0 logs."""
     out_dir = Path(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = DistContext.from_env(device.type)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+    if train_cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {train_cfg.batch_size} does not divide over {ctx.world_size} ranks; "
+                         f"use a multiple of {ctx.world_size}")  # fmt: skip
     keep_large_buffers_on_heap()
-    data = prepare_data(train_cfg.data, train_cfg.tokenizer)
+    data = _prepare_data_once(train_cfg, ctx)
     resolved = resolve_model_config(model_cfg, data)
-    latest = _prepare_run_dir(out_dir, model_cfg, train_cfg, resolved)
+    latest = _prepare_run_dir(out_dir, model_cfg, train_cfg, resolved) if ctx.is_main else None
+    ctx.barrier()
+    latest = ckpt_io.latest_checkpoint(out_dir) if not ctx.is_main else latest
 
     torch.manual_seed(train_cfg.seed)
-    model = EngramLM(resolved).to(device)
+    model = EngramLM(resolved)
+    shard_tables(model, ctx)
+    model.to(device)
     optimizers = build_optimizers(model, OptimConfig(lr=train_cfg.lr, table_lr_mult=train_cfg.table_lr_mult,
-                                                     weight_decay=train_cfg.weight_decay))  # fmt: skip
+                                                     weight_decay=train_cfg.weight_decay,
+                                                     matrix_optimizer=train_cfg.matrix_optimizer))  # fmt: skip
     fingerprint = model.hasher.layout.fingerprint if model.hasher else None
     start = 0
     if latest is not None:
         state = ckpt_io.read_state(latest)
-        ckpt_io.load_model_state(model, latest, fingerprint, state.get("fingerprint"))
-        ckpt_io.load_optimizers(model, optimizers, latest, state["optimizers"])
+        ckpt_io.load_model_state(model, state, fingerprint)
+        ckpt_io.load_optimizers(model, optimizers, state)
         start = state["step"]
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if ctx.is_main else None
     windows = eval_windows(data.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
     roles = param_roles(model)
     dense = [p for n, p in model.named_parameters() if roles[n] != "table"]
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
-    bar = Progress(name, train_cfg.steps, enabled=progress, every=train_cfg.log_every)
+    bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every)
     val_loss, train_time, last = float("nan"), 0.0, start
     model.train()
+
+    def log(**record: Any) -> None:
+        if metrics is not None:
+            metrics.write(**record)
 
     def save(step: int) -> None:
         state = {"fingerprint": fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
                  "name": name, "corpus": data.corpus}  # fmt: skip
-        ckpt_io.save_checkpoint(out_dir, step, model, optimizers, state, data.tokenizer_path)
+        ckpt_io.save_checkpoint(out_dir, step, model, optimizers, state, data.tokenizer_path,
+                                rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
 
     for step in range(start, train_cfg.steps):
         t0 = time.perf_counter()
         set_lr(optimizers, lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
                                           train_cfg.decay_factor))  # fmt: skip
-        loss_sum = 0.0
-        for micro in range(train_cfg.grad_accum):
-            x, y = sample_batch(data.train, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
-                                step=step, micro=micro)  # fmt: skip
-            with autocast(device):
-                _, loss = model(x.to(device), y.to(device))
-            (loss / train_cfg.grad_accum).backward()
-            loss_sum += loss.item()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(dense, train_cfg.grad_clip)
-        for opt in optimizers.values():
-            opt.step()
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        model.update_route_biases()
+        loss_value = _train_step(model, optimizers, dense, data, train_cfg, step, device, ctx)
         train_time += time.perf_counter() - t0
         done = step + 1
-        loss_value = loss_sum / train_cfg.grad_accum
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
             lr = optimizers[next(iter(optimizers))].param_groups[0]["lr"]
-            metrics.write(step=done, loss=loss_value, lr=lr, tokens=done * tokens_per_step)
+            log(step=done, loss=loss_value, lr=lr, tokens=done * tokens_per_step)
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-            val_loss = evaluate(model, windows, device)
-            metrics.write(step=done, val_loss=val_loss)
+            val_loss = evaluate(model, windows, device)  # every rank: the lookups are collective
+            log(step=done, val_loss=val_loss)
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
             save(done)
         rate = (done - start) * tokens_per_step / max(train_time, 1e-9)
@@ -165,6 +171,37 @@ def train(
         tokens_per_s=(last - start) * tokens_per_step / train_time if train_time > 0 else 0.0,
         train_seconds=train_time,
     )
+
+
+def _train_step(model, optimizers, dense, data: TokenData, cfg: TrainConfig, step: int, device, ctx: DistContext) -> float:
+    """One optimizer step over grad_accum micro-batches of this rank's slice; returns the
+    global mean loss. The loss is scaled by 1/(accum * P) so summed gradients are means."""
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step, micro=micro,
+                            rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        (loss / (cfg.grad_accum * ctx.world_size)).backward()
+        loss_sum += loss.item()
+    all_reduce_dense_grads(dense, ctx)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(dense, cfg.grad_clip)
+    for opt in optimizers.values():
+        opt.step()
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    all_reduce_moe_loads(model, ctx)
+    model.update_route_biases()
+    return ctx.mean(loss_sum / cfg.grad_accum)
+
+
+def _prepare_data_once(cfg: TrainConfig, ctx: DistContext) -> TokenData:
+    """Rank 0 builds the tokenizer and token files first; the others then reuse the cache."""
+    if ctx.is_main:
+        data = prepare_data(cfg.data, cfg.tokenizer)
+    ctx.barrier()
+    return data if ctx.is_main else prepare_data(cfg.data, cfg.tokenizer)
 
 
 def _prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, resolved: ModelConfig) -> Path | None:

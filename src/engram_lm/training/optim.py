@@ -21,7 +21,7 @@ from torch import nn
 
 from engram_lm.layers.hyper import HyperConnection
 from engram_lm.layers.moe import MoE
-from engram_lm.memory.dense import DenseTable
+from engram_lm.memory.table import MemoryTable
 
 ROLES = ("table", "matrix", "decay", "no_decay")
 
@@ -71,8 +71,9 @@ def param_roles(model: nn.Module) -> dict[str, str]:
     roles: dict[str, str] = {}
     special: dict[int, str] = {id(model.embed.weight): "decay", id(model.head.weight): "decay"}
     for module in model.modules():
-        if isinstance(module, DenseTable):
-            special[id(module.weight)] = "table"
+        if isinstance(module, MemoryTable):  # device-resident or sharded table rows
+            for p in module.parameters(recurse=False):
+                special[id(p)] = "table"
         elif isinstance(module, MoE):
             special[id(module.router.weight)] = "decay"
         elif isinstance(module, HyperConnection):
@@ -94,6 +95,7 @@ class OptimConfig:
     table_lr_mult: float = 5.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    matrix_optimizer: str = "muon"  # "adamw": plain AdamW for the matrices too (no bf16 step)
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, torch.optim.Optimizer]:
@@ -104,7 +106,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, torch.opti
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if by_role["table"]:
         optimizers["table"] = SparseRowAdam(by_role["table"], lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas)
-    if by_role["matrix"]:
+    if by_role["matrix"] and cfg.matrix_optimizer == "adamw":
+        optimizers["matrix"] = torch.optim.AdamW(by_role["matrix"], lr=cfg.lr, betas=cfg.betas,
+                                                 weight_decay=cfg.weight_decay)  # fmt: skip
+    elif by_role["matrix"]:
         optimizers["matrix"] = torch.optim.Muon(
             by_role["matrix"], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
