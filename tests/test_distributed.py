@@ -62,7 +62,7 @@ def test_sharded_lookup_and_updates_equal_unsharded(tmp_path, world):
     assert torch.allclose(gathered, full.detach(), atol=1e-6)
     sizes = [r["shard"].shape[0] for r in results]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 103  # ~1/P of the rows each
-    assert all(r["bytes"] > 0 for r in results)
+    assert all(r["bytes"] > 0 for r in results)  # rows and gradients crossed between ranks
 
 
 # ---- data-parallel training with sharded tables ------------------------------------------
@@ -199,3 +199,12 @@ def test_missing_or_foreign_shard_is_refused(tmp_path, one_rank_run):
     shutil.copy(ckpt_io.latest_checkpoint(one_rank_run) / "table-shard-000.safetensors", broken / "table-shard-001.safetensors")
     with pytest.raises(ValueError, match="belongs to another checkpoint"):
         load_trained(broken)
+
+
+def test_bench_distributed_reports_bytes_between_ranks():
+    from engram_lm.bench.distributed import bench_distributed
+
+    r = bench_distributed(worlds=(1, 2), rows=4096, dim=8, batch=2, seq=16, columns=4, steps=2)
+    one, two = r["configs"]
+    assert one["bytes_sent_per_rank"] == 0 and two["bytes_sent_per_rank"] > 0
+    assert r["unsharded_step_ms"] > 0 and two["step_ms"] > 0

@@ -50,6 +50,20 @@ def _print_offload(r: dict[str, Any]) -> None:
         print(f"  {c['name']:<21}{c['prefill_tok_s']:>14,.0f}{c['decode_tok_s']:>13,.0f}{c['penalty_vs_ram']:>16.1%}{cold}")
 
 
+def cmd_bench_distributed(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.distributed import bench_distributed
+
+    return bench_distributed(worlds=tuple(args.processes), steps=args.steps)
+
+
+def _print_distributed(r: dict[str, Any]) -> None:
+    print(f"row-sharded lookup + gradient exchange: table {r['rows']:,} x {r['dim']}, {r['ids_per_rank']:,} ids per rank per step")
+    print(f"  unsharded (1 process)  {r['unsharded_step_ms']:8.2f} ms/step")
+    for c in r["configs"]:
+        print(f"  P = {c['processes']}                  {c['step_ms']:8.2f} ms/step   {c['bytes_sent_per_rank'] / 1e6:8.2f} MB sent to other ranks")
+    print(f"  ({r['cpus']} CPUs: with more processes than CPUs the times include oversubscription)")
+
+
 def add_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -66,6 +80,11 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_train_scaling, show=_print_train_scaling)
+    b = bench.add_parser("distributed", help="sharded-table exchange time and bytes for P processes on loopback")
+    b.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_distributed, show=_print_distributed)
     b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)

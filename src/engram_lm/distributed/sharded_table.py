@@ -32,7 +32,10 @@ class _ShardedLookup(torch.autograd.Function):
         values = weight_LD.detach().index_select(0, local)
         got_UD = torch.empty(len(unique_U), weight_LD.shape[1], dtype=weight_LD.dtype)
         dist.all_to_all_single(got_UD, values, send_counts, recv_counts, group=group)
-        table.bytes_sent += 8 * (len(send_counts) + len(unique_U)) + values.numel() * values.element_size()
+        me = table.rank  # bytes to other ranks only: what crosses the network
+        remote_ids = len(unique_U) - send_counts[me]
+        remote_rows = len(local) - recv_counts[me]
+        table.bytes_sent += 8 * (len(send_counts) - 1 + remote_ids) + remote_rows * values.shape[1] * values.element_size()
         ctx.save_for_backward(local)
         ctx.counts, ctx.table, ctx.shape = (send_counts, recv_counts), table, weight_LD.shape
         return got_UD
@@ -43,7 +46,8 @@ class _ShardedLookup(torch.autograd.Function):
         send_counts, recv_counts = ctx.counts
         grad_in = torch.empty(len(local), ctx.shape[1], dtype=grad_UD.dtype)
         dist.all_to_all_single(grad_in, grad_UD.contiguous(), recv_counts, send_counts, group=ctx.table.group)
-        ctx.table.bytes_sent += grad_UD.numel() * grad_UD.element_size()
+        me = ctx.table.rank
+        ctx.table.bytes_sent += (grad_UD.shape[0] - send_counts[me]) * grad_UD.shape[1] * grad_UD.element_size()
         grad_weight = torch.sparse_coo_tensor(local.unsqueeze(0), grad_in, ctx.shape, check_invariants=False)
         return grad_weight, None, None, None
 
