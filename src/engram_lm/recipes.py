@@ -41,11 +41,15 @@ def quickstart_moe() -> Recipe:
 QUICKSTART_RHO = 0.75
 
 
+def quickstart_engram_template() -> EngramConfig:
+    """The Engram module of the quickstart models; table sizes come from `allocate`."""
+    return EngramConfig(tokenizer="identity:4096", table_sizes=(2, 2), max_ngram=3, num_heads=4,
+                        layer_ids=(1,), pad_id=0, embed_per_ngram=128, zero_init_output=True)  # fmt: skip
+
+
 def quickstart_engram() -> Recipe:
     base, train = quickstart_moe()
-    engram = EngramConfig(tokenizer="identity:4096", table_sizes=(2, 2), max_ngram=3, num_heads=4,
-                          layer_ids=(1,), pad_id=0, embed_per_ngram=128, zero_init_output=True)  # fmt: skip
-    return allocate(base, QUICKSTART_RHO, engram), train
+    return allocate(base, QUICKSTART_RHO, quickstart_engram_template()), train
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {

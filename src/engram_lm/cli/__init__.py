@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Sequence
 
+from engram_lm.cli.analysis import add_analysis_commands
 from engram_lm.cli.bench import add_bench_commands
 from engram_lm.cli.core import add_core_commands
 from engram_lm.cli.model import add_model_commands
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_core_commands(sub)
     add_model_commands(sub)
     add_bench_commands(sub)
+    add_analysis_commands(sub)
     return parser
 
 
