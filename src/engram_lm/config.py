@@ -14,6 +14,7 @@ from typing import Any
 class EngramConfig:
     # --- hashing (ENGRAM_SPEC section 3) ---
     tokenizer: str = "deepseek-v3"  # built-in name, a tokenizer.json path, or "identity:V"
+    compress_tokens: bool = True  # ablation: False hashes raw ids (identity projection)
     table_sizes: tuple[int, ...] = (646400, 646400)  # engram_vocab_size, one per order 2..N
     max_ngram: int = 3  # max_ngram_size (N)
     num_heads: int = 8  # n_head_per_ngram (K), per order

@@ -23,6 +23,40 @@ def _print_allocation(r: dict[str, Any]) -> None:
     print(f"written: {r['csv']}, {r['png']}")
 
 
+def cmd_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.variants import SCALING_SLOTS, scaling_sweep
+
+    rows = scaling_sweep(Path(args.out), slots=args.slots or SCALING_SLOTS, steps=args.steps, progress=not args.quiet)
+    return {"rows": rows, "csv": str(Path(args.out) / "scaling.csv")}
+
+
+def _print_scaling(r: dict[str, Any]) -> None:
+    print(f"{'slots':>9}{'Engram':>10}{'OverEnc.':>10}")
+    for row in r["rows"]:
+        print(f"{row['slots']:>9,}{row['engram_val_loss']:>10.4f}{row['overencoding_val_loss']:>10.4f}")
+    print(f"written: {r['csv']}")
+
+
+def cmd_ablations(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.variants import ablation_sweep
+
+    rows = ablation_sweep(Path(args.out), steps=args.steps, progress=not args.quiet)
+    return {"rows": rows, "csv": str(Path(args.out) / "ablations.csv")}
+
+
+def _print_ablations(r: dict[str, Any]) -> None:
+    for row in r["rows"]:
+        print(f"{row['variant']:<16}{row['val_loss']:>9.4f}{row['delta_vs_reference']:>+9.4f}")
+    print(f"written: {r['csv']}")
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.report import build_report
+
+    text = build_report(Path(args.runs), Path(args.out))
+    return {"path": args.out, "chars": len(text)}
+
+
 def cmd_gates(args: argparse.Namespace) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
@@ -80,6 +114,23 @@ def add_analysis_commands(sub) -> None:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_allocation, show=_print_allocation)
+
+    for name, run, show, helptext in (("scaling", cmd_scaling, _print_scaling, "fixed backbone, Engram vs OverEncoding over slot counts"),
+                                      ("ablations", cmd_ablations, _print_ablations, "remove one Engram piece at a time")):  # fmt: skip
+        e = exp.add_parser(name, help=helptext)
+        if name == "scaling":
+            e.add_argument("--slots", type=lambda s: [int(float(x)) for x in s.split(",")])
+        e.add_argument("--steps", type=int)
+        e.add_argument("--out", default=f"runs/{name}")
+        e.add_argument("--quiet", action="store_true")
+        e.add_argument("--json", action="store_true")
+        e.set_defaults(run=run, show=show)
+
+    e = exp.add_parser("report", help="write docs/results.md from the experiments' result folders")
+    e.add_argument("--runs", default="runs")
+    e.add_argument("--out", default="docs/results.md")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=cmd_report, show=lambda r: print(f"written: {r['path']}"))
 
     p = sub.add_parser("analyze", help="look inside trained models")
     ana = p.add_subparsers(dest="analysis", required=True)

@@ -48,6 +48,8 @@ class NgramHasher:
     def from_config(cls, config: EngramConfig, projection: VocabProjection | None = None) -> "NgramHasher":
         """Load (or reuse) the tokenizer's projection and build the layout for `config`."""
         projection = projection if projection is not None else load_projection(config.tokenizer)
+        if not config.compress_tokens:
+            projection = VocabProjection.identity(projection.raw_size)
         if config.pad_id >= projection.raw_size:
             raise ValueError(
                 f"invalid EngramConfig.pad_id={config.pad_id}: outside the raw vocabulary "

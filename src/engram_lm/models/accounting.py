@@ -107,10 +107,10 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig, projection: Vo
     per_head = slots // columns
     if per_head < 2:
         raise ValueError(f"rho={rho} frees too few parameters for an Engram table ({slots} slots)")
-    return probe.with_(engram=_engram_with_rows(engram, slots, per_head))
+    return probe.with_(engram=engram_with_rows(engram, slots, per_head))
 
 
-def _engram_with_rows(engram: EngramConfig, target_rows: int, per_head: int) -> EngramConfig:
+def engram_with_rows(engram: EngramConfig, target_rows: int, per_head: int) -> EngramConfig:
     """Table sizes whose primes add up to ~target_rows (primes land a little above each base)."""
     columns = len(engram.layer_ids) * engram.num_hash_columns
     size = per_head
