@@ -90,14 +90,19 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EngramConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d))
 
     def with_(self, **changes: Any) -> "EngramConfig":
         return replace(self, **changes)
+
+
+def checked_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """`d` unchanged if every key is a field of the dataclass `cls`; else a ValueError naming them."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+    return d
 
 
 def _check(ok: bool, field: str, value: Any, fix: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from engram_lm.analysis.capture import capture
 from engram_lm.analysis.cka import cka_matrix, soft_alignment_index
 from engram_lm.analysis.logit_lens import logit_lens
+from engram_lm.plotting import saved_figure
 from engram_lm.training.data import eval_windows, prepare_data
 from engram_lm.training.loop import load_trained
 
@@ -56,35 +57,19 @@ def cka_compare(checkpoint: Path, baseline: Path, out: Path, batches: int = 2) -
 
 
 def _plot_lines(curves: dict[str, list[float]], path: Path, xlabel: str, ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in curves.items():
-        ax.plot(range(len(values)), values, marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (6, 4)) as (fig, ax):
+        for name, values in curves.items():
+            ax.plot(range(len(values)), values, marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def _plot_matrix(matrix: torch.Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=1, origin="lower")
-    ax.set_xlabel("baseline layer")
-    ax.set_ylabel("Engram model layer")
-    fig.colorbar(im, ax=ax, label="linear CKA")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (5, 4)) as (fig, ax):
+        im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=1, origin="lower")
+        ax.set_xlabel("baseline layer")
+        ax.set_ylabel("Engram model layer")
+        fig.colorbar(im, ax=ax, label="linear CKA")

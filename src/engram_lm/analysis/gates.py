@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from engram_lm.analysis.capture import capture
+from engram_lm.plotting import saved_figure
 
 
 @torch.no_grad()
@@ -48,17 +49,9 @@ def gates_html(tokens: list[str], rows: dict[str, list[float]], title: str) -> s
 
 
 def gates_png(tokens: list[str], rows: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data = torch.tensor(list(rows.values()))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(tokens)), 0.6 * len(rows) + 1.5))
-    im = ax.imshow(data.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") for t in tokens], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
-    fig.colorbar(im, ax=ax, label="gate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (max(6, 0.45 * len(tokens)), 0.6 * len(rows) + 1.5)) as (fig, ax):
+        im = ax.imshow(data.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") for t in tokens], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
+        fig.colorbar(im, ax=ax, label="gate")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_lm.models.accounting import allocate
+from engram_lm.plotting import saved_figure
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe
 from engram_lm.training.loop import train
 from engram_lm.training.run import run_metadata, write_json
@@ -57,19 +58,11 @@ def _write(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_allocation(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o", color="tab:red")
-    best = min(rows, key=lambda r: r["val_loss"])
-    ax.axvline(best["rho"], color="grey", ls=":", lw=1)
-    ax.set_xlabel("rho: fraction of the sparse budget kept in routed experts (1 = pure MoE)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Sparsity allocation at fixed P_tot = {rows[0]['params_total']:,}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (6, 4)) as (fig, ax):
+        ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o", color="tab:red")
+        best = min(rows, key=lambda r: r["val_loss"])
+        ax.axvline(best["rho"], color="grey", ls=":", lw=1)
+        ax.set_xlabel("rho: fraction of the sparse budget kept in routed experts (1 = pure MoE)")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"Sparsity allocation at fixed P_tot = {rows[0]['params_total']:,}")
+        ax.grid(alpha=0.3)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engram_lm.plotting import saved_figure
 from engram_lm.recipes import QUICKSTART_RHO, get_recipe
 from engram_lm.training.loop import train
 from engram_lm.training.run import run_metadata, write_json
@@ -44,26 +45,18 @@ def quickstart(out_dir: Path, *, data: str | None = None, steps: int | None = No
 
 
 def plot_loss_curves(run_dirs: list[Path], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir, name, color in zip(run_dirs, names, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        ax.plot(*zip(*train), color=color, alpha=0.35, lw=1, label=f"{name} train")
-        ax.plot(*zip(*val), color=color, marker="o", lw=2, label=f"{name} validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("engram quickstart: MoE vs iso-parameter MoE+Engram")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (7, 4.5)) as (fig, ax):
+        for run_dir, name, color in zip(run_dirs, names, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+            ax.plot(*zip(*train), color=color, alpha=0.35, lw=1, label=f"{name} train")
+            ax.plot(*zip(*val), color=color, marker="o", lw=2, label=f"{name} validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title("engram quickstart: MoE vs iso-parameter MoE+Engram")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from engram_lm.config import EngramConfig
 from engram_lm.hashing.layout import build_layout
 from engram_lm.models.accounting import engram_with_rows
 from engram_lm.models.config import ModelConfig
+from engram_lm.plotting import saved_figure
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 from engram_lm.training.loop import train
 from engram_lm.training.run import run_metadata, write_json
@@ -111,39 +112,23 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def _plot_scaling(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["slots"] for r in rows]
-    for key, color, label in (("engram_val_loss", "tab:red", "Engram"), ("overencoding_val_loss", "tab:blue", "OverEncoding")):
-        ys = [r[key] for r in rows]
-        a, b = _fit(xs, ys)
-        ax.scatter(xs, ys, color=color)
-        ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color, label=f"{label}: {b:+.3f} per decade")
-    ax.set_xscale("log")
-    ax.set_xlabel("memory slots (table rows)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Fixed backbone, growing memory")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (6, 4)) as (fig, ax):
+        xs = [r["slots"] for r in rows]
+        for key, color, label in (("engram_val_loss", "tab:red", "Engram"), ("overencoding_val_loss", "tab:blue", "OverEncoding")):
+            ys = [r[key] for r in rows]
+            a, b = _fit(xs, ys)
+            ax.scatter(xs, ys, color=color)
+            ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color, label=f"{label}: {b:+.3f} per decade")
+        ax.set_xscale("log")
+        ax.set_xlabel("memory slots (table rows)")
+        ax.set_ylabel("validation loss")
+        ax.set_title("Fixed backbone, growing memory")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def _plot_ablations(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2))
-    ax.barh([r["variant"] for r in rows], [r["delta_vs_reference"] for r in rows], color="tab:purple")
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("validation loss minus reference (positive = worse)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (6, 0.4 * len(rows) + 1.2)) as (fig, ax):
+        ax.barh([r["variant"] for r in rows], [r["delta_vs_reference"] for r in rows], color="tab:purple")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("validation loss minus reference (positive = worse)")

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from engram_lm.config import EngramConfig
+from engram_lm.config import EngramConfig, checked_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,11 +87,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        d = dict(d)
+        d = dict(checked_fields(cls, d))
         for key in ("engram", "overencoding"):
             if d.get(key) is not None:
                 d[key] = EngramConfig.from_dict(d[key])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from engram_lm.config import checked_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,11 +52,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d))
 
     def with_(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)
