@@ -102,3 +102,22 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
                  "--out", str(tmp_path / "cka"), "--json"]) == 0  # fmt: skip
     c = json.loads(capsys.readouterr().out)
     assert all(c["cka"][i][i] == pytest.approx(1.0, abs=1e-9) for i in range(len(c["cka"])))
+
+
+def test_sensitivity_probes_and_zeroing():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from engram_lm.analysis.sensitivity import copy_probe, factual_probe, sensitivity
+
+    facts, copies = factual_probe(), copy_probe(8)
+    assert len(facts) > 200 and ("The capital of France is", " Paris") in facts
+    assert all(answer.strip() in prompt for prompt, answer in copies)  # the answer is in the context
+    words = sorted({w for p, a in facts[:5] + copies for w in (p + a).split()})
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    model = _model()
+    result = sensitivity(model, tok)
+    assert result["factual"]["items"] == len(facts) and result["copy"]["items"] == 64
+    assert result["copy"]["with_engram"]["mean_logprob"] != result["copy"]["engram_zeroed"]["mean_logprob"]

@@ -78,6 +78,29 @@ def _print_gates(r: dict[str, Any]) -> None:
     print(f"written: {r['html']}, {r['png']}")
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from tokenizers import Tokenizer
+
+    from engram_lm.analysis.sensitivity import sensitivity
+    from engram_lm.training.loop import load_trained
+
+    model, state = load_trained(args.checkpoint)
+    tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
+    result = {"checkpoint": state["path"], **sensitivity(model, tokenizer)}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _print_sensitivity(r: dict[str, Any]) -> None:
+    for name in ("factual", "copy"):
+        p = r[name]
+        print(f"{name:<8} accuracy {p['with_engram']['accuracy']:.3f} -> {p['engram_zeroed']['accuracy']:.3f} "
+              f"with Engram zeroed (retained {p['retained_accuracy']:.1%}); log-prob "
+              f"{p['with_engram']['mean_logprob']:.3f} -> {p['engram_zeroed']['mean_logprob']:.3f}")  # fmt: skip
+
+
 def cmd_logit_lens(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.analysis.compare import logit_lens_compare
 
@@ -140,6 +163,11 @@ def add_analysis_commands(sub) -> None:
     a.add_argument("--out", default="gates.html")
     a.add_argument("--json", action="store_true")
     a.set_defaults(run=cmd_gates, show=_print_gates)
+    a = ana.add_parser("sensitivity", help="factual recall vs in-context copying with Engram zeroed")
+    a.add_argument("--checkpoint", required=True, help="ideally trained with --data bible+facts")
+    a.add_argument("--out", default="sensitivity.json")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(run=cmd_sensitivity, show=_print_sensitivity)
     for name, run, show, helptext in (("logit-lens", cmd_logit_lens, _print_logit_lens, "KL of early exits to the final prediction"),
                                       ("cka", cmd_cka, _print_cka, "linear CKA between two models' layers")):  # fmt: skip
         a = ana.add_parser(name, help=helptext)

@@ -22,7 +22,13 @@ import sysconfig
 from collections import OrderedDict
 from pathlib import Path
 
-BUILTIN_CORPORA = ("bible", "python-stdlib")
+BUILTIN_CORPORA = ("bible", "python-stdlib", "bible+facts")
+FACT_TEMPLATES = (
+    "The capital of {country} is {capital}.",
+    "{capital} is the capital city of {country}.",
+    "In {country}, the seat of government is {capital}.",
+    "Travellers to {country} often arrive in its capital, {capital}.",
+)
 _FOOTNOTE = re.compile(r"\{[^}]*\}")
 
 
@@ -31,6 +37,8 @@ def load_corpus(name_or_path: str) -> list[str]:
         return bible_chapters()
     if name_or_path == "python-stdlib":
         return python_stdlib_files()
+    if name_or_path == "bible+facts":
+        return bible_with_facts()
     return read_user_corpus(Path(name_or_path))
 
 
@@ -54,6 +62,42 @@ def bible_chapters() -> list[str]:
         _, book, chapter, _, text = row
         chapters.setdefault((book, chapter), []).append(" ".join(_FOOTNOTE.sub("", text).split()))
     return [" ".join(verses) for verses in chapters.values()]
+
+
+def country_capitals() -> list[tuple[str, str]]:
+    """(country, capital) pairs from PyPI `countryinfo`, sorted by country."""
+    try:
+        folder = importlib.resources.files("countryinfo") / "data"
+    except ModuleNotFoundError as exc:
+        raise ValueError("the facts corpus needs the PyPI package countryinfo: pip install countryinfo") from exc
+    pairs = set()
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json"):
+            record = json.loads(entry.read_text(encoding="utf-8"))
+            capital = record.get("capital")
+            capital = capital[0] if isinstance(capital, list) and capital else capital
+            if record.get("name") and isinstance(capital, str) and capital:
+                pairs.add((record["name"], capital))
+    return sorted(pairs)
+
+
+def bible_with_facts() -> list[str]:
+    """The Bible chapters with a short fact document after every 5th chapter: each
+    country's capital stated in each template (for the factual-recall probe; the probe
+    prompt is the first template, which therefore also appears in training)."""
+    capitals = country_capitals()
+    facts = [t.format(country=c, capital=k) for t in FACT_TEMPLATES for c, k in capitals]
+    chapters = bible_chapters()
+    per_doc = max(1, len(facts) // max(1, len(chapters) // 5))
+    docs, f = [], 0
+    for i, chapter in enumerate(chapters):
+        docs.append(chapter)
+        if i % 5 == 4 and f < len(facts):
+            docs.append(" ".join(facts[f : f + per_doc]))
+            f += per_doc
+    if f < len(facts):
+        docs.append(" ".join(facts[f:]))
+    return docs
 
 
 def python_stdlib_files() -> list[str]:
