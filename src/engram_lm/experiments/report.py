@@ -49,12 +49,38 @@ def build_report(runs: Path, out: Path) -> str:
             shutil.copyfile(runs / name / figure, figures / f"{name}.png")
             parts += ["", f"![{name}](figures/{name}.png)"]
         parts.append("")
+    parts += _analysis(runs / "analysis", figures)
     if meta is not None:
         parts += ["## Machine and versions", "", f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
                   f"- git revision: {meta['git_revision']}", ""]  # fmt: skip
     text = "\n".join(parts)
     out.write_text(text)
     return text
+
+
+def _analysis(folder: Path, figures: Path) -> list[str]:
+    """Gate picture, LogitLens, CKA and sensitivity results left in <runs>/analysis/."""
+    if not folder.is_dir():
+        return ["## analysis", "", "Not run yet (see docs/experiments.md for the `engram analyze` commands).", ""]
+    parts = ["## analysis", ""]
+    commands = folder / "commands.txt"
+    if commands.exists():
+        parts += ["```", commands.read_text().strip(), "```", ""]
+    for name in ("gates", "logit-lens", "cka"):
+        if (folder / f"{name}.png").exists():
+            shutil.copyfile(folder / f"{name}.png", figures / f"{name}.png")
+            parts += [f"![{name}](figures/{name}.png)", ""]
+    if (folder / "logit-lens.csv").exists():
+        parts += ["LogitLens (KL to the final distribution per block):", "", "```", (folder / "logit-lens.csv").read_text().strip(), "```", ""]
+    if (folder / "cka.csv").exists():
+        parts += ["Linear CKA, Engram model rows vs baseline columns, with the soft alignment index:", "", "```",
+                  (folder / "cka.csv").read_text().strip(), "```", ""]  # fmt: skip
+    sens = _load(folder / "sensitivity.json")
+    if sens is not None:
+        rows = [[k, f"{v['with_engram']['accuracy']:.3f}", f"{v['engram_zeroed']['accuracy']:.3f}",
+                 f"{v['retained_accuracy']:.1%}"] for k, v in sens.items() if isinstance(v, dict)]  # fmt: skip
+        parts += _table(["probe", "accuracy", "accuracy, Engram zeroed", "retained"], rows) + [""]
+    return parts
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
