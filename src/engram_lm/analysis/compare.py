@@ -37,7 +37,7 @@ def logit_lens_compare(checkpoint: Path, baseline: Path, out: Path, batches: int
     return {"curves": curves, "csv": str(out.with_suffix(".csv")), "png": str(out.with_suffix(".png"))}
 
 
-def cka_compare(checkpoint: Path, baseline: Path, out: Path, batches: int = 2) -> dict[str, Any]:
+def cka_compare(checkpoint: Path, baseline: Path, out: Path, batches: int = 2, top_k: int = 5) -> dict[str, Any]:
     feats = []
     for ckpt in (checkpoint, baseline):
         model, state = load_trained(ckpt)
@@ -45,7 +45,7 @@ def cka_compare(checkpoint: Path, baseline: Path, out: Path, batches: int = 2) -
             model(_held_out(state, batches))
         feats.append([h.reshape(-1, h.shape[-1]) for h in cap.block_outputs])
     matrix = cka_matrix(feats[0], feats[1])
-    index = soft_alignment_index(matrix, top_k=5)
+    index = soft_alignment_index(matrix, top_k=top_k)
     out = Path(out)
     with out.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -60,6 +60,7 @@ def _plot_lines(curves: dict[str, list[float]], path: Path, xlabel: str, ylabel:
     with saved_figure(path, (6, 4)) as (fig, ax):
         for name, values in curves.items():
             ax.plot(range(len(values)), values, marker="o", label=name)
+        ax.set_xticks(range(max(len(v) for v in curves.values())))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)

@@ -116,7 +116,7 @@ def _print_logit_lens(r: dict[str, Any]) -> None:
 def cmd_cka(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.analysis.compare import cka_compare
 
-    return cka_compare(Path(args.checkpoint), Path(args.baseline), Path(args.out))
+    return cka_compare(Path(args.checkpoint), Path(args.baseline), Path(args.out), top_k=args.top_k)
 
 
 def _print_cka(r: dict[str, Any]) -> None:
@@ -174,5 +174,7 @@ def add_analysis_commands(sub) -> None:
         a.add_argument("--checkpoint", required=True, help="the Engram model")
         a.add_argument("--baseline", required=True, help="the baseline model")
         a.add_argument("--out", default=name)
+        if name == "cka":
+            a.add_argument("--top-k", type=int, default=5, help="layers averaged in the soft alignment index (paper: 5)")
         a.add_argument("--json", action="store_true")
         a.set_defaults(run=run, show=show)
