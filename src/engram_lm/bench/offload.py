@@ -27,7 +27,6 @@ import torch
 
 from engram_lm.config import EngramConfig
 from engram_lm.inference.generate import SamplingConfig, generate
-from engram_lm.layers.rope import rope_tables
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import encode_rows
 from engram_lm.memory.host import HostTable, MmapTable
@@ -115,8 +114,7 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
     rows, dim = engram.memory.num_rows, engram.memory.dim
     model.to_empty(device=device)
     model._init_weights()
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.init_rope(device)
     weight = torch.empty(rows, dim)
     for start in range(0, rows, 1 << 22):  # chunked init keeps peak memory at one table
         weight[start : start + (1 << 22)].normal_(std=0.02)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from engram_lm.cli.args import float_list, int_list
+
 
 def cmd_allocation(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.allocation import allocation_sweep
@@ -130,7 +132,7 @@ def add_analysis_commands(sub) -> None:
     exp = p.add_subparsers(dest="experiment", required=True)
     e = exp.add_parser("allocation", help="sparsity allocation sweep over rho at fixed P_tot and P_act")
     e.add_argument("--preset", default="quickstart")
-    e.add_argument("--rhos", type=lambda s: [float(x) for x in s.split(",")], default=[0.4, 0.55, 0.7, 0.8, 0.9, 1.0])
+    e.add_argument("--rhos", type=float_list, default=[0.4, 0.55, 0.7, 0.8, 0.9, 1.0])
     e.add_argument("--steps", type=int)
     e.add_argument("--data")
     e.add_argument("--out", default="runs/allocation")
@@ -142,7 +144,7 @@ def add_analysis_commands(sub) -> None:
                                       ("ablations", cmd_ablations, _print_ablations, "remove one Engram piece at a time")):  # fmt: skip
         e = exp.add_parser(name, help=helptext)
         if name == "scaling":
-            e.add_argument("--slots", type=lambda s: [int(float(x)) for x in s.split(",")])
+            e.add_argument("--slots", type=int_list)
         e.add_argument("--steps", type=int)
         e.add_argument("--out", default=f"runs/{name}")
         e.add_argument("--quiet", action="store_true")

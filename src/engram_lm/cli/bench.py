@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engram_lm.cli.args import int_list
+
 
 def cmd_bench_hashing(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.hashing import bench_hashing
@@ -74,14 +76,14 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_hashing, show=_print_hashing)
     b = bench.add_parser("train-scaling", help="train step time with small vs huge Engram tables")
-    b.add_argument("--slots", type=lambda s: [int(float(x)) for x in s.split(",")], default=[1 << 20, 64 << 20],
+    b.add_argument("--slots", type=int_list, default=[1 << 20, 64 << 20],
                    help="total table slots to compare, e.g. 1e6,64e6")  # fmt: skip
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_train_scaling, show=_print_train_scaling)
     b = bench.add_parser("distributed", help="sharded-table exchange time and bytes for P processes on loopback")
-    b.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    b.add_argument("--processes", type=int_list, default=[1, 2, 4])
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_distributed, show=_print_distributed)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engram_lm.cli.args import int_list
 from engram_lm.config import EngramConfig
 from engram_lm.hashing.hasher import NgramHasher
 from engram_lm.presets import PRESETS, get_preset
@@ -14,19 +15,12 @@ from engram_lm.tokenizer.cache import load_projection
 from engram_lm.tokenizer.sources import load_tokenizer, resolve_tokenizer
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("layout (a preset, then any flag overrides it)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (default paper-demo)")
     g.add_argument("--tokenizer", help="built-in name, tokenizer.json path, or identity:V")
-    g.add_argument("--layers", type=_int_list, help="Engram layer ids, e.g. 1,15")
-    g.add_argument("--table-sizes", type=_int_list, help="base table size per order 2..N, e.g. 646400,646400")
+    g.add_argument("--layers", type=int_list, help="Engram layer ids, e.g. 1,15")
+    g.add_argument("--table-sizes", type=int_list, help="base table size per order 2..N, e.g. 646400,646400")
     g.add_argument("--max-ngram", type=int, help="N, the largest n-gram order")
     g.add_argument("--heads", type=int, help="hash heads per order")
     g.add_argument("--seed", type=int)
@@ -150,7 +144,7 @@ def add_core_commands(sub) -> None:
     p = sub.add_parser("hash", help="hash a text or a list of token ids")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text")
-    src.add_argument("--ids", type=_int_list, help="raw token ids, e.g. 5,17,9")
+    src.add_argument("--ids", type=int_list, help="raw token ids, e.g. 5,17,9")
     _add_layout_flags(p)
     p.add_argument("--global-rows", action="store_true", help="add head offsets (rows of the layer table)")
     p.add_argument("--eod-id", type=int, help="end-of-document token id: n-grams never cross it")

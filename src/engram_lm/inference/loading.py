@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engram_lm.layers.rope import rope_tables
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.dense import DenseTable
 from engram_lm.memory.export import export_memory, open_exported, read_manifest, table_key
@@ -79,8 +78,7 @@ def load_for_inference(
         if prefetch:
             table = PrefetchingTable(table, device=device)
         block.engram.memory = table
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.init_rope(device)
     return model.eval(), state
 
 

@@ -118,10 +118,17 @@ class EngramLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, engrams.get(i)) for i in range(config.num_layers))
         self.norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.head = nn.Linear(D, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
         self._init_weights()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables; needed after construction on the meta device, where
+        non-persistent buffers hold no data and no checkpoint restores them."""
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device or cos.device), sin.to(device or sin.device)
 
     def _init_weights(self) -> None:
         for module in self.modules():
