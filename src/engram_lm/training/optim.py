@@ -2,9 +2,11 @@
 
 Roles (every parameter gets exactly one, by `param_roles`):
 - "table":      memory-table rows (Engram, OverEncoding) -> SparseRowAdam at
-                table_lr_mult x lr (paper: 5x), no weight decay, touched rows only;
+                table_lr_mult x lr (paper: 5x), touched rows only; no weight decay
+                unless table_weight_decay > 0 (a regulariser for repeated data);
 - "matrix":     2-D weights inside blocks (attention, FFN, experts, Engram key/value)
-                -> torch.optim.Muon with Moonshot's RMS matching, so one lr serves all;
+                -> Muon (torch's update, batched fp32 Newton-Schulz on CPU: training/muon.py)
+                with Moonshot's RMS matching, so one lr serves all;
 - "decay":      embedding, output head, MoE routers -> AdamW with weight decay;
 - "no_decay":   norms, biases, gate weights, conv kernels, hyper-connection parameters
                 -> AdamW without weight decay.
@@ -22,6 +24,7 @@ from torch import nn
 from engram_lm.layers.hyper import HyperConnection
 from engram_lm.layers.moe import MoE
 from engram_lm.memory.table import MemoryTable
+from engram_lm.training.muon import Muon
 
 ROLES = ("table", "matrix", "decay", "no_decay")
 
@@ -31,8 +34,10 @@ class SparseRowAdam(torch.optim.Optimizer):
     only their moments change; bias correction uses the parameter's global step count.
     Cost is proportional to the rows touched, not to the table size."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0):  # fmt: skip
+        """weight_decay: decoupled (AdamW-style), applied to the touched rows only."""
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,6 +59,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                 state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)
                 denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                if group["weight_decay"]:
+                    p.index_copy_(0, rows, p.index_select(0, rows) * (1 - group["lr"] * group["weight_decay"]))
                 p.index_add_(0, rows, m / denom, alpha=-group["lr"] / (1 - beta1**t))
         return None
 
@@ -94,6 +101,7 @@ class OptimConfig:
     lr: float
     table_lr_mult: float = 5.0
     weight_decay: float = 0.1
+    table_weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     matrix_optimizer: str = "muon"  # "adamw": plain AdamW for the matrices too (no bf16 step)
 
@@ -105,12 +113,13 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, torch.opti
     by_role = {role: [params[n] for n, r in roles.items() if r == role] for role in ROLES}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if by_role["table"]:
-        optimizers["table"] = SparseRowAdam(by_role["table"], lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas)
+        optimizers["table"] = SparseRowAdam(by_role["table"], lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas,
+                                           weight_decay=cfg.table_weight_decay)  # fmt: skip
     if by_role["matrix"] and cfg.matrix_optimizer == "adamw":
         optimizers["matrix"] = torch.optim.AdamW(by_role["matrix"], lr=cfg.lr, betas=cfg.betas,
                                                  weight_decay=cfg.weight_decay)  # fmt: skip
     elif by_role["matrix"]:
-        optimizers["matrix"] = torch.optim.Muon(
+        optimizers["matrix"] = Muon(
             by_role["matrix"], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
     adamw_groups = [
