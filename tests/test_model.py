@@ -4,6 +4,7 @@ import torch
 from engram_lm.config import EngramConfig
 from engram_lm.models.accounting import allocate, count_config, count_params
 from engram_lm.models.config import ModelConfig
+from engram_lm.models.overencoding import OverEncodingConfig
 from engram_lm.models.transformer import EngramLM
 
 V = 256
@@ -33,7 +34,7 @@ def test_model_is_causal(branches, memory):
     if memory == "engram":
         extra["engram"] = engram_cfg(zero_init_conv=False)
     if memory == "overencoding":
-        extra["overencoding"] = engram_cfg(layer_ids=(0,), embed_per_ngram=2 * 32)
+        extra["overencoding"] = OverEncodingConfig(slots=97, table_dim=8, num_splits=2)
     model = build(num_branches=branches, **extra).eval()
     ids = torch.randint(0, V, (2, 12))
     ids2 = ids.clone()
@@ -100,7 +101,7 @@ def test_bad_ids_are_refused(ids, message):
 @pytest.mark.parametrize(
     "changes, message",
     [({"top_k": 5}, "top_k"), ({"num_heads": 5}, "divisible"), ({"engram": engram_cfg(layer_ids=(3,))}, "num_layers"),
-     ({"overencoding": engram_cfg(layer_ids=(1,))}, "layer 0"), ({"num_branches": 0}, "num_branches")],
+     ({"overencoding": engram_cfg(layer_ids=(0,))}, "OverEncodingConfig"), ({"num_branches": 0}, "num_branches")],
 )  # fmt: skip
 def test_invalid_model_configs(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -6,8 +6,12 @@ accepted by `EngramConfig.from_reference_dict` (see `compat/reference.py`).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+
+MAX_TABLE_SIZE = 2**40
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,10 +37,17 @@ class EngramConfig:
     conv_eps: float = 1e-5
     zero_init_conv: bool = True  # paper: conv starts at zero (the demo does not)
     zero_init_output: bool = False  # zero value projection: the module adds exactly 0 at init
+    # --- controls and regularisers (experiments; the paper uses neither) ---
+    single_slot: bool = False  # capacity-1 control: one row per hash column, every n-gram reads it
+    dropout: float = 0.0  # dropout on the retrieved rows e_t while training
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "table_sizes", tuple(int(s) for s in self.table_sizes))
-        object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
+        for name in ("table_sizes", "layer_ids"):
+            value = getattr(self, name)
+            _check(isinstance(value, (list, tuple)), name, value, "give a list of integers")
+            ints = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in value)
+            object.__setattr__(self, name, tuple(ints))  # NumPy integers are fine; bools are not
+        check_field_types(self)
         _check(self.max_ngram >= 2, "max_ngram", self.max_ngram, "N-grams start at 2; use max_ngram >= 2")
         _check(self.num_heads >= 1, "num_heads", self.num_heads, "use at least 1 hash head per order")
         _check(
@@ -47,6 +58,8 @@ class EngramConfig:
         )
         for size in self.table_sizes:
             _check(size >= 2, "table_sizes", self.table_sizes, "every table size must be >= 2")
+            # row offsets and hashes are int64: keep every layer's rows far below 2**63
+            _check(size <= MAX_TABLE_SIZE, "table_sizes", self.table_sizes, f"every table size must be <= {MAX_TABLE_SIZE:,} (2**40)")
         _check(len(self.layer_ids) >= 1, "layer_ids", self.layer_ids, "name at least one Engram layer")
         _check(
             len(set(self.layer_ids)) == len(self.layer_ids),
@@ -67,6 +80,7 @@ class EngramConfig:
         _check(self.hidden_size >= 1, "hidden_size", self.hidden_size, "use >= 1")
         _check(self.num_branches >= 1, "num_branches", self.num_branches, "use 1 for a plain residual")
         _check(self.kernel_size >= 1, "kernel_size", self.kernel_size, "use >= 1")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "use a probability in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +108,37 @@ class EngramConfig:
 
     def with_(self, **changes: Any) -> "EngramConfig":
         return replace(self, **changes)
+
+
+_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(obj: Any) -> None:
+    """ValueError naming the field when a value has the wrong type for its annotation
+    (int, float, bool, str, optionally `| None`, and tuples of them): `--set steps=true`
+    must not train one step because True == 1."""
+    for name, f in obj.__dataclass_fields__.items():
+        value = getattr(obj, name)
+        ann = str(f.type).replace(" ", "")
+        optional = ann.endswith("|None")
+        base = ann[: -len("|None")] if optional else ann
+        if value is None and optional:
+            continue
+        if base.startswith("tuple[") and base.endswith(",...]"):
+            inner = _SIMPLE.get(base[len("tuple[") : -len(",...]")])
+            ok = isinstance(value, tuple) and (inner is None or all(_is(v, inner) for v in value))
+        elif base in _SIMPLE:
+            ok = _is(value, _SIMPLE[base])
+        else:
+            continue  # nested configs check themselves
+        if not ok:
+            raise ValueError(f"invalid {type(obj).__name__}.{name}={value!r}: expected {ann.replace('|', ' | ')}")
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int to Python, never a count or a size to us
+    return isinstance(value, types) and not (isinstance(value, float) and value != value)
 
 
 def checked_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:

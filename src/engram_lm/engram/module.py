@@ -64,6 +64,8 @@ class Engram(nn.Module):
         h_BTMD = self._as_branches(h, rows_BTH)
         M, D = self.config.num_branches, self.config.hidden_size
         e_BTE = self.memory(rows_BTH).flatten(start_dim=-2)
+        if self.config.dropout > 0:  # regulariser against memorising repeated data
+            e_BTE = nn.functional.dropout(e_BTE, self.config.dropout, self.training)
         kv_BTXD = self.key_value(e_BTE).unflatten(-1, (M + 1, D))
         k_BTMD, v_BTD = kv_BTXD[..., :M, :], kv_BTXD[..., M, :]
         if self.gate is not None:

@@ -47,11 +47,13 @@ def load_for_inference(
     if cache_rows < 0:
         raise ValueError(f"cache size must be >= 1 row (or 0 for no cache), got {cache_rows}")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch build has no CUDA device; use --device cpu or a CUDA build")
     state = read_state(Path(checkpoint))
     ckpt = Path(state["path"])
     cfg = ModelConfig.from_dict(state["model_config"])
     tokenizer = str(ckpt / "tokenizer.json")  # the checkpoint's own copy: portable across machines
-    cfg = cfg.with_(**{k: getattr(cfg, k).with_(tokenizer=tokenizer) for k in ("engram", "overencoding") if getattr(cfg, k)})
+    cfg = cfg.with_(**{k: getattr(cfg, k).with_(tokenizer=tokenizer) for k in ("engram",) if getattr(cfg, k)})
     with torch.device("meta"):
         model = EngramLM(cfg)
     fingerprint = model.hasher.layout.fingerprint if model.hasher else None

@@ -3,7 +3,7 @@
 - P_tot: all parameters except the vocabulary embedding and the output head.
 - P_act: parameters used per token: everything dense, the shared experts, top_k / E of
   the routed experts, and of each memory table only the rows a token reads
-  ((N-1) * K rows of head_dim: d_mem per Engram layer; H rows of width D for OverEncoding).
+  ((N-1) * K rows of head_dim: d_mem per Engram layer; one row of each OverEncoding table).
 - P_sparse = P_tot - P_act; P_engram = memory-table parameters.
 
 `allocate(base, rho, engram)` keeps a fraction rho of the base MoE's sparse (inactive
@@ -16,6 +16,7 @@ difference in P_tot. Counting builds the model on the meta device: no memory is 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +68,8 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
     for block in model.blocks:
         if block.engram is not None:
             active += block.engram.config.memory_dim
-    if model.overencoding is not None:
-        active += model.overencoding.num_columns * model.config.dim
+    if model.overencoding is not None:  # rows read per token: one of each table
+        active += model.overencoding.num_tables * model.overencoding.config.table_dim
     return ParamCounts(total=total, active=active, engram=table, vocab=vocab)
 
 
@@ -82,7 +83,18 @@ def count_config(config: ModelConfig, projection: VocabProjection | None = None)
 def allocate(base: ModelConfig, rho: float, engram: EngramConfig, projection: VocabProjection | None = None) -> ModelConfig:
     """An iso-P_tot, iso-P_act variant of the MoE `base` keeping `rho` of its sparse budget
     in routed experts (rho = 1: the base itself). `engram` gives the layers, N, heads and
-    head dim; its table sizes are derived here."""
+    head dim; its table sizes are derived here. Pure, so cached (it builds models to count)."""
+    if projection is None:
+        return _allocate_cached(base, rho, engram)
+    return _allocate(base, rho, engram, projection)
+
+
+@functools.lru_cache(maxsize=256)
+def _allocate_cached(base: ModelConfig, rho: float, engram: EngramConfig) -> ModelConfig:
+    return _allocate(base, rho, engram, None)
+
+
+def _allocate(base: ModelConfig, rho: float, engram: EngramConfig, projection: VocabProjection | None) -> ModelConfig:
     if not base.is_moe:
         raise ValueError("allocate() needs an MoE base config (num_routed_experts > 0)")
     if not 0.0 <= rho <= 1.0:

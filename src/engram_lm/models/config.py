@@ -3,8 +3,8 @@
 - dense:        num_routed_experts = 0
 - MoE:          num_routed_experts > 0 (the first num_dense_layers blocks stay dense)
 - +Engram:      engram = EngramConfig(...) (its hidden_size/num_branches follow the model)
-- OverEncoding: overencoding = EngramConfig(...) hashed n-gram embeddings of width `dim`
-                averaged into the input embedding (its layer_ids must be (0,))
+- OverEncoding: overencoding = OverEncodingConfig(...): the input-side n-gram baseline as
+                its paper defines it (models/overencoding.py)
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from engram_lm.config import EngramConfig, checked_fields
+from engram_lm.config import EngramConfig, check_field_types, checked_fields
+from engram_lm.models.overencoding import OverEncodingConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,12 +36,13 @@ class ModelConfig:
     num_branches: int = 1  # residual copies (mHC expansion); 1 = plain residual
     sinkhorn_iters: int = 20
     engram: EngramConfig | None = None
-    overencoding: EngramConfig | None = None
+    overencoding: OverEncodingConfig | None = None
     eod_id: int | None = None  # n-grams never cross this token (packed documents)
     init_std: float = 0.02
     table_init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "ffn_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _check(self.dim % self.num_heads == 0, "dim", self.dim, f"must be divisible by num_heads={self.num_heads}")
@@ -61,11 +63,8 @@ class ModelConfig:
             object.__setattr__(self, "engram", engram)
             bad = [i for i in engram.layer_ids if i >= self.num_layers]
             _check(not bad, "engram.layer_ids", engram.layer_ids, f"must be < num_layers={self.num_layers}")
-        if self.overencoding is not None:
-            oe = self.overencoding
-            _check(oe.layer_ids == (0,), "overencoding.layer_ids", oe.layer_ids, "OverEncoding acts at layer 0: use (0,)")
-            _check(oe.head_dim == self.dim, "overencoding.embed_per_ngram", oe.embed_per_ngram,
-                   f"each head's vector must have the model width: num_heads * dim = {oe.num_heads * self.dim}")  # fmt: skip
+        if self.overencoding is not None and not isinstance(self.overencoding, OverEncodingConfig):
+            _check(False, "overencoding", type(self.overencoding).__name__, "use an OverEncodingConfig")
 
     @property
     def head_dim(self) -> int:
@@ -88,9 +87,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(checked_fields(cls, d))
-        for key in ("engram", "overencoding"):
-            if d.get(key) is not None:
-                d[key] = EngramConfig.from_dict(d[key])
+        if d.get("engram") is not None:
+            d["engram"] = EngramConfig.from_dict(d["engram"])
+        if d.get("overencoding") is not None:
+            d["overencoding"] = OverEncodingConfig.from_dict(d["overencoding"])
         return cls(**d)
 
     def with_(self, **changes: Any) -> "ModelConfig":

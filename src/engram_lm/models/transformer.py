@@ -1,6 +1,6 @@
 """The Engram language model: one assembly for dense, MoE, MoE+Engram and OverEncoding.
 
-    x = Embed(ids)                      (+ OverEncoding: mean with hashed n-gram vectors)
+    x = Embed(ids)                      (OverEncoding: + projected n-gram rows, / (1 + H))
     x = copy x into M branches          (B, T, M, D)
     per block l:  x += Engram_l(x, rows_l)              (only at Engram layers)
                   x  = HC_attn(x, Attention(RMSNorm(.)))
@@ -31,6 +31,7 @@ from engram_lm.layers.moe import MoE
 from engram_lm.layers.rope import rope_tables
 from engram_lm.memory.dense import DenseTable
 from engram_lm.models.config import ModelConfig
+from engram_lm.models.overencoding import OverEncoding, OverEncodingHasher
 from engram_lm.tokenizer.compression import VocabProjection
 
 
@@ -50,18 +51,6 @@ class DecodeCache:
     @property
     def length(self) -> int:
         return self.layers[0].kv.length
-
-
-class OverEncoding(nn.Module):
-    """Hashed n-gram embeddings of model width, averaged with the token embedding at layer 0."""
-
-    def __init__(self, num_rows: int, dim: int, num_columns: int, init_std: float) -> None:
-        super().__init__()
-        self.num_columns = num_columns
-        self.memory = DenseTable(num_rows, dim, init_std=init_std, sparse_grad=True)
-
-    def forward(self, x_BTD: torch.Tensor, rows_BTH: torch.Tensor) -> torch.Tensor:
-        return (x_BTD + self.memory(rows_BTH).sum(dim=-2)) / (1 + self.num_columns)
 
 
 class Block(nn.Module):
@@ -108,13 +97,14 @@ class EngramLM(nn.Module):
         if config.engram is not None:
             self.hasher = NgramHasher.from_config(config.engram, projection)
             for layer in self.hasher.layout.layers:
-                table = DenseTable(layer.rows, config.engram.head_dim, init_std=config.table_init_std, sparse_grad=True)
-                engrams[layer.layer_id] = Engram(config.engram, layer.rows, memory=table)
+                # the capacity-1 control keeps one row per hash column: every n-gram reads it
+                rows = config.engram.num_hash_columns if config.engram.single_slot else layer.rows
+                table = DenseTable(rows, config.engram.head_dim, init_std=config.table_init_std, sparse_grad=True)
+                engrams[layer.layer_id] = Engram(config.engram, rows, memory=table)
         self.overencoding = None
         if config.overencoding is not None:
-            self.oe_hasher = NgramHasher.from_config(config.overencoding, projection)
-            self.overencoding = OverEncoding(self.oe_hasher.layout.layers[0].rows, D,
-                                             config.overencoding.num_hash_columns, config.table_init_std)  # fmt: skip
+            self.oe_hasher = OverEncodingHasher(config.overencoding, config.vocab_size)
+            self.overencoding = OverEncoding(config.overencoding, D, config.init_std)
         self.blocks = nn.ModuleList(Block(config, i, engrams.get(i)) for i in range(config.num_layers))
         self.norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.head = nn.Linear(D, config.vocab_size, bias=False)
@@ -148,15 +138,19 @@ class EngramLM(nn.Module):
         """Global table rows of every Engram layer and of OverEncoding for these tokens."""
         rows = self._rows(self.hasher, "engram", input_ids_BT, cache) if self.hasher else None
         oe = self._rows(self.oe_hasher, "overencoding", input_ids_BT, cache) if self.oe_hasher else None
+        if rows is not None and self.config.engram.single_slot:  # capacity-1 control: column j reads row j
+            rows = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
         engram_rows = dict(zip(self.hasher.layout.layer_ids, rows.unbind(0))) if rows is not None else {}
-        return engram_rows, (oe[0] if oe is not None else None)
+        return engram_rows, oe
 
-    def _rows(self, hasher: NgramHasher, key: str, ids_BT: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+    def _rows(self, hasher, key: str, ids_BT: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+        """Engram: (L, B, T, H) global rows; OverEncoding: (B, T, H)."""
         eod = self.config.eod_id
+        kwargs = {"global_rows": True} if isinstance(hasher, NgramHasher) else {}
         if cache is None:
-            return hasher.hash_all(ids_BT, eod_id=eod, global_rows=True)
+            return hasher.hash_all(ids_BT, eod_id=eod, **kwargs)
         history = cache.histories.get(key) or hasher.init_history(ids_BT.shape[0], ids_BT.device)
-        rows, cache.histories[key] = hasher.step(history, ids_BT, eod_id=eod, global_rows=True)
+        rows, cache.histories[key] = hasher.step(history, ids_BT, eod_id=eod, **kwargs)
         return rows
 
     # ---- forward ------------------------------------------------------------------------
