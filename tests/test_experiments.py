@@ -1,17 +1,28 @@
 import csv
+import json
+import math
 
-from engram_lm.experiments.allocation import allocation_sweep
+import pytest
+import torch
+
+from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep
+from engram_lm.experiments.duration import duration_specs, gaps
 from engram_lm.experiments.report import build_report
-from engram_lm.experiments.variants import SCALING_SLOTS, ablation_configs, scaling_configs
+from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.stats import compare, estimate
+from engram_lm.experiments.study import SECTIONS, study_plan
+from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs
 from engram_lm.hashing.layout import build_layout
+from engram_lm.models.accounting import allocate, count_config
+from engram_lm.recipes import quickstart_engram_template, quickstart_moe, tiny
 
 
-def test_scaling_points_span_16x_with_matching_slot_counts():
-    assert SCALING_SLOTS[-1] / SCALING_SLOTS[0] >= 16 and len(SCALING_SLOTS) >= 5
-    for slots in SCALING_SLOTS[:2]:
-        cfgs = scaling_configs(slots)
-        rows = {k: build_layout(c.engram or c.overencoding, 1, 0).total_rows for k, c in cfgs.items()}
-        assert all(abs(r / slots - 1) < 0.02 for r in rows.values()), rows
+def test_scaling_points_have_equal_table_parameters_and_one_backbone():
+    assert SCALING_TABLE_PARAMS[-1] / SCALING_TABLE_PARAMS[0] >= 16 and len(SCALING_TABLE_PARAMS) >= 5
+    for budget in SCALING_TABLE_PARAMS[:2]:
+        cfgs = scaling_configs(budget)
+        counts = {k: count_config(c).engram for k, c in cfgs.items()}
+        assert all(abs(n / budget - 1) < 0.02 for n in counts.values()), counts
         assert cfgs["engram"].overencoding is None and cfgs["overencoding"].engram is None
         base = {k: v for k, v in cfgs["engram"].to_dict().items() if k not in ("engram", "overencoding")}
         assert base == {k: v for k, v in cfgs["overencoding"].to_dict().items() if k not in ("engram", "overencoding")}
@@ -20,7 +31,7 @@ def test_scaling_points_span_16x_with_matching_slot_counts():
 def test_each_ablation_changes_one_thing():
     variants = ablation_configs()
     ref = variants["reference"].engram.to_dict()
-    expected = {"no_gating": {"use_gating"}, "no_compression": {"compress_tokens"},
+    expected = {"no_gating": {"use_gating"}, "no_compression": {"compress_tokens"}, "capacity1": {"single_slot"},
                 "no_short_conv": {"use_short_conv"}, "with_4grams": {"max_ngram", "table_sizes"}}  # fmt: skip
     for name, cfg in variants.items():
         changed = {k for k, v in cfg.engram.to_dict().items() if v != ref[k]}
@@ -30,15 +41,107 @@ def test_each_ablation_changes_one_thing():
     assert abs(slots(four) / slots(variants["reference"].engram) - 1) < 0.02  # same number of slots
 
 
-def test_allocation_sweep_and_report(tmp_path):
-    rows = allocation_sweep(tmp_path / "allocation", rhos=(0.55, 1.0), steps=2, progress=False)
-    assert [r["rho"] for r in rows] == [0.55, 1.0]
-    assert rows[1]["engram_slots"] == 0 and rows[0]["engram_slots"] > 0
-    assert abs(rows[0]["params_total"] / rows[1]["params_total"] - 1) < 0.02
+def test_capacity_one_control_keeps_the_active_parameters():
+    base, _ = quickstart_moe()
+    real = allocate(base, 0.5, quickstart_engram_template())
+    control = real.with_(engram=real.engram.with_(single_slot=True))
+    a, b = count_config(real), count_config(control)
+    assert a.active == b.active and b.engram == real.engram.num_hash_columns * real.engram.head_dim
+    assert a.total - b.total == a.engram - b.engram  # only the table shrank
+
+
+def test_default_allocation_covers_the_whole_interval():
+    assert len(DEFAULT_RHOS) >= 7 and min(DEFAULT_RHOS) == 0.0 and max(DEFAULT_RHOS) == 1.0
+    assert sum(r <= 0.2 for r in DEFAULT_RHOS) >= 2
+    specs = allocation_specs(seeds=(0, 1), rhos=(0.0, 1.0), capacity1_rhos=(0.0,))
+    assert [(s.tags["rho"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
+        (0.0, "engram", 0), (0.0, "capacity1", 0), (1.0, "moe", 0), (0.0, "engram", 1), (0.0, "capacity1", 1), (1.0, "moe", 1)]
+    top_k = quickstart_moe()[0].top_k
+    assert specs[0].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
+    assert specs[0].train.seed == 0 and specs[3].train.seed == 1
+
+
+def test_mean_standard_error_and_the_call_rule_on_synthetic_numbers():
+    e = estimate([1.0, 2.0, 3.0, 4.0])
+    assert e.mean == 2.5 and e.se == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert math.isnan(estimate([3.0]).se)
+    # paired: a constant offset of -0.1 with tiny noise is called; the spread of b does not matter
+    a = {0: 3.00, 1: 3.51, 2: 2.79}
+    b = {0: 3.10, 1: 3.60, 2: 2.90}
+    assert compare(a, b).verdict == "lower" and compare(b, a).verdict == "higher"
+    # a difference inside 2 SE is not called
+    assert compare({0: 3.0, 1: 3.2, 2: 3.0}, {0: 3.1, 1: 3.0, 2: 3.05}).verdict == "inconclusive"
+    assert compare({0: 1.0}, {0: 2.0}).verdict == "inconclusive"  # one seed is never enough
+    with pytest.raises(ValueError, match="share no seed"):
+        compare({0: 1.0}, {1: 1.0})
+
+
+def _tiny_specs(steps=2):
+    model, train = tiny()
+    train = train.with_(steps=steps, eval_every=steps)
+    return [RunSpec(f"g/{name}/seed-0", model.with_(engram=e), train, {"variant": name, "seed": 0})
+            for name, e in (("a", model.engram), ("b", None), ("twin", model.engram))]
+
+
+def test_a_resumed_study_skips_finished_runs_and_reuses_twins(tmp_path, monkeypatch):
+    import engram_lm.training.loop as loop
+
+    calls = []
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: calls.append(k["name"]) or real_train(*a, **k))
+    specs = _tiny_specs()
+    first = run_specs(tmp_path, specs[:2], progress=False)
+    assert calls == ["g/a/seed-0", "g/b/seed-0"] and len(first) == 2
+    result = json.loads((tmp_path / "g/a/seed-0/result.json").read_text())
+    assert result["val_loss"] == first[0]["val_loss"] and result["epochs"] > 0 and result["val_curve"]
+    assert not (tmp_path / "g/a/seed-0/checkpoints").exists()  # finished runs keep only small files
+    again = run_specs(tmp_path, specs, progress=False)
+    assert calls == ["g/a/seed-0", "g/b/seed-0"]  # nothing retrained; the twin of "a" reused its result
+    assert again[2]["val_loss"] == again[0]["val_loss"] and again[2]["reused_from"] == "g/a/seed-0"
+    changed = [RunSpec(specs[0].key, specs[0].model, specs[0].train.with_(lr=1e-2), specs[0].tags)]
+    with pytest.raises(ValueError, match="different configuration"):
+        run_specs(tmp_path, changed, progress=False)
+
+
+def test_allocation_sweep_writes_one_row_per_run_and_the_report_calls_nothing_on_one_seed(tmp_path):
+    runs = allocation_sweep(tmp_path / "allocation", rhos=(0.0, 0.5, 1.0), seeds=(0,), steps=2, progress=False,
+                            capacity1_rhos=())  # fmt: skip
+    assert [r["rho"] for r in runs] == [0.0, 0.5, 1.0]
     with (tmp_path / "allocation" / "allocation.csv").open() as f:
-        assert list(csv.DictReader(f))[0].keys() >= {"rho", "num_routed_experts", "engram_slots", "params_total",
-                                                     "params_active", "val_loss"}  # fmt: skip
-    assert (tmp_path / "allocation" / "allocation.png").exists()
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and list(rows[0])[:7] == ["rho", "seed", "num_routed_experts", "engram_slots", "params_total",
+                                                     "params_active", "val_loss"]  # fmt: skip
+    assert rows[2]["engram_slots"] == "0" and int(rows[0]["engram_slots"]) > int(rows[1]["engram_slots"]) > 0
     text = build_report(tmp_path, tmp_path / "docs" / "results.md")
-    assert "U-shape" in text and "engram experiment allocation" in text and "Not run yet" in text
-    assert (tmp_path / "docs" / "figures" / "allocation.png").exists()
+    assert "## Verdicts" in text and "U-shape" in text and "inconclusive at this scale" in text
+    assert "Not run yet" in text and (tmp_path / "docs" / "figures" / "study-allocation.png").exists()
+
+
+def test_duration_milestones_and_gaps():
+    specs = duration_specs(data="bible", seeds=(0, 1), base_steps=10)
+    assert [s.tags["variant"] for s in specs[:3]] == ["moe", "engram", "capacity1"]
+    assert all(s.train.steps == 80 and s.train.eval_every == 10 for s in specs)
+    assert count_config(specs[1].model).active == count_config(specs[2].model).active
+    fake = []
+    for seed, offset in ((0, 0.0), (1, 0.01)):
+        for variant, delta in (("moe", 0.0), ("engram", -0.05), ("capacity1", 0.001)):
+            curve = [[10 * m, 4.0 - 0.1 * m + delta + offset] for m in (1, 2, 4, 8)]
+            fake.append({"variant": variant, "seed": seed, "val_curve": curve, "base_steps": 10, "train_tokens": 100_000,
+                         "requested": {"train": {"batch_size": 16, "seq_len": 128, "grad_accum": 1}}})  # fmt: skip
+    g = gaps(fake)
+    assert [x["multiple"] for x in g] == [1, 2, 4, 8]
+    assert all(x["gap"].mean == pytest.approx(-0.05) for x in g) and g[-1]["epochs"] == pytest.approx(80 * 2048 / 100_000)
+
+
+def test_study_plan_orders_the_important_answers_first_and_needs_long_data():
+    plan = study_plan(seeds=2, long_data=None)
+    assert "duration" not in plan and "allocation-4x" not in plan and list(plan)[0] == "sanity"
+    plan = study_plan(seeds=2, long_data="/data/novels")
+    assert list(plan) == list(SECTIONS)
+    sanity = plan["sanity"]
+    assert {s.tags["method"] for s in sanity} == {"moe", "overencoding", "engram"}
+    assert all(s.train.data == "/data/novels" for s in plan["duration"])
+    assert {s.model.num_branches for s in plan["mhc"]} == {4}
+    assert all(s.train.steps == 1600 for s in plan["allocation-4x"])
+    with pytest.raises(ValueError, match="unknown study section"):
+        study_plan(sections=("nope",))

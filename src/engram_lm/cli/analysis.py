@@ -9,47 +9,107 @@ from typing import Any
 from engram_lm.cli.args import float_list, int_list
 
 
-def cmd_allocation(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.allocation import allocation_sweep
+def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    return tuple(range(args.seeds))
 
-    rows = allocation_sweep(Path(args.out), preset=args.preset, rhos=args.rhos, steps=args.steps, data=args.data,
-                            progress=not args.quiet)  # fmt: skip
-    return {"rows": rows, "csv": str(Path(args.out) / "allocation.csv"), "png": str(Path(args.out) / "allocation.png")}
+
+def cmd_allocation(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.allocation import summarise, allocation_sweep
+
+    runs = allocation_sweep(Path(args.out), preset=args.preset, rhos=args.rhos, seeds=_seeds(args), steps=args.steps,
+                            data=args.data, progress=not args.quiet, device=args.device)  # fmt: skip
+    rows = [{k: v for k, v in r.items() if k != "runs"} for r in summarise(runs)]
+    capacity1 = [{k: v for k, v in r.items() if k != "runs"} for r in summarise(runs, ("capacity1",))]
+    return {"rows": rows, "capacity1": capacity1, "runs": len(runs),
+            "csv": str(Path(args.out) / "allocation.csv"), "png": str(Path(args.out) / "allocation.png")}  # fmt: skip
 
 
 def _print_allocation(r: dict[str, Any]) -> None:
-    print(f"{'rho':>5}{'experts':>9}{'slots':>9}{'P_tot':>11}{'P_act':>10}{'val loss':>10}")
+    print(f"{'rho':>5}  {'val loss (mean ± SE)':<22}{'seeds':>6}")
     for row in r["rows"]:
-        print(f"{row['rho']:>5.2f}{row['num_routed_experts']:>9}{row['engram_slots']:>9,}{row['params_total']:>11,}"
-              f"{row['params_active']:>10,}{row['val_loss']:>10.4f}")  # fmt: skip
+        print(f"{row['rho']:>5.2f}  {_pm(row):<22}{row['n']:>6}")
+    for row in r["capacity1"]:
+        print(f"capacity-1 control at rho {row['rho']:.2f}: {_pm(row)}")
+    best = min(r["rows"], key=lambda x: x["mean"])
+    print(f"lowest mean loss at rho = {best['rho']:.2f} ({_pm(best)})")
     print(f"written: {r['csv']}, {r['png']}")
 
 
-def cmd_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.variants import SCALING_SLOTS, scaling_sweep
+def _pm(row: dict[str, Any]) -> str:
+    return f"{row['mean']:.4f}" if row["se"] != row["se"] else f"{row['mean']:.4f} ± {row['se']:.4f}"
 
-    rows = scaling_sweep(Path(args.out), slots=args.slots or SCALING_SLOTS, steps=args.steps, progress=not args.quiet)
-    return {"rows": rows, "csv": str(Path(args.out) / "scaling.csv")}
+
+def _summary(runs: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    from engram_lm.experiments.stats import estimate
+    from engram_lm.experiments.variants import group_by
+
+    return [{**dict(zip(keys, k)), "mean": (e := estimate([r["val_loss"] for r in g])).mean, "se": e.se, "n": e.n}
+            for k, g in group_by(runs, *keys).items()]  # fmt: skip
+
+
+def cmd_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, scaling_sweep
+
+    rows = scaling_sweep(Path(args.out), budgets=args.budgets or SCALING_TABLE_PARAMS, seeds=_seeds(args),
+                         steps=args.steps, data=args.data, progress=not args.quiet, device=args.device)  # fmt: skip
+    return {"rows": _summary(rows, "method", "table_params"), "csv": str(Path(args.out) / "scaling.csv")}
 
 
 def _print_scaling(r: dict[str, Any]) -> None:
-    print(f"{'slots':>9}{'Engram':>10}{'OverEnc.':>10}")
-    for row in r["rows"]:
-        print(f"{row['slots']:>9,}{row['engram_val_loss']:>10.4f}{row['overencoding_val_loss']:>10.4f}")
+    print(f"{'method':<14}{'table params':>14}  val loss (mean ± SE)")
+    for row in sorted(r["rows"], key=lambda x: (x["method"], x["table_params"])):
+        print(f"{row['method']:<14}{row['table_params']:>14,}  {_pm(row)}")
     print(f"written: {r['csv']}")
 
 
 def cmd_ablations(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.variants import ablation_sweep
 
-    rows = ablation_sweep(Path(args.out), steps=args.steps, progress=not args.quiet)
-    return {"rows": rows, "csv": str(Path(args.out) / "ablations.csv")}
+    runs = ablation_sweep(Path(args.out), seeds=_seeds(args), steps=args.steps, data=args.data,
+                          progress=not args.quiet, device=args.device)  # fmt: skip
+    return {"rows": _summary(runs, "variant"), "csv": str(Path(args.out) / "ablations.csv")}
 
 
 def _print_ablations(r: dict[str, Any]) -> None:
     for row in r["rows"]:
-        print(f"{row['variant']:<16}{row['val_loss']:>9.4f}{row['delta_vs_reference']:>+9.4f}")
+        print(f"{row['variant']:<16}{_pm(row):>22}")
     print(f"written: {r['csv']}")
+
+
+def cmd_duration(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.duration import duration_study, gaps
+
+    runs = duration_study(Path(args.out), data=args.data, seeds=_seeds(args), base_steps=args.steps,
+                          branches=args.branches, progress=not args.quiet, device=args.device)  # fmt: skip
+    out = []
+    for variant in ("engram", "capacity1"):
+        for g in gaps(runs, variant):
+            out.append({"variant": variant, "multiple": g["multiple"], "epochs": g["epochs"], "gap": g["gap"].mean,
+                        "gap_se": g["gap"].se, "seeds": g["gap"].n, "verdict": g["verdict"]})  # fmt: skip
+    return {"gaps": out, "csv": str(Path(args.out) / "duration.csv"), "png": str(Path(args.out) / "duration.png")}
+
+
+def _print_duration(r: dict[str, Any]) -> None:
+    print(f"{'variant':<10}{'x':>3}{'epochs':>8}  gap vs MoE (mean ± SE)   verdict")
+    for g in r["gaps"]:
+        print(f"{g['variant']:<10}{g['multiple']:>3}{g['epochs']:>8.2f}  {g['gap']:+.4f} ± {g['gap_se']:.4f}"
+              f"{'':>6}{g['verdict']}")  # fmt: skip
+    print(f"written: {r['csv']}, {r['png']}")
+
+
+def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.study import SECTIONS, run_study
+
+    sections = args.sections.split(",") if args.sections else SECTIONS
+    return run_study(Path(args.out), seeds=args.seeds, long_data=args.long_data, sections=sections,
+                     device=args.device, progress=not args.quiet, dry_run=args.plan,
+                     report=None if args.plan else Path(args.report))  # fmt: skip
+
+
+def _print_study(r: dict[str, Any]) -> None:
+    print(f"{r['finished']} of {r['planned']} planned runs finished")
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,32 +190,49 @@ def _print_cka(r: dict[str, Any]) -> None:
 def add_analysis_commands(sub) -> None:
     p = sub.add_parser("experiment", help="paper experiments at laptop scale")
     exp = p.add_subparsers(dest="experiment", required=True)
-    e = exp.add_parser("allocation", help="sparsity allocation sweep over rho at fixed P_tot and P_act")
-    e.add_argument("--preset", default="quickstart")
-    e.add_argument("--rhos", type=float_list, default=[0.4, 0.55, 0.7, 0.8, 0.9, 1.0])
-    e.add_argument("--steps", type=int)
-    e.add_argument("--data")
-    e.add_argument("--out", default="runs/allocation")
-    e.add_argument("--quiet", action="store_true")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(run=cmd_allocation, show=_print_allocation)
-
-    for name, run, show, helptext in (("scaling", cmd_scaling, _print_scaling, "fixed backbone, Engram vs OverEncoding over slot counts"),
-                                      ("ablations", cmd_ablations, _print_ablations, "remove one Engram piece at a time")):  # fmt: skip
-        e = exp.add_parser(name, help=helptext)
-        if name == "scaling":
-            e.add_argument("--slots", type=int_list)
+    def common(e, name: str, data_help: str = "built-in corpus name or a path (default: bible)") -> None:
+        e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
         e.add_argument("--steps", type=int)
+        e.add_argument("--data", help=data_help)
+        e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         e.add_argument("--out", default=f"runs/{name}")
         e.add_argument("--quiet", action="store_true")
         e.add_argument("--json", action="store_true")
-        e.set_defaults(run=run, show=show)
 
-    e = exp.add_parser("report", help="write docs/results.md from the experiments' result folders")
-    e.add_argument("--runs", default="runs")
+    e = exp.add_parser("allocation", help="sparsity allocation sweep over rho at fixed P_tot and P_act")
+    e.add_argument("--preset", default="quickstart")
+    e.add_argument("--rhos", type=float_list, default=[0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0])
+    common(e, "allocation")
+    e.set_defaults(run=cmd_allocation, show=_print_allocation)
+    e = exp.add_parser("scaling", help="fixed backbone: Engram vs OverEncoding at equal table parameters")
+    e.add_argument("--budgets", type=int_list, help="table parameters per point (default 2^19 .. 2^23)")
+    common(e, "scaling")
+    e.set_defaults(run=cmd_scaling, show=_print_scaling)
+    e = exp.add_parser("ablations", help="remove one Engram piece at a time")
+    common(e, "ablations")
+    e.set_defaults(run=cmd_ablations, show=_print_ablations)
+    e = exp.add_parser("duration", help="MoE vs MoE+Engram vs capacity-1 trained to 1x..8x the quickstart's tokens")
+    e.add_argument("--branches", type=int, default=1, help="residual branches (mHC); the paper uses 4")
+    common(e, "duration", "a corpus that does not repeat within 8x (a folder), or bible to see repetition")
+    e.set_defaults(run=cmd_duration, show=_print_duration, data="bible")
+
+    e = exp.add_parser("report", help="write docs/results.md from the study's result folders")
+    e.add_argument("--runs", default="results/study")
     e.add_argument("--out", default="docs/results.md")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_report, show=lambda r: print(f"written: {r['path']}"))
+
+    p = sub.add_parser("study", help="every experiment with seeds and error bars, resumable, then docs/results.md")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--long-data", help="a corpus that does not repeat within 8x the quickstart (a folder of text)")
+    p.add_argument("--sections", help="comma-separated subset, in plan order (default: all)")
+    p.add_argument("--out", default="results/study")
+    p.add_argument("--report", default="docs/results.md")
+    p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, train nothing")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_study, show=_print_study)
 
     p = sub.add_parser("analyze", help="look inside trained models")
     ana = p.add_subparsers(dest="analysis", required=True)

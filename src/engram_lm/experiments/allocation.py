@@ -2,30 +2,36 @@
 
 At fixed P_tot and P_act, a fraction rho of the MoE's sparse (inactive routed-expert)
 budget stays in routed experts and the rest becomes Engram slots (models/accounting.py).
-Every point trains with the same data, steps, seed and schedule. Writes allocation.csv
-(rho, num_routed_experts, engram_slots, params_total, params_active, val_loss) and
-allocation.png.
+rho = 0 keeps only the top-k routed experts (all of the sparse budget in memory); rho = 1
+is the pure MoE. The capacity-1 control (same Engram module, one row per hash column) runs
+at a few rhos to show what the memory itself adds over its dense parameters. Every point
+trains with the same data, steps and schedule, once per seed. Writes allocation.csv (one
+row per run: rho, seed, num_routed_experts, engram_slots, params_total, params_active,
+val_loss, variant, epochs) and allocation.png (mean +- standard error per rho).
 """
 
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 from typing import Any
 
+from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.stats import estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import saved_figure
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe
-from engram_lm.training.loop import train
 from engram_lm.training.run import run_metadata, write_json
 
-DEFAULT_RHOS = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_RHOS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
+CAPACITY1_RHOS = (0.0, 0.5, 0.8)
 PRESETS = {"quickstart": (quickstart_moe, quickstart_engram_template)}
+CSV_FIELDS = ("rho", "seed", "num_routed_experts", "engram_slots", "params_total", "params_active", "val_loss",
+              "variant", "epochs")  # fmt: skip
 
 
-def allocation_sweep(out_dir: Path, *, preset: str = "quickstart", rhos=DEFAULT_RHOS, steps: int | None = None,
-                     data: str | None = None, progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,), steps: int | None = None,
+                     data: str | None = None, capacity1_rhos=CAPACITY1_RHOS, prefix: str = "") -> list[RunSpec]:  # fmt: skip
     if preset not in PRESETS:
         raise ValueError(f"unknown allocation preset {preset!r}; choose one of {sorted(PRESETS)}")
     base_fn, template_fn = PRESETS[preset]
@@ -34,35 +40,77 @@ def allocation_sweep(out_dir: Path, *, preset: str = "quickstart", rhos=DEFAULT_
         train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
     if data is not None:
         train_cfg = train_cfg.with_(data=data)
+    configs = {rho: allocate(base, rho, template_fn()) for rho in sorted(rhos)}  # once: allocation builds models
+    specs = []
+    for seed in seeds:
+        for rho, cfg in configs.items():
+            variants = [("engram" if cfg.engram is not None else "moe", cfg)]
+            if cfg.engram is not None and any(abs(rho - r) < 1e-9 for r in capacity1_rhos):
+                variants.append(("capacity1", cfg.with_(engram=cfg.engram.with_(single_slot=True))))
+            for variant, model in variants:
+                name = f"rho-{rho:.2f}" if variant != "capacity1" else f"capacity1-rho-{rho:.2f}"
+                tags = {"experiment": "allocation", "rho": rho, "seed": seed, "variant": variant,
+                        "num_routed_experts": model.num_routed_experts,
+                        "engram_slots": _slots(cfg)}  # fmt: skip
+                specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, train_cfg.with_(seed=seed), tags))
+    return specs
+
+
+def _slots(cfg) -> int:
+    if cfg.engram is None:
+        return 0
+    from engram_lm.hashing.layout import build_layout
+
+    return build_layout(cfg.engram, 1, 0).total_rows
+
+
+def allocation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
     out_dir = Path(out_dir)
+    results = run_specs(out_dir, allocation_specs(**kwargs), progress=progress, device=device)
+    write_allocation(results, out_dir)
+    return results
+
+
+def write_allocation(results: list[dict[str, Any]], out_dir: Path) -> None:
+    if not results:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "allocation.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(results, key=lambda r: (r["variant"] == "capacity1", r["rho"], r["seed"])))
+    write_json(out_dir / "allocation.json", {"runs": results, **run_metadata()})
+    plot_allocation(results, out_dir / "allocation.png")
+
+
+def summarise(results: list[dict[str, Any]], variant_filter=("engram", "moe")) -> list[dict[str, Any]]:
+    """Per rho: mean and standard error of the validation loss over seeds."""
+    by_rho: dict[float, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["variant"] in variant_filter:
+            by_rho.setdefault(r["rho"], []).append(r)
     rows = []
-    for rho in sorted(rhos):
-        cfg = allocate(base, rho, template_fn())
-        t0 = time.time()
-        result = train(cfg, train_cfg, out_dir / f"rho-{rho:.2f}", name=f"rho={rho:.2f}", progress=progress)
-        slots = 0 if cfg.engram is None else result.counts["params_engram"] // cfg.engram.head_dim
-        rows.append({"rho": rho, "num_routed_experts": cfg.num_routed_experts, "engram_slots": slots,
-                     "params_total": result.counts["params_total"], "params_active": result.counts["params_active"],
-                     "val_loss": result.val_loss, "wall_s": round(time.time() - t0, 1)})  # fmt: skip
-        _write(out_dir, rows)
-    write_json(out_dir / "allocation.json", {"rows": rows, "preset": preset, "train": train_cfg.to_dict(), **run_metadata()})
-    plot_allocation(rows, out_dir / "allocation.png")
+    for rho in sorted(by_rho):
+        runs = by_rho[rho]
+        e = estimate([r["val_loss"] for r in runs])
+        rows.append({"rho": rho, "mean": e.mean, "se": e.se, "n": e.n, "runs": runs})
     return rows
 
 
-def _write(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    with (out_dir / "allocation.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot_allocation(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_allocation(results: list[dict[str, Any]], path: Path) -> None:
     with saved_figure(path, (6, 4)) as (fig, ax):
-        ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o", color="tab:red")
-        best = min(rows, key=lambda r: r["val_loss"])
-        ax.axvline(best["rho"], color="grey", ls=":", lw=1)
+        for variants, color, label in ((("engram", "moe"), "tab:red", "MoE + Engram (rho = 1: pure MoE)"),
+                                       (("capacity1",), "tab:grey", "capacity-1 control")):  # fmt: skip
+            rows = summarise(results, variants)
+            if rows:
+                ax.errorbar([r["rho"] for r in rows], [r["mean"] for r in rows], yerr=[_zero_nan(r["se"]) for r in rows],
+                            marker="o", color=color, capsize=3, label=label)  # fmt: skip
         ax.set_xlabel("rho: fraction of the sparse budget kept in routed experts (1 = pure MoE)")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"Sparsity allocation at fixed P_tot = {rows[0]['params_total']:,}")
+        ax.set_ylabel("validation loss (nats/token), mean ± SE")
+        ax.set_title(f"Sparsity allocation at fixed P_tot = {results[0]['params_total']:,}")
         ax.grid(alpha=0.3)
+        ax.legend()
+
+
+def _zero_nan(x: float) -> float:
+    return 0.0 if x != x else x

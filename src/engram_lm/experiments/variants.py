@@ -1,32 +1,41 @@
 """`engram experiment scaling` and `engram experiment ablations`: sweeps of one backbone.
 
 scaling (paper Figure 3, right): the backbone stays fixed (the quickstart MoE) and only the
-memory grows: Engram with 5 table sizes spanning 16x, against OverEncoding (hashed n-gram
-embeddings of model width averaged into the input) with the same slot counts.
+memory grows. Engram and OverEncoding (as its paper defines it, models/overencoding.py)
+are swept over the same table-parameter budgets, 16x apart end to end, so the x-axis is
+table parameters, not slots (an OverEncoding row and an Engram row have different
+widths); active parameters are reported beside them. The no-memory MoE trains once per
+seed. OverEncoding tables train at the base learning rate (its paper's choice), Engram's
+at 5x (this paper's).
 ablations (paper Figure 5): from the quickstart MoE+Engram reference, remove one piece at a
 time (gating, tokenizer compression, short conv), add 4-grams at the same number of slots,
-and move the single module to each layer. Multi-branch fusion is not ablated: the
-quickstart backbone has one residual branch, where single fusion is the design itself.
+move the single module to each layer, and the capacity-1 control. Multi-branch fusion is
+measured in the duration study (M = 4 against M = 1).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 from engram_lm.config import EngramConfig
+from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.stats import estimate
 from engram_lm.hashing.layout import build_layout
 from engram_lm.models.accounting import engram_with_rows
 from engram_lm.models.config import ModelConfig
+from engram_lm.models.overencoding import OVERENCODING_TABLE_LR_MULT, overencoding_for_budget
 from engram_lm.plotting import saved_figure
 from engram_lm.recipes import quickstart_engram, quickstart_moe
-from engram_lm.training.loop import train
+from engram_lm.training.config import TrainConfig
 from engram_lm.training.run import run_metadata, write_json
 
-SCALING_SLOTS = (16_384, 32_768, 65_536, 131_072, 262_144)
+SCALING_TABLE_PARAMS = (524_288, 1_048_576, 2_097_152, 4_194_304, 8_388_608)
+SCALING_FIELDS = ("method", "slots", "table_params", "active_params", "seed", "val_loss", "epochs")
+ABLATION_FIELDS = ("variant", "seed", "val_loss", "params_total", "params_active", "epochs")
 
 
 def _with_slots(engram: EngramConfig, slots: int) -> EngramConfig:
@@ -34,13 +43,36 @@ def _with_slots(engram: EngramConfig, slots: int) -> EngramConfig:
     return engram_with_rows(engram, slots, max(2, slots // columns))
 
 
-def scaling_configs(slots: int) -> dict[str, ModelConfig]:
+def _quickstart_train(steps: int | None, data: str | None, seed: int) -> TrainConfig:
+    _, train_cfg = quickstart_moe()
+    if steps is not None:
+        train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
+    return train_cfg.with_(seed=seed, **({"data": data} if data is not None else {}))
+
+
+@functools.lru_cache(maxsize=64)
+def scaling_configs(table_params: int) -> dict[str, ModelConfig]:
     base, _ = quickstart_moe()
     engram = quickstart_engram()[0].engram
-    oe = EngramConfig(tokenizer=engram.tokenizer, table_sizes=(2, 2), max_ngram=3, num_heads=engram.num_heads,
-                      layer_ids=(0,), pad_id=engram.pad_id, embed_per_ngram=engram.num_heads * base.dim)  # fmt: skip
-    return {"engram": base.with_(engram=_with_slots(engram, slots)),
-            "overencoding": base.with_(overencoding=_with_slots(oe, slots))}
+    return {"engram": base.with_(engram=_with_slots(engram, table_params // engram.head_dim)),
+            "overencoding": base.with_(overencoding=overencoding_for_budget(table_params, base.dim))}  # fmt: skip
+
+
+def scaling_specs(*, budgets=SCALING_TABLE_PARAMS, seeds=(0,), steps: int | None = None, data: str | None = None,
+                  prefix: str = "") -> list[RunSpec]:  # fmt: skip
+    """Per seed: the MoE, then both memories from the largest budget down (the sanity
+    check that matters most, OverEncoding at its largest size vs no memory, comes first)."""
+    base, _ = quickstart_moe()
+    specs = []
+    for seed in seeds:
+        train_cfg = _quickstart_train(steps, data, seed)
+        specs.append(RunSpec(f"{prefix}moe/seed-{seed}", base, train_cfg, {"experiment": "scaling", "method": "moe", "seed": seed}))
+        for budget in sorted(budgets, reverse=True):
+            for method, cfg in scaling_configs(budget).items():
+                t = train_cfg.with_(table_lr_mult=OVERENCODING_TABLE_LR_MULT) if method == "overencoding" else train_cfg
+                tags = {"experiment": "scaling", "method": method, "budget": budget, "seed": seed}
+                specs.append(RunSpec(f"{prefix}{method}/budget-{budget}/seed-{seed}", cfg, t, tags))
+    return specs
 
 
 def ablation_configs() -> dict[str, ModelConfig]:
@@ -50,61 +82,85 @@ def ablation_configs() -> dict[str, ModelConfig]:
     variants = {"reference": ref, "no_gating": ref.with_(engram=e.with_(use_gating=False)),
                 "no_compression": ref.with_(engram=e.with_(compress_tokens=False)),
                 "no_short_conv": ref.with_(engram=e.with_(use_short_conv=False)),
-                "with_4grams": ref.with_(engram=four)}  # fmt: skip
+                "with_4grams": ref.with_(engram=four), "capacity1": ref.with_(engram=e.with_(single_slot=True))}  # fmt: skip
     for layer in range(ref.num_layers):
         if (layer,) != e.layer_ids:
             variants[f"layer_{layer}"] = ref.with_(engram=e.with_(layer_ids=(layer,)))
     return variants
 
 
-def _train_all(configs: dict[str, ModelConfig], out_dir: Path, steps: int | None, progress: bool) -> dict[str, Any]:
-    _, train_cfg = quickstart_moe()
-    if steps is not None:
-        train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
-    results = {}
-    for name, cfg in configs.items():
-        t0 = time.time()
-        r = train(cfg, train_cfg, out_dir / name, name=name, progress=progress)
-        results[name] = {**r.counts, "val_loss": r.val_loss, "wall_s": round(time.time() - t0, 1)}
+def ablation_specs(*, seeds=(0,), steps: int | None = None, data: str | None = None, prefix: str = "") -> list[RunSpec]:
+    specs, variants = [], ablation_configs()
+    for seed in seeds:
+        for name, cfg in variants.items():
+            tags = {"experiment": "ablations", "variant": name, "seed": seed}
+            specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", cfg, _quickstart_train(steps, data, seed), tags))
+    return specs
+
+
+def scaling_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"method": r["method"], "slots": _slots_of(r), "table_params": r["params_engram"],
+             "active_params": r["params_active"], "seed": r["seed"], "val_loss": r["val_loss"], "epochs": r["epochs"]}
+            for r in results]  # fmt: skip
+
+
+def _slots_of(r: dict[str, Any]) -> int:
+    model = r["requested"]["model"]
+    if model.get("engram"):
+        return r["params_engram"] // (model["engram"]["embed_per_ngram"] // model["engram"]["num_heads"])
+    if model.get("overencoding"):
+        return r["params_engram"] // model["overencoding"]["table_dim"]
+    return 0
+
+
+def scaling_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
+    out_dir = Path(out_dir)
+    results = run_specs(out_dir, scaling_specs(**kwargs), progress=progress, device=device)
+    write_scaling(results, out_dir)
+    return scaling_rows(results)
+
+
+def write_scaling(results: list[dict[str, Any]], out_dir: Path) -> None:
+    if not results:
+        return
+    rows = scaling_rows(results)
+    _write_csv(out_dir / "scaling.csv", rows, SCALING_FIELDS)
+    write_json(out_dir / "scaling.json", {"runs": results, **run_metadata()})
+    _plot_scaling(rows, out_dir / "scaling.png")
+
+
+def ablation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
+    out_dir = Path(out_dir)
+    results = run_specs(out_dir, ablation_specs(**kwargs), progress=progress, device=device)
+    write_ablations(results, out_dir)
     return results
 
 
-def scaling_sweep(out_dir: Path, *, slots=SCALING_SLOTS, steps: int | None = None, progress: bool = True) -> list[dict]:
-    out_dir = Path(out_dir)
-    rows = []
-    for s in slots:
-        results = _train_all(scaling_configs(s), out_dir / f"slots-{s}", steps, progress)
-        rows.append({"slots": s, "engram_val_loss": results["engram"]["val_loss"],
-                     "overencoding_val_loss": results["overencoding"]["val_loss"],
-                     "engram_params": results["engram"]["params_engram"],
-                     "overencoding_params": results["overencoding"]["params_engram"]})  # fmt: skip
-        _write_csv(out_dir / "scaling.csv", rows)
-    write_json(out_dir / "scaling.json", {"rows": rows, **run_metadata()})
-    _plot_scaling(rows, out_dir / "scaling.png")
-    return rows
+def write_ablations(results: list[dict[str, Any]], out_dir: Path) -> None:
+    if not results:
+        return
+    _write_csv(out_dir / "ablations.csv", results, ABLATION_FIELDS)
+    write_json(out_dir / "ablations.json", {"runs": results, **run_metadata()})
+    _plot_ablations(results, out_dir / "ablations.png")
 
 
-def ablation_sweep(out_dir: Path, *, steps: int | None = None, progress: bool = True) -> list[dict]:
-    out_dir = Path(out_dir)
-    results = _train_all(ablation_configs(), out_dir, steps, progress)
-    ref = results["reference"]["val_loss"]
-    rows = [{"variant": k, "val_loss": v["val_loss"], "delta_vs_reference": v["val_loss"] - ref,
-             "params_total": v["params_total"], "params_active": v["params_active"]} for k, v in results.items()]  # fmt: skip
-    _write_csv(out_dir / "ablations.csv", rows)
-    write_json(out_dir / "ablations.json", {"rows": rows, **run_metadata()})
-    _plot_ablations(rows, out_dir / "ablations.png")
-    return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], fields) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares y = a + b log10(x)."""
+def group_by(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def fit_log_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares y = a + b log10(x): (a, b)."""
     lx = [math.log10(x) for x in xs]
     mx, my = sum(lx) / len(lx), sum(ys) / len(ys)
     b = sum((u - mx) * (v - my) for u, v in zip(lx, ys)) / max(sum((u - mx) ** 2 for u in lx), 1e-12)
@@ -113,22 +169,35 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def _plot_scaling(rows: list[dict], path: Path) -> None:
     with saved_figure(path, (6, 4)) as (fig, ax):
-        xs = [r["slots"] for r in rows]
-        for key, color, label in (("engram_val_loss", "tab:red", "Engram"), ("overencoding_val_loss", "tab:blue", "OverEncoding")):
-            ys = [r[key] for r in rows]
-            a, b = _fit(xs, ys)
-            ax.scatter(xs, ys, color=color)
-            ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color, label=f"{label}: {b:+.3f} per decade")
+        for method, color, label in (("engram", "tab:red", "Engram"), ("overencoding", "tab:blue", "OverEncoding")):
+            points = sorted(group_by([r for r in rows if r["method"] == method], "table_params").items())
+            if not points:
+                continue
+            xs = [k[0] for k, _ in points]
+            est = [estimate([r["val_loss"] for r in runs]) for _, runs in points]
+            ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o", color=color, capsize=3)
+            if len(xs) >= 2:
+                a, b = fit_log_slope(xs, [e.mean for e in est])
+                ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color, label=f"{label}: {b:+.3f} per decade")
+        moe = [r["val_loss"] for r in rows if r["method"] == "moe"]
+        if moe:
+            e = estimate(moe)
+            ax.axhline(e.mean, color="black", ls="--", lw=1, label=f"MoE, no memory: {e}")
         ax.set_xscale("log")
-        ax.set_xlabel("memory slots (table rows)")
-        ax.set_ylabel("validation loss")
+        ax.set_xlabel("memory-table parameters")
+        ax.set_ylabel("validation loss, mean ± SE over seeds")
         ax.set_title("Fixed backbone, growing memory")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
 
 
-def _plot_ablations(rows: list[dict], path: Path) -> None:
-    with saved_figure(path, (6, 0.4 * len(rows) + 1.2)) as (fig, ax):
-        ax.barh([r["variant"] for r in rows], [r["delta_vs_reference"] for r in rows], color="tab:purple")
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_xlabel("validation loss minus reference (positive = worse)")
+def _plot_ablations(results: list[dict], path: Path) -> None:
+    groups = group_by(results, "variant")
+    names = list(groups)
+    est = [estimate([r["val_loss"] for r in groups[(n,)]]) for (n,) in names]
+    with saved_figure(path, (6, 0.4 * len(names) + 1.2)) as (fig, ax):
+        ax.barh([n for (n,) in names], [e.mean for e in est], xerr=[0 if e.n < 2 else e.se for e in est],
+                color="tab:purple", capsize=3)  # fmt: skip
+        lo = min(e.mean for e in est)
+        ax.set_xlim(lo - 0.05, max(e.mean for e in est) + 0.05)
+        ax.set_xlabel("validation loss, mean ± SE over seeds")

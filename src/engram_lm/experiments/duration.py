@@ -1,0 +1,111 @@
+"""`engram experiment duration`: does Engram's gain last as training goes on?
+
+The quickstart MoE, its iso-parameter MoE+Engram and the capacity-1 control train for 8x
+the quickstart's tokens, one long run per seed, evaluated on the same held-out windows
+every quickstart-length (so at 1x, 2x, 4x and 8x among others). Run it on data that does
+not repeat within 8x (a corpus of >= ~7M training tokens, e.g. a folder of novels) and on
+the built-in corpus, which repeats (~1M tokens: 8x is ~7 epochs); every milestone reports
+its epochs. One learning-rate schedule spans the whole run (warmup, then the step decay at
+80% and 90% of 8x), so the 1x milestone is not a finished quickstart run.
+`branches` = 4 gives the same pair on the paper's multi-branch (mHC) backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.stats import compare, estimate
+from engram_lm.models.accounting import allocate
+from engram_lm.plotting import saved_figure
+from engram_lm.recipes import QUICKSTART_RHO, quickstart_engram_template, quickstart_moe
+from engram_lm.training.run import run_metadata, write_json
+
+MILESTONES = (1, 2, 4, 8)  # multiples of the quickstart's tokens
+CSV_FIELDS = ("variant", "seed", "step", "tokens", "epochs", "val_loss")
+
+
+def duration_specs(*, data: str = "bible", seeds=(0,), base_steps: int | None = None, branches: int = 1,
+                   variants=("moe", "engram", "capacity1"), prefix: str = "") -> list[RunSpec]:  # fmt: skip
+    base, train_cfg = quickstart_moe()
+    base = base.with_(num_branches=branches)
+    base_steps = base_steps or train_cfg.steps
+    engram = allocate(base, QUICKSTART_RHO, quickstart_engram_template())
+    models = {"moe": base, "engram": engram, "capacity1": engram.with_(engram=engram.engram.with_(single_slot=True))}
+    train_cfg = train_cfg.with_(data=data, steps=base_steps * max(MILESTONES), eval_every=base_steps)
+    specs = []
+    for seed in seeds:  # every variant of seed 0 first: the first comparison is complete early
+        for variant in variants:
+            tags = {"experiment": "duration", "variant": variant, "seed": seed, "branches": branches,
+                    "base_steps": base_steps}  # fmt: skip
+            specs.append(RunSpec(f"{prefix}{variant}/seed-{seed}", models[variant], train_cfg.with_(seed=seed), tags))
+    return specs
+
+
+def milestone_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (run, evaluation): tokens and epochs at that step."""
+    rows = []
+    for r in results:
+        t = r["requested"]["train"]
+        per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
+        for step, loss in r["val_curve"]:
+            tokens = step * per_step
+            rows.append({"variant": r["variant"], "seed": r["seed"], "step": step, "tokens": tokens,
+                         "epochs": tokens / r["train_tokens"], "val_loss": loss, "base_steps": r["base_steps"]})  # fmt: skip
+    return rows
+
+
+def gaps(results: list[dict[str, Any]], variant: str = "engram", baseline: str = "moe") -> list[dict[str, Any]]:
+    """Per milestone: variant minus baseline, paired over seeds (negative = variant better)."""
+    rows = milestone_rows(results)
+    out = []
+    base_steps = results[0]["base_steps"] if results else 1
+    for mult in MILESTONES:
+        step = mult * base_steps
+        a = {r["seed"]: r["val_loss"] for r in rows if r["variant"] == variant and r["step"] == step}
+        b = {r["seed"]: r["val_loss"] for r in rows if r["variant"] == baseline and r["step"] == step}
+        if not set(a) & set(b):
+            continue
+        c = compare(a, b)
+        epochs = next(r["epochs"] for r in rows if r["step"] == step)
+        out.append({"multiple": mult, "step": step, "epochs": epochs, "gap": c.diff, "verdict": c.verdict,
+                    "variant": estimate(list(a.values())), "baseline": estimate(list(b.values()))})  # fmt: skip
+    return out
+
+
+def duration_study(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
+    out_dir = Path(out_dir)
+    results = run_specs(out_dir, duration_specs(**kwargs), progress=progress, device=device)
+    write_duration(results, out_dir)
+    return results
+
+
+def write_duration(results: list[dict[str, Any]], out_dir: Path) -> None:
+    if not results:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "duration.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(milestone_rows(results))
+    write_json(out_dir / "duration.json", {"runs": results, **run_metadata()})
+    plot_duration(results, out_dir / "duration.png")
+
+
+def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
+    with saved_figure(path, (6, 4)) as (fig, ax):
+        for variant, color in (("engram", "tab:red"), ("capacity1", "tab:grey")):
+            g = gaps(results, variant)
+            if g:
+                ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
+                            yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color,
+                            capsize=3, label=f"{variant} minus MoE")  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("epochs of the training data (milestones 1x, 2x, 4x, 8x the quickstart's tokens)")
+        ax.set_ylabel("validation loss gap (negative: better than MoE)")
+        ax.set_title(f"Does the gain last? ({results[0]['data'].rstrip('/').split('/')[-1]})")
+        ax.grid(alpha=0.3)
+        ax.legend()

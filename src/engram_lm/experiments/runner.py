@@ -1,0 +1,162 @@
+"""Planned training runs, run once each: the resumable core of every experiment.
+
+A `RunSpec` names one training run (folder key, model, training config, tags such as
+method, rho and seed). `run_specs` trains the specs whose folder has no `result.json`
+yet (an interrupted run resumes from its newest checkpoint), then writes `result.json`:
+the tags, parameter counts, final and per-evaluation validation losses, tokens, epochs of
+the training split and throughput. Finished results are reused, so a killed study goes on
+where it stopped, and the small result files can be committed without the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engram_lm.models.config import ModelConfig
+from engram_lm.training.config import TrainConfig
+from engram_lm.training.run import write_json
+
+CADENCE_KEYS = ("save_every", "save_minutes")  # when checkpoints are written; results do not depend on it
+DEFAULT_TOKENS_PER_S = 6000.0  # quickstart-size model, 2 CPU cores, one residual branch
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    key: str  # folder under the experiment root, e.g. "duration/gutenberg/engram/seed-0"
+    model: ModelConfig
+    train: TrainConfig
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        t = self.train
+        return t.steps * t.batch_size * t.seq_len * t.grad_accum
+
+    def requested(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"model": self.model.to_dict(), "train": self.train.to_dict()}))
+
+
+def load_result(root: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """The finished run's result, or None; a result from a different config is refused."""
+    path = Path(root) / spec.key / "result.json"
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it to rerun that run") from None
+    if not _same_request(result.get("requested"), spec.requested()):
+        raise ValueError(
+            f"{path} was produced by a different configuration than the planned run {spec.key!r}; "
+            "move that folder away (or pass another --out) to rerun it"
+        )
+    return result
+
+
+def _same_request(saved: dict[str, Any] | None, planned: dict[str, Any]) -> bool:
+    """Equal configs; a data path counts by its last component (folders move between machines)."""
+    if saved is None:
+        return False
+
+    return _request_key(saved) == _request_key(planned)
+
+
+def _request_key(requested: dict[str, Any]) -> str:
+    """What decides a run's result: the configs, less checkpoint cadence; data by folder name."""
+    train = {k: v for k, v in requested["train"].items() if k not in CADENCE_KEYS}
+    return json.dumps({**requested, "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
+
+
+def estimate_seconds(specs: list[RunSpec], finished: list[dict[str, Any]]) -> tuple[float, str]:
+    """Seconds to train `specs`, from the throughput of finished runs (per branch count)."""
+    by_branches: dict[int, list[float]] = {}
+    for r in finished:
+        by_branches.setdefault(r["num_branches"], []).append(r["tokens_per_s"])
+    total = 0.0
+    for s in specs:
+        rates = by_branches.get(s.model.num_branches)
+        rate = statistics.median(rates) if rates else DEFAULT_TOKENS_PER_S / s.model.num_branches
+        total += s.tokens / rate
+    basis = f"measured on {len(finished)} finished runs" if finished else f"assumed {DEFAULT_TOKENS_PER_S:,.0f} tok/s"
+    return total, basis
+
+
+def run_specs(
+    root: Path,
+    specs: list[RunSpec],
+    *,
+    device: str | None = None,
+    progress: bool = True,
+    keep_checkpoints: bool = False,
+    dry_run: bool = False,
+) -> list[dict[str, Any]]:
+    """Train what is not finished (in order); return the results of all finished specs."""
+    from engram_lm.training.data import prepare_data
+    from engram_lm.training.loop import train
+
+    root = Path(root)
+    # a checkpoint at every evaluation: a killed study loses at most one interval of a run
+    specs = [replace(s, train=s.train.with_(save_every=s.train.eval_every)) for s in specs]
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two planned runs share a folder; give each RunSpec its own key")
+    finished = {s.key: r for s in specs if (r := load_result(root, s)) is not None}
+    by_request = {_request_key(r["requested"]): r for r in finished.values()}
+    todo = [s for s in specs if s.key not in finished]
+    unique = {_request_key(s.requested()): s for s in reversed(todo)}  # twins train once
+    seconds, basis = estimate_seconds([s for k, s in unique.items() if k not in by_request], list(finished.values()))
+    _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train, "
+         f"~{_hms(seconds)} estimated ({basis})")  # fmt: skip
+    if dry_run:
+        return list(finished.values())
+    started = time.time()
+    for i, spec in enumerate(todo):
+        twin = by_request.get(_request_key(spec.requested()))
+        if twin is not None:  # the same training already ran under another name: reuse it
+            record = {**twin, **spec.tags, "reused_from": twin.get("reused_from", twin["key"])}
+            record["key"] = spec.key
+            (root / spec.key).mkdir(parents=True, exist_ok=True)
+            write_json(root / spec.key / "result.json", record)
+            finished[spec.key] = record
+            continue
+        _say(f"[{i + 1}/{len(todo)}] {spec.key} ({spec.train.steps} steps, {spec.tokens:,} tokens); "
+             f"elapsed {_hms(time.time() - started)}")  # fmt: skip
+        t0 = time.time()
+        result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
+        train_tokens = len(prepare_data(spec.train.data, spec.train.tokenizer).train)
+        record = {**spec.tags, **result.counts, "num_branches": spec.model.num_branches, "val_loss": result.val_loss,
+                  "val_curve": _val_curve(root / spec.key), "tokens_seen": result.tokens_seen,
+                  "train_tokens": train_tokens, "epochs": result.tokens_seen / max(train_tokens, 1),
+                  "tokens_per_s": result.tokens_per_s, "wall_s": round(time.time() - t0, 1),
+                  "data": spec.train.data, "key": spec.key, "requested": spec.requested()}  # fmt: skip
+        write_json(root / spec.key / "result.json", record)
+        if not keep_checkpoints:
+            shutil.rmtree(root / spec.key / "checkpoints", ignore_errors=True)
+        finished[spec.key] = by_request[_request_key(record["requested"])] = record
+    return [finished[s.key] for s in specs if s.key in finished]
+
+
+def _val_curve(run_dir: Path) -> list[list[float]]:
+    """[[step, val_loss], ...] from the run's metrics.jsonl."""
+    curve = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "val_loss" in record:
+            curve.append([record["step"], record["val_loss"]])
+    return curve
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,63 @@
+"""Seeds and error bars: means with standard errors, and the rule for calling a difference.
+
+Runs that differ only in the model share their seed (same initialisation stream and the
+same batches), so two variants are compared on their per-seed differences (a paired
+test); the difference is called only when |mean difference| > 2 standard errors of it.
+Anything else is "inconclusive at this scale", including every single-seed comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CALL_THRESHOLD_SE = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    mean: float
+    se: float  # standard error of the mean; nan with fewer than 2 values
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f}" if math.isnan(self.se) else f"{self.mean:.4f} ± {self.se:.4f}"
+
+
+def estimate(values: list[float]) -> Estimate:
+    """Mean and standard error (sample standard deviation / sqrt(n))."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average")
+    mean = sum(values) / n
+    if n < 2:
+        return Estimate(mean, math.nan, n)
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return Estimate(mean, math.sqrt(var / n), n)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    diff: Estimate  # a - b over the seeds both have
+    verdict: str  # "lower", "higher" (a relative to b) or "inconclusive"
+
+    @property
+    def called(self) -> bool:
+        return self.verdict != "inconclusive"
+
+
+def compare(a: dict[int, float], b: dict[int, float]) -> Comparison:
+    """a vs b, each {seed: value}; paired over the shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("the two variants share no seed; run both with the same --seeds")
+    diff = estimate([a[s] - b[s] for s in seeds])
+    return Comparison(diff, call(diff))
+
+
+def call(diff: Estimate) -> str:
+    """'lower' / 'higher' when the difference exceeds CALL_THRESHOLD_SE standard errors."""
+    if diff.n < 2 or math.isnan(diff.se) or abs(diff.mean) <= CALL_THRESHOLD_SE * diff.se:
+        return "inconclusive"
+    return "lower" if diff.mean < 0 else "higher"

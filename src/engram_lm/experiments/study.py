@@ -1,0 +1,132 @@
+"""`engram study`: every experiment of the evidence, in one resumable plan, then the report.
+
+Sections, in the order that answers the most important questions first:
+  sanity        the no-memory MoE, OverEncoding and Engram at the largest table budget
+                (seed 0 of the scaling sweep): does the baseline beat no memory?
+  duration      MoE vs iso-parameter MoE+Engram vs capacity-1, 8x the quickstart's tokens,
+                on data that does not repeat (--long-data)
+  scaling       fixed backbone, Engram vs OverEncoding at equal table parameters
+  allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
+  regularisation  table weight decay / dropout on rows vs none, 4x on the built-in corpus
+                (it repeats: ~3.3 epochs)
+  duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs)
+  mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
+  allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
+  table-lr      Engram table learning-rate multiplier 0.5x .. 10x at the quickstart budget
+  ablations     one piece removed at a time, at the quickstart budget
+Sections that need --long-data are skipped without it (and the plan says so). Runs are
+folders under --out; a folder with result.json is finished and reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engram_lm.experiments.allocation import allocation_specs, write_allocation
+from engram_lm.experiments.duration import duration_specs, write_duration
+from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.variants import (
+    SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
+)  # fmt: skip
+from engram_lm.recipes import quickstart_engram, quickstart_moe
+
+SECTIONS = ("sanity", "duration", "scaling", "allocation-4x", "regularisation", "duration-repeated", "mhc",
+            "allocation", "table-lr", "ablations")  # fmt: skip
+NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc")
+TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
+REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
+                "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3}}  # fmt: skip
+
+
+def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "") -> list[RunSpec]:
+    """MoE and Engram with each regulariser, trained 4x the quickstart on repeating data."""
+    moe, train_cfg = quickstart_moe()
+    engram, _ = quickstart_engram()
+    train_cfg = train_cfg.with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
+    specs = []
+    for seed in seeds:
+        t = train_cfg.with_(seed=seed)
+        specs.append(RunSpec(f"{prefix}moe/seed-{seed}", moe, t, {"experiment": "regularisation", "variant": "moe", "seed": seed}))
+        for name, change in REGULARISERS.items():
+            model = engram.with_(engram=engram.engram.with_(dropout=change.get("dropout", 0.0)))
+            tr = t.with_(table_weight_decay=change.get("table_weight_decay", 0.0))
+            tags = {"experiment": "regularisation", "variant": f"engram_{name}", "seed": seed}
+            specs.append(RunSpec(f"{prefix}engram_{name}/seed-{seed}", model, tr, tags))
+    return specs
+
+
+def table_lr_specs(*, seeds, data: str = "bible", prefix: str = "") -> list[RunSpec]:
+    engram, train_cfg = quickstart_engram()
+    specs = []
+    for seed in seeds:
+        for mult in TABLE_LR_MULTS:
+            tags = {"experiment": "table-lr", "table_lr_mult": mult, "seed": seed}
+            t = train_cfg.with_(seed=seed, data=data, table_lr_mult=mult)
+            specs.append(RunSpec(f"{prefix}mult-{mult:g}/seed-{seed}", engram, t, tags))
+    return specs
+
+
+def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTIONS) -> dict[str, list[RunSpec]]:
+    """section -> its runs, in the order they train."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown study section(s) {unknown}; choose from {list(SECTIONS)}")
+    seed_list = tuple(range(seeds))
+    quick = 4 * quickstart_moe()[1].steps  # "4x": steps where the experts are trained
+    plan: dict[str, list[RunSpec]] = {}
+    scaling = scaling_specs(seeds=seed_list, prefix="scaling/")
+    top = max(SCALING_TABLE_PARAMS)
+    builders = {
+        "sanity": lambda: [s for s in scaling if s.tags["seed"] == 0 and s.tags.get("budget", top) == top],
+        "duration": lambda: duration_specs(data=long_data, seeds=seed_list, prefix="duration/"),
+        "scaling": lambda: scaling,
+        "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),
+        "regularisation": lambda: regularisation_specs(seeds=seed_list, steps=quick, prefix="regularisation/"),
+        "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
+        "mhc": lambda: duration_specs(data=long_data, seeds=seed_list, branches=4, variants=("moe", "engram"), prefix="mhc/"),
+        "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
+        "table-lr": lambda: table_lr_specs(seeds=seed_list, prefix="table-lr/"),
+        "ablations": lambda: ablation_specs(seeds=seed_list, prefix="ablations/"),
+    }
+    for name in SECTIONS:
+        if name in sections and not (name in NEEDS_LONG_DATA and long_data is None):
+            plan[name] = builders[name]()
+    return plan
+
+
+def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sections=SECTIONS, device: str | None = None,
+              progress: bool = True, dry_run: bool = False, report: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    out = Path(out)
+    plan = study_plan(seeds=seeds, long_data=long_data, sections=sections)
+    skipped = [s for s in sections if s not in plan]
+    if skipped:
+        print(f"skipped (pass --long-data FOLDER, a corpus that does not repeat within 8x the quickstart): {skipped}")
+    ordered, seen = [], set()
+    for specs in plan.values():  # "sanity" repeats three scaling runs: train them once
+        for s in specs:
+            if s.key not in seen:
+                ordered.append(s)
+                seen.add(s.key)
+    for name, specs in plan.items():
+        print(f"  {name:<18} {len(specs):>3} runs")
+    results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run)
+    write_outputs(out, results)
+    if report is not None:
+        from engram_lm.experiments.report import build_report
+
+        build_report(out, Path(report))
+    return {"planned": len(ordered), "finished": len(results), "sections": {k: len(v) for k, v in plan.items()}}
+
+
+def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
+    """Per section: CSV (one row per run or milestone), JSON and the figure."""
+    def section(prefix: str) -> list[dict[str, Any]]:
+        return [r for r in results if r["key"].startswith(prefix + "/")]
+
+    write_scaling(section("scaling"), out / "scaling")
+    write_allocation(section("allocation"), out / "allocation")
+    write_allocation(section("allocation-4x"), out / "allocation-4x")
+    write_ablations(section("ablations"), out / "ablations")
+    for name in ("duration", "duration-repeated", "mhc"):
+        write_duration(section(name), out / name)
