@@ -12,6 +12,7 @@ from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.recipes import get_recipe
 from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.models.overencoding import OverEncodingConfig
 from engram_lm.training.data import eval_windows, is_val_document, prepare_data, sample_batch
 from engram_lm.training.loop import load_trained, train
 from engram_lm.training.optim import (
@@ -24,7 +25,7 @@ def small_model(**kw):
                           layer_ids=(1,), pad_id=0, embed_per_ngram=8)  # fmt: skip
     base = dict(vocab_size=128, dim=16, num_layers=2, num_heads=2, max_seq_len=32, ffn_hidden=32,
                 num_routed_experts=3, top_k=1, expert_hidden=8, num_shared_experts=1, engram=engram,
-                num_branches=2, overencoding=engram.with_(layer_ids=(0,), embed_per_ngram=2 * 16))  # fmt: skip
+                num_branches=2, overencoding=OverEncodingConfig(slots=53, table_dim=4))  # fmt: skip
     return EngramLM(ModelConfig(**{**base, **kw}))
 
 
@@ -63,6 +64,56 @@ def test_sparse_row_adam_equals_dense_adam_on_touched_rows():
     assert torch.equal(w_sparse.detach()[untouched], before[untouched])
     state = sparse_opt.state[w_sparse]
     assert state["exp_avg"][untouched].abs().sum() == 0 and state["exp_avg_sq"][untouched].abs().sum() == 0
+
+
+def test_batched_muon_equals_torch_muon_in_bf16_and_is_close_in_fp32():
+    from engram_lm.training.muon import Muon
+
+    torch.manual_seed(0)
+    shapes = [(16, 16)] * 3 + [(24, 8), (8, 40)]
+    ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    bf16 = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    fp32 = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opts = [torch.optim.Muon(ref, **kw), Muon(bf16, ns_dtype=torch.bfloat16, **kw), Muon(fp32, **kw)]
+    for step in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in zip((ref, bf16, fp32), opts):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref, bf16))
+    assert all(torch.allclose(a, b, atol=2e-3) and not torch.equal(a, b) for a, b in zip(ref, fp32))
+    assert opts[2].state_dict()["state"][0].keys() == opts[0].state_dict()["state"][0].keys()
+
+
+def test_table_weight_decay_shrinks_only_touched_rows():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 2))
+    plain = torch.nn.Parameter(w.detach().clone())
+    before = w.detach().clone()
+    opts = [SparseRowAdam([w], lr=0.1, weight_decay=0.5), SparseRowAdam([plain], lr=0.1)]
+    rows = torch.tensor([2, 5])
+    for p in (w, plain):
+        torch.nn.functional.embedding(rows, p, sparse=True).sum().backward()
+    for opt in opts:
+        opt.step()
+    # decoupled: the decayed row is (1 - lr * wd) * old row + the same Adam update
+    assert torch.allclose(w[rows] - plain[rows], -0.05 * before[rows], atol=1e-6)
+    untouched = [0, 1, 3, 4]
+    assert torch.equal(w.detach()[untouched], before[untouched])
+
+
+def test_engram_dropout_acts_only_in_training():
+    model = small_model(overencoding=None, engram=small_model().config.engram.with_(dropout=0.5, zero_init_output=False))
+    ids = torch.randint(0, 128, (2, 8))
+    model.eval()
+    assert torch.equal(model(ids)[0], model(ids)[0])
+    model.train()
+    torch.manual_seed(1)
+    a = model(ids)[0]
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(ids)[0])
 
 
 def test_lr_schedule_warmup_and_step_decay():

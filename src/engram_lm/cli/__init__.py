@@ -31,11 +31,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"engram {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only folder, permission: name the path and the cause
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"engram {args.command}: error: {exc.strerror or exc}{where}; free space or choose a writable "
+              "folder (--out, $ENGRAM_CACHE_DIR); nothing already saved was changed", file=sys.stderr)  # fmt: skip
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "TrainingInterrupted":
+            print(f"engram {args.command}: {exc}", file=sys.stderr)
+            return 130
+        if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+            print(f"engram {args.command}: error: out of memory ({exc}); use a smaller --set batch_size, table "
+                  "sizes or preset, or --memory mmap for inference", file=sys.stderr)  # fmt: skip
+            return 2
+        raise
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
-    if args.json:
-        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
-        print()
-    else:
-        args.show(result)
+    try:
+        if args.json:
+            json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
+            print()
+        else:
+            args.show(result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `engram ... --json | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -53,9 +53,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         train_cfg = train_cfg.with_(data=args.data)
     if args.steps is not None:
         train_cfg = train_cfg.with_(steps=args.steps)
+    if args.save_every is not None:
+        train_cfg = train_cfg.with_(save_every=args.save_every)
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set or [])
     out = Path(args.out or f"runs/{args.preset}")
-    return train(model_cfg, train_cfg, out, name=args.preset, device=args.device, progress=not args.quiet).to_dict()
+    return train(model_cfg, train_cfg, out, name=args.preset, device=args.device, progress=not args.quiet,
+                 allow_data_change=args.allow_data_change, resume_from=args.resume_from).to_dict()  # fmt: skip
 
 
 def _print_train(r: dict[str, Any]) -> None:
@@ -70,6 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.training.data import eval_windows, prepare_data
     from engram_lm.training.loop import evaluate, load_trained
 
+    if args.batches < 1:
+        raise ValueError(f"--batches {args.batches}: evaluate at least 1 batch")
     model, state = load_trained(args.checkpoint, args.device or "cpu")
     train_cfg = TrainConfig.from_dict(state["train_config"])
     data = prepare_data(args.data or state["corpus"], str(Path(state["path"]) / "tokenizer.json"))
@@ -139,6 +144,10 @@ def add_model_commands(sub) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="run folder (default runs/<preset>); rerun the same command to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 500; also every 10 minutes)")
+    p.add_argument("--resume-from", help="resume from this checkpoint folder instead of the newest")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data or tokenizer changed (recorded in metrics.jsonl)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true")

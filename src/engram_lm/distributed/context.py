@@ -48,6 +48,14 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (a collective: call it on all ranks)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
     def mean(self, value: float) -> float:
         """The mean over ranks of a Python number (identical on every rank afterwards)."""
         if not self.enabled:
@@ -70,19 +78,38 @@ def shard_tables(model: nn.Module, ctx: DistContext) -> None:
             block.engram.memory = table
 
 
+def replicated_params(model: nn.Module) -> list[torch.nn.Parameter]:
+    """Every parameter each rank holds in full (all but sharded table rows), in a fixed order."""
+    sharded = {id(p) for m in model.modules() if isinstance(m, ShardedTable) for p in m.parameters(recurse=False)}
+    return [p for p in model.parameters() if id(p) not in sharded]
+
+
 def all_reduce_dense_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum gradients of replicated parameters across ranks, flattened into one buffer."""
-    if not ctx.enabled:
+    """Sum the gradients of replicated parameters across ranks, in one flat buffer.
+
+    Every parameter takes part on every rank, in the given (fixed) order: a parameter
+    without a gradient here (an expert that got no token of this rank's batch) contributes
+    zeros, so the buffers line up element for element on all ranks. A presence count rides
+    along: a parameter that no rank produced a gradient for keeps grad None, as in a
+    1-process run (the optimizers skip it), and one that any rank did gets the sum.
+    Sparse gradients (untouched tables such as OverEncoding's) are densified."""
+    if not ctx.enabled or not params:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    parts = [torch.zeros(len(params), dtype=params[0].dtype, device=params[0].device)]
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is not None:
+            parts[0][i] = 1
+            parts.append((g.to_dense() if g.is_sparse else g).reshape(-1).to(parts[0].dtype))
+        else:
+            parts.append(torch.zeros(p.numel(), dtype=parts[0].dtype, device=p.device))
+    flat = torch.cat(parts)
     dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    present, offset = flat[: len(params)], len(params)
+    for i, p in enumerate(params):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone() if present[i] > 0 else None
+        offset += n
 
 
 def all_reduce_moe_loads(model: nn.Module, ctx: DistContext) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engram_lm.config import check_field_types
 from engram_lm.models.transformer import EngramLM
 
 
@@ -24,8 +25,12 @@ class SamplingConfig:
     stop_id: int | None = None  # stop a row at this token (e.g. end of document)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("invalid sampling: max_new_tokens >= 0, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        check_field_types(self)  # also refuses NaN: every comparison below would pass it
+        for name, ok, rule in (("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
+                               ("temperature", 0 <= self.temperature < float("inf"), "a finite number >= 0 (0: greedy)"),
+                               ("top_k", self.top_k >= 0, ">= 0 (0: off)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]")):  # fmt: skip
+            if not ok:
+                raise ValueError(f"invalid sampling {name}={getattr(self, name)!r}: use {rule}")
 
 
 def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:

@@ -74,9 +74,19 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
 ) -> Path:
-    """Collective when world_size > 1: every rank calls it; rank 0 writes the shared files."""
+    """Collective when world_size > 1: every rank calls it; rank 0 writes the shared files.
+    A failed save (disk full, I/O error) removes its partial folder and leaves the earlier
+    checkpoints untouched."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        return _save_checkpoint(final, tmp, model, optimizers, state, tokenizer_path, step, rank, world_size)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_checkpoint(final: Path, tmp: Path, model, optimizers, state, tokenizer_path, step, rank, world_size) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -129,6 +139,9 @@ def _write_shard_index(folder: Path, world_size: int) -> None:
     (folder / "state.json").write_text(json.dumps(state, indent=2))
 
 
+REQUIRED_STATE_KEYS = ("format", "step", "model_config", "train_config")
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
     ckpt = Path(ckpt)
     if ckpt.is_dir() and (ckpt / "checkpoints").is_dir():  # a run folder: take its newest
@@ -143,8 +156,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is damaged ({exc.msg}); use an earlier checkpoint") from None
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{ckpt} has format {state.get('format')!r}, expected {FORMAT!r}: not a checkpoint of this tool")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{ckpt} has format {found!r}, expected {FORMAT!r}: not a checkpoint of this tool")
+    missing = [k for k in REQUIRED_STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}: the checkpoint is damaged; "
+                         "use an earlier one (engram train --resume-from DIR)")  # fmt: skip
     state["path"] = str(ckpt)
     return state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from engram_lm.config import checked_fields
+from engram_lm.config import check_field_types, checked_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -19,6 +19,7 @@ class TrainConfig:
     lr: float = 3e-3
     table_lr_mult: float = 5.0  # paper: Engram tables at 5x the base lr (Adam)
     weight_decay: float = 0.1
+    table_weight_decay: float = 0.0  # decoupled decay of the table rows a step touches (repeated data)
     warmup_steps: int = 20
     decay_at: tuple[float, ...] = (0.8, 0.9)  # fractions of the run where lr steps down
     decay_factor: float = 0.316
@@ -28,16 +29,22 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 0  # 0: save at the end only
+    save_every: int = 500  # steps between checkpoints (0: by time and at the end only)
+    save_minutes: float = 10.0  # also save when this long has passed since the last save (0: off)
 
     def __post_init__(self) -> None:
+        if isinstance(self.decay_at, list):
+            object.__setattr__(self, "decay_at", tuple(self.decay_at))
+        check_field_types(self)
         object.__setattr__(self, "decay_at", tuple(float(x) for x in self.decay_at))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid TrainConfig.{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("warmup_steps", "save_every", "seed"):
+        for name in ("warmup_steps", "save_every", "seed", "save_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"invalid TrainConfig.{name}={getattr(self, name)!r}: must be >= 0")
+        if not self.table_weight_decay >= 0:
+            raise ValueError(f"invalid TrainConfig.table_weight_decay={self.table_weight_decay!r}: must be >= 0")
         if not self.lr > 0 or not self.table_lr_mult > 0:
             raise ValueError(f"invalid TrainConfig.lr={self.lr} / table_lr_mult={self.table_lr_mult}: must be > 0")
         if self.matrix_optimizer not in ("muon", "adamw"):

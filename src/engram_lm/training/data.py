@@ -37,6 +37,7 @@ class TokenData:
     vocab_size: int
     eod_id: int
     corpus: str
+    corpus_digest: str = ""  # sha256 over the corpus documents (training/corpus.py)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -91,7 +92,8 @@ def prepare_data(corpus: str, tokenizer_spec: str, cache_dir: Path | None = None
                                            "vocab_size": vocab, "eod_id": eod, "dtype": np.dtype(dtype).name})  # fmt: skip
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
-    return TokenData(train=train, val=val, tokenizer_path=tok_path, vocab_size=vocab, eod_id=eod, corpus=corpus)
+    return TokenData(train=train, val=val, tokenizer_path=tok_path, vocab_size=vocab, eod_id=eod, corpus=corpus,
+                     corpus_digest=digest)  # fmt: skip
 
 
 def _write_tokens(path: Path, tokenizer: Tokenizer, docs: list[str], eod: int, dtype) -> None:

@@ -51,24 +51,38 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines past the checkpoint step are dropped."""
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint step are dropped.
+    A torn line (a crash mid-write) is dropped too; non-finite numbers are written as null
+    so every line stays valid JSON."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in _parse_lines(path) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and path.exists():
             path.unlink()
 
     def write(self, **record: Any) -> None:
+        clean = {k: (None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v)
+                 for k, v in record.items()}  # fmt: skip
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return _parse_lines(self.path) if self.path.exists() else []
+
+
+def _parse_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue  # torn by a crash mid-write
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 class Progress:
@@ -98,3 +112,38 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.tty:
             print(file=sys.stderr)
+
+
+class RunLock:
+    """One owner per run folder: an advisory lock on <run>/.lock holding the owner's pid.
+
+    The kernel drops the lock when the owning process exits, however it exits, so a crashed
+    run never leaves the folder stuck; a second process gets a refusal naming the holder."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(
+                f"run folder {self.path.parent} is in use by {holder}; wait for it to finish, stop it, "
+                "or pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None

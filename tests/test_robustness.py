@@ -1,0 +1,177 @@
+"""Nothing lost, nothing silently wrong: one test per class of fault a user can cause."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram_lm.cli import main
+from engram_lm.recipes import tiny
+from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.training.loop import train
+from engram_lm.training.run import RunLock
+
+
+def _tiny(steps=4, **changes):
+    model, cfg = tiny()
+    return model, cfg.with_(steps=steps, eval_every=steps, **changes)
+
+
+def _docs(folder: Path, word: str, n: int = 24) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i:02d}.txt").write_text(f"{word} {i} " * 40 + "and so the story goes on.\n")
+    return folder
+
+
+# ---- ownership -------------------------------------------------------------------------
+def test_a_run_folder_has_one_owner_and_a_dead_owner_leaves_no_lock(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(ValueError, match=f"in use by pid {os.getpid()}"):
+            RunLock(tmp_path / "run").__enter__()
+        model, cfg = _tiny()
+        with pytest.raises(ValueError, match="in use by pid"):
+            train(model, cfg, tmp_path / "run", progress=False)
+    code = f"from engram_lm.training.run import RunLock; import os; RunLock({str(tmp_path / 'run2')!r}).__enter__(); os._exit(9)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9  # the owner crashed holding the lock
+    with RunLock(tmp_path / "run2"):
+        pass  # not stuck
+
+
+# ---- data identity on resume ---------------------------------------------------------------
+def test_resume_on_changed_data_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    a = _docs(tmp_path / "a", "apple")
+    model, cfg = _tiny(steps=2, data=str(a), tokenizer="bpe:300")
+    train(model, cfg, tmp_path / "run", progress=False)
+    b_cfg = cfg.with_(steps=4)  # same path, new contents below
+    for f in a.iterdir():
+        f.write_text(f.read_text().replace("apple", "plum"))
+    with pytest.raises(ValueError, match="different data or with a different tokenizer.*corpus_sha256.*--allow-data-change"):
+        train(model, b_cfg, tmp_path / "run", progress=False)
+    train(model, b_cfg, tmp_path / "run", progress=False, allow_data_change=True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    events = [r for r in map(json.loads, lines) if "event" in r]
+    assert [e["event"] for e in events] == ["steps_changed", "data_changed"] and events[1]["step"] == 2
+
+
+# ---- interrupted and extended runs -------------------------------------------------------
+def test_steps_can_grow_a_finished_run_and_other_changes_name_the_key(tmp_path):
+    model, cfg = _tiny(steps=2)
+    train(model, cfg, tmp_path / "run", progress=False)
+    r = train(model, cfg.with_(steps=4), tmp_path / "run", progress=False)
+    assert r.tokens_seen == 4 * cfg.batch_size * cfg.seq_len
+    assert ckpt_io.read_state(tmp_path / "run")["step"] == 4
+    with pytest.raises(ValueError, match=r"train.lr: 0.003 -> 0.01"):
+        train(model, cfg.with_(steps=4, lr=0.01), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="below the checkpoint's step"):
+        train(model, cfg.with_(steps=3), tmp_path / "run", progress=False)
+    first = ckpt_io.checkpoint_dir(tmp_path / "run", 2)
+    if first.exists():  # resume from a chosen (older) checkpoint
+        r = train(model, cfg.with_(steps=4), tmp_path / "run", progress=False, resume_from=first)
+        assert r.tokens_seen == 4 * cfg.batch_size * cfg.seq_len
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "engram_lm", "train", "--preset", "tiny", "--steps", "100000",
+                             "--save-every", "0", "--out", str(out), "--quiet"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        if proc.poll() is not None:
+            pytest.fail(proc.stderr.read())
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    step = ckpt_io.read_state(out)["step"]
+    assert step >= 1 and not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import engram_lm.training.loop as loop
+
+    model, cfg = _tiny(steps=3)
+    train(model, cfg, tmp_path / "run", progress=False)
+    real = loop._train_step
+    monkeypatch.setattr(loop, "_train_step", lambda *a: float("nan") if a[6] == 4 else real(*a))
+    with pytest.raises(ValueError, match="loss became nan at step 5.*last good checkpoint: .*step-000004"):
+        train(model, cfg.with_(steps=8, save_every=1), tmp_path / "run", progress=False)
+    assert ckpt_io.read_state(tmp_path / "run")["step"] == 4  # step 4 was fine and saved; nothing after
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in records) and not any("NaN" in line for line in records)
+
+
+# ---- bad values at the boundary ------------------------------------------------------------
+@pytest.mark.parametrize("pair, message", [("steps=true", "TrainConfig.steps=True"), ("lr=\"x\"", "TrainConfig.lr"),
+                                           ("num_heads=2.5", "ModelConfig.num_heads"),
+                                           ("engram.table_sizes=[1e30, 5]", "EngramConfig.table_sizes")])  # fmt: skip
+def test_wrong_types_and_ranges_are_refused_with_the_field_named(tmp_path, capsys, pair, message):
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", pair]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sampling_parameters_and_eval_batches_are_checked(tmp_path, capsys):
+    from engram_lm.inference.generate import SamplingConfig
+
+    for bad in ({"temperature": math.nan}, {"top_p": math.nan}, {"temperature": math.inf}, {"top_k": True}):
+        with pytest.raises(ValueError, match="sampling|SamplingConfig"):
+            SamplingConfig(**bad)
+    model, cfg = _tiny(steps=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--batches", "0"]) == 2
+    assert "--batches 0: evaluate at least 1 batch" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "a", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_damaged_run_files_name_the_file_and_field(tmp_path, capsys):
+    model, cfg = _tiny(steps=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run")
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["model_config"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 2
+    assert "lacks the field(s) ['model_config']" in capsys.readouterr().err
+    (tmp_path / "run" / "config.json").write_text("{\"requested\": ")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        train(model, cfg, tmp_path / "run", progress=False)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run" / "config.json")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    model, cfg = _tiny(steps=2)
+    train(model, cfg, tmp_path / "run", progress=False)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # a crash mid-write
+    train(model, cfg.with_(steps=3), tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_failed_save_leaves_no_partial_folder_and_earlier_checkpoints_intact(tmp_path, monkeypatch):
+    model, cfg = _tiny(steps=2, save_every=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io, "save_file", disk_full)
+    with pytest.raises(OSError):
+        train(model, cfg.with_(steps=3), tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_json_into_a_closed_pipe_is_not_an_error(tmp_path):
+    code = ("import sys; from engram_lm.cli import main; sys.exit(main(['layout', '--preset', 'paper-demo', '--json']))")
+    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -c 10", shell=True, capture_output=True, text=True)
+    assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr
