@@ -4,7 +4,8 @@ A `RunSpec` names one training run (folder key, model, training config, tags suc
 method, rho and seed). `run_specs` trains the specs whose folder has no `result.json`
 yet (an interrupted run resumes from its newest checkpoint), then writes `result.json`:
 the tags, parameter counts, final and per-evaluation validation losses, tokens, epochs of
-the training split and throughput. Finished results are reused, so a killed study goes on
+the training split and throughput. Several workers (processes running the same plan on the
+same root) share the work: a run folder another worker holds is skipped. Finished results are reused, so a killed study goes on
 where it stopped, and the small result files can be committed without the checkpoints.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from engram_lm.models.config import ModelConfig
 from engram_lm.training.config import TrainConfig
-from engram_lm.training.run import write_json
+from engram_lm.training.run import RunFolderBusy, write_json
 
 CADENCE_KEYS = ("save_every", "save_minutes")  # when checkpoints are written; results do not depend on it
 DEFAULT_TOKENS_PER_S = 6000.0  # quickstart-size model, 2 CPU cores, one residual branch
@@ -126,10 +127,17 @@ def run_specs(
             write_json(root / spec.key / "result.json", record)
             finished[spec.key] = record
             continue
+        if load_result(root, spec) is not None:  # another worker finished it meanwhile
+            finished[spec.key] = load_result(root, spec)
+            continue
         _say(f"[{i + 1}/{len(todo)}] {spec.key} ({spec.train.steps} steps, {spec.tokens:,} tokens); "
              f"elapsed {_hms(time.time() - started)}")  # fmt: skip
         t0 = time.time()
-        result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
+        try:
+            result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
+        except RunFolderBusy:  # another `engram study` on the same --out trains it: take the next run
+            _say(f"  {spec.key}: another worker is training it; moving on")
+            continue
         train_tokens = len(prepare_data(spec.train.data, spec.train.tokenizer).train)
         record = {**spec.tags, **result.counts, "num_branches": spec.model.num_branches, "val_loss": result.val_loss,
                   "val_curve": _val_curve(root / spec.key), "tokens_seen": result.tokens_seen,

@@ -114,6 +114,10 @@ class Progress:
             print(file=sys.stderr)
 
 
+class RunFolderBusy(ValueError):
+    """The run folder is locked by another live process."""
+
+
 class RunLock:
     """One owner per run folder: an advisory lock on <run>/.lock holding the owner's pid.
 
@@ -134,7 +138,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ValueError(
+            raise RunFolderBusy(
                 f"run folder {self.path.parent} is in use by {holder}; wait for it to finish, stop it, "
                 "or pass another --out"
             ) from None
