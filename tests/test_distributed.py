@@ -73,7 +73,7 @@ from pathlib import Path  # noqa: E402
 from engram_lm.models.config import ModelConfig  # noqa: E402
 from engram_lm.models.transformer import EngramLM  # noqa: E402
 from engram_lm.recipes import get_recipe  # noqa: E402
-from engram_lm.training import checkpoint as ckpt_io  # noqa: E402
+from engram_lm.checkpoint import store as ckpt_io  # noqa: E402
 from engram_lm.training.loop import train  # noqa: E402
 
 
@@ -176,7 +176,7 @@ def test_reshard_two_three_one_round_trip_is_lossless(tmp_path):
             ma = ckpt_io.read_table_rows(sa, "blocks.1.engram.memory.weight", 0, sa["tables"]["blocks.1.engram.memory.weight"]["rows"], key)
             mb = ckpt_io.read_table_rows(sb, "blocks.1.engram.memory.weight", 0, sb["tables"]["blocks.1.engram.memory.weight"]["rows"], key)
             assert torch.equal(ma, mb)
-    from engram_lm.training.loop import load_trained
+    from engram_lm.inference.loading import load_trained
 
     load_trained(one)  # a single process loads the resharded checkpoint
 
@@ -192,7 +192,7 @@ def test_missing_or_foreign_shard_is_refused(tmp_path, one_rank_run):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "table-shard-001.safetensors").unlink()
-    from engram_lm.training.loop import load_trained
+    from engram_lm.inference.loading import load_trained
 
     with pytest.raises(ValueError, match="lacks table-shard-001"):
         load_trained(broken)

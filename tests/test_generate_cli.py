@@ -7,7 +7,7 @@ from engram_lm.cli import main
 from engram_lm.cli.model import apply_overrides
 from engram_lm.inference.generate import SamplingConfig, generate, sample_next
 from engram_lm.recipes import get_recipe
-from engram_lm.training.loop import load_trained
+from engram_lm.inference.loading import load_trained
 
 
 @pytest.fixture(scope="module")

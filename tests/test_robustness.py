@@ -13,7 +13,7 @@ import torch
 
 from engram_lm.cli import main
 from engram_lm.recipes import tiny
-from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.training.loop import train
 from engram_lm.training.run import RunLock
 
@@ -175,3 +175,49 @@ def test_json_into_a_closed_pipe_is_not_an_error(tmp_path):
     code = ("import sys; from engram_lm.cli import main; sys.exit(main(['layout', '--preset', 'paper-demo', '--json']))")
     proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -c 10", shell=True, capture_output=True, text=True)
     assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- offloaded tables are checked ----------------------------------------------------------
+def test_a_flipped_byte_in_an_exported_table_is_caught_and_verification_is_paid_once(tmp_path, capsys, monkeypatch):
+    from engram_lm.memory import export as export_mod
+
+    model, cfg = _tiny(steps=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    manifest = export_mod.export_memory(ckpt_io.latest_checkpoint(tmp_path / "run"), tmp_path / "mem", "fp32")
+    entry = manifest["layers"]["1"]
+    hashed = []
+    real = export_mod.verify_file
+    monkeypatch.setattr(export_mod, "verify_file", lambda *a, **k: hashed.append(real(*a, **k)) or hashed[-1])
+    rows, dim = entry["rows"], manifest["head_dim"]
+    export_mod.open_exported(tmp_path / "mem", 1, rows, dim, manifest["fingerprint"])
+    assert hashed == [False]  # stamped at export: no re-hash while the file is unchanged
+    path = tmp_path / "mem" / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its manifest checksum"):
+        export_mod.open_exported(tmp_path / "mem", 1, rows, dim, manifest["fingerprint"])
+    monkeypatch.setattr(export_mod, "verify_file", real)
+    assert main(["verify-memory", str(tmp_path / "mem")]) == 2
+    assert "damaged table files" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--memory-dir", str(tmp_path / "mem"),
+                 "--prompt", "a"]) == 2  # generate reads the export in place, and refuses it damaged
+
+
+# ---- data and tokenizer training -----------------------------------------------------------
+def test_long_unbroken_text_is_cut_before_bpe_training(tmp_path):
+    from engram_lm.tokenizer.bpe import MAX_WORD_CHARS, pre_tokenizer, train_bpe
+
+    pieces = pre_tokenizer().pre_tokenize_str("x" * (5 * MAX_WORD_CHARS) + " end")
+    assert max(len(p) for p, _ in pieces) <= MAX_WORD_CHARS + 1
+    tok = train_bpe(["ab" * 200_000, "plain words here"] * 2, 300)  # a 400 KB "word"
+    assert tok.get_vocab_size() <= 300
+
+
+def test_a_plain_text_file_splits_into_documents_at_blank_lines(tmp_path):
+    from engram_lm.training.corpus import load_corpus
+
+    f = tmp_path / "my.txt"
+    f.write_text("\n\n".join(f"Paragraph {i} says something.\nIt has two lines." for i in range(30)))
+    docs = load_corpus(str(f))
+    assert len(docs) == 30 and docs[3] == "Paragraph 3 says something.\nIt has two lines."

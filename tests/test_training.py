@@ -11,10 +11,11 @@ from engram_lm.config import EngramConfig
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.recipes import get_recipe
-from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.models.overencoding import OverEncodingConfig
 from engram_lm.training.data import eval_windows, is_val_document, prepare_data, sample_batch
-from engram_lm.training.loop import load_trained, train
+from engram_lm.inference.loading import load_trained
+from engram_lm.training.loop import train
 from engram_lm.training.optim import (
     ROLES, OptimConfig, SparseRowAdam, build_optimizers, lr_multiplier, param_roles,
 )  # fmt: skip

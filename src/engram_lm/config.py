@@ -1,4 +1,5 @@
-"""Frozen, validated configuration of one Engram setup (hashing + fusion module).
+"""Frozen, validated configurations of the memory modules: Engram (hashing + fusion) and
+the OverEncoding baseline (its module lives in models/overencoding.py). No torch here.
 
 Field names follow the paper; the reference demo's names are given in comments and
 accepted by `EngramConfig.from_reference_dict` (see `compat/reference.py`).
@@ -153,3 +154,48 @@ def checked_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 def _check(ok: bool, field: str, value: Any, fix: str) -> None:
     if not ok:
         raise ValueError(f"invalid EngramConfig.{field}={value!r}: {fix}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OverEncodingConfig:
+    slots: int  # m: base rows of each table
+    table_dim: int  # W: width of each table, the paper's d / (k (n - 1))
+    max_ngram: int = 3  # n
+    num_splits: int = 4  # k tables per order
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, low in (("slots", 2), ("table_dim", 1), ("max_ngram", 2), ("num_splits", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"invalid OverEncodingConfig.{name}={getattr(self, name)!r}: must be >= {low}")
+
+    @property
+    def num_tables(self) -> int:
+        return self.num_splits * (self.max_ngram - 1)
+
+    def moduli(self) -> list[tuple[int, int]]:
+        """(order, modulus) per table: orders 2..n, k tables each, moduli m + 2t + 1."""
+        orders = [i for i in range(2, self.max_ngram + 1) for _ in range(self.num_splits)]
+        return [(order, self.slots + 2 * t + 1) for t, order in enumerate(orders)]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(m for _, m in self.moduli())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OverEncodingConfig":
+        return cls(**checked_fields(cls, d))
+
+    def with_(self, **changes: Any) -> "OverEncodingConfig":
+        return replace(self, **changes)
+
+
+def overencoding_for_budget(table_params: int, dim: int, max_ngram: int = 3, num_splits: int = 4) -> OverEncodingConfig:
+    """The OE config whose tables hold ~table_params parameters at the paper's width."""
+    num_tables = num_splits * (max_ngram - 1)
+    table_dim = max(1, dim // num_tables)
+    slots = max(2, table_params // (table_dim * num_tables) - num_tables)
+    return OverEncodingConfig(slots=slots, table_dim=table_dim, max_ngram=max_ngram, num_splits=num_splits)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 from engram_lm.config import EngramConfig
-from engram_lm.models.accounting import allocate
 from engram_lm.models.config import ModelConfig
 from engram_lm.training.config import TrainConfig
 
@@ -48,6 +47,8 @@ def quickstart_engram_template() -> EngramConfig:
 
 
 def quickstart_engram() -> Recipe:
+    from engram_lm.models.accounting import allocate  # builds models to count: imports torch
+
     base, train = quickstart_moe()
     return allocate(base, QUICKSTART_RHO, quickstart_engram_template()), train
 

@@ -13,7 +13,7 @@ from engram_lm.analysis.cka import cka_matrix, soft_alignment_index
 from engram_lm.analysis.logit_lens import logit_lens
 from engram_lm.plotting import saved_figure
 from engram_lm.training.data import eval_windows, prepare_data
-from engram_lm.training.loop import load_trained
+from engram_lm.inference.loading import load_trained
 
 
 def _held_out(state: dict[str, Any], batches: int, seq: int = 128) -> torch.Tensor:

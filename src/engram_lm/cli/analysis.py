@@ -123,7 +123,7 @@ def cmd_gates(args: argparse.Namespace) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from engram_lm.analysis.gates import gate_values, gates_html, gates_png
-    from engram_lm.training.loop import load_trained
+    from engram_lm.inference.loading import load_trained
 
     model, state = load_trained(args.checkpoint)
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
@@ -146,7 +146,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from engram_lm.analysis.sensitivity import sensitivity
-    from engram_lm.training.loop import load_trained
+    from engram_lm.inference.loading import load_trained
 
     model, state = load_trained(args.checkpoint)
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))

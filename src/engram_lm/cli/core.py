@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from engram_lm.cli.args import int_list
 from engram_lm.config import EngramConfig
-from engram_lm.hashing.hasher import NgramHasher
 from engram_lm.presets import PRESETS, get_preset
-from engram_lm.tokenizer.cache import load_projection
-from engram_lm.tokenizer.sources import load_tokenizer, resolve_tokenizer
 
 
 def _add_layout_flags(p: argparse.ArgumentParser) -> None:
@@ -47,6 +42,9 @@ def _config_from_flags(args: argparse.Namespace) -> EngramConfig:
 
 
 def cmd_vocab(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.tokenizer.cache import load_projection
+    from engram_lm.tokenizer.sources import load_tokenizer, resolve_tokenizer
+
     projection = load_projection(args.tokenizer)
     tokenizer = None if args.tokenizer.startswith("identity:") else load_tokenizer(resolve_tokenizer(args.tokenizer))
     merges = []
@@ -73,6 +71,8 @@ def _print_vocab(r: dict[str, Any]) -> None:
 
 
 def cmd_layout(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.hashing.hasher import NgramHasher
+
     config = _config_from_flags(args)
     hasher = NgramHasher.from_config(config)
     layout = hasher.layout
@@ -99,6 +99,11 @@ def _print_layout(r: dict[str, Any]) -> None:
 
 
 def cmd_hash(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from engram_lm.hashing.hasher import NgramHasher
+    from engram_lm.tokenizer.sources import load_tokenizer, resolve_tokenizer
+
     config = _config_from_flags(args)
     hasher = NgramHasher.from_config(config)
     if args.text is not None:
@@ -107,6 +112,10 @@ def cmd_hash(args: argparse.Namespace) -> dict[str, Any]:
         ids = load_tokenizer(resolve_tokenizer(config.tokenizer)).encode(args.text, add_special_tokens=False).ids
     else:
         ids = args.ids
+    if any(i < 0 for i in ids) and not args.allow_negative:
+        raise ValueError(f"--ids has negative ids {[i for i in ids if i < 0]}: token ids are >= 0; negative ids are "
+                         "padding markers that pass through uncompressed (as in the reference demo): pass "
+                         "--allow-negative to hash them as such")  # fmt: skip
     ids_BT = torch.tensor([ids], dtype=torch.int64)
     hashes = hasher(ids_BT, global_rows=args.global_rows, eod_id=args.eod_id)
     return {
@@ -147,6 +156,7 @@ def add_core_commands(sub) -> None:
     src.add_argument("--ids", type=int_list, help="raw token ids, e.g. 5,17,9")
     _add_layout_flags(p)
     p.add_argument("--global-rows", action="store_true", help="add head offsets (rows of the layer table)")
+    p.add_argument("--allow-negative", action="store_true", help="hash negative ids as pass-through padding markers")
     p.add_argument("--eod-id", type=int, help="end-of-document token id: n-grams never cross it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_hash, show=_print_hash)

@@ -71,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from engram_lm.training.data import eval_windows, prepare_data
-    from engram_lm.training.loop import evaluate, load_trained
+    from engram_lm.inference.loading import load_trained
+    from engram_lm.training.loop import evaluate
 
     if args.batches < 1:
         raise ValueError(f"--batches {args.batches}: evaluate at least 1 batch")
@@ -95,8 +96,12 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.inference.generate import SamplingConfig, generate
     from engram_lm.inference.loading import load_for_inference
 
-    model, state = load_for_inference(args.checkpoint, memory=args.memory, cache_rows=args.cache_rows,
-                                      prefetch=args.prefetch, device=args.device or "cpu")  # fmt: skip
+    memory, export_dir = args.memory, args.memory_dir
+    if export_dir is not None:
+        memory = "mmap"  # an export folder is read in place, in its own dtype
+    model, state = load_for_inference(args.checkpoint, memory=memory, cache_rows=args.cache_rows,
+                                      prefetch=args.prefetch, device=args.device or "cpu",
+                                      export_dir=Path(export_dir) if export_dir else None)  # fmt: skip
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
@@ -116,6 +121,20 @@ def cmd_export_memory(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.memory.export import export_memory
 
     return export_memory(Path(args.checkpoint), Path(args.to), args.dtype)
+
+
+def cmd_verify_memory(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.memory.export import verify_memory
+
+    result = verify_memory(Path(args.dir))
+    if not result["ok"]:
+        bad = "; ".join(f"layer {k}: {v}" for k, v in result["layers"].items() if v != "ok")
+        raise ValueError(f"damaged table files in {args.dir}: {bad}")
+    return result
+
+
+def _print_verify(r: dict[str, Any]) -> None:
+    print(f"{r['dir']}: " + ", ".join(f"layer {k} {v}" for k, v in r["layers"].items()))
 
 
 def _print_export(r: dict[str, Any]) -> None:
@@ -171,6 +190,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", default="device", choices=("device", "ram", "mmap"),
                    help="where the Engram tables live (mmap exports them next to the checkpoint once)")
+    p.add_argument("--memory-dir", help="tables exported by `engram export-memory` (implies --memory mmap)")
     p.add_argument("--cache-rows", type=int, default=0, help="hot-row cache in front of the tables (rows)")
     p.add_argument("--prefetch", action="store_true", help="gather table rows in the background")
     p.add_argument("--device")
@@ -183,6 +203,11 @@ def add_model_commands(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
+
+    p = sub.add_parser("verify-memory", help="re-hash exported table files against their manifest")
+    p.add_argument("dir", help="an export folder (manifest.json + layer-<L>.bin)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_verify_memory, show=_print_verify)
 
     p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~8 min on 2 cores)")
     p.add_argument("--out", default="runs/quickstart")

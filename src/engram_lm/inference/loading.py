@@ -26,7 +26,7 @@ from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.table import MemoryTable
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
-from engram_lm.training.checkpoint import check_fingerprint, read_state, read_table_rows
+from engram_lm.checkpoint.store import check_fingerprint, read_state, read_table_rows
 
 MEMORY_TIERS = ("device", "ram", "mmap")
 
@@ -124,3 +124,9 @@ def _assign_dense_weights(model: EngramLM, path: Path, skip: set[str], device: t
     model.load_state_dict(tensors, strict=False, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, dict[str, Any]]:
+    """A trained model from a checkpoint (or a run folder's newest one), in eval mode,
+    with its tables on the compute device."""
+    return load_for_inference(checkpoint, memory="device", device=device)

@@ -6,7 +6,10 @@ Layout of an export folder:
     layer-<L>.bin   rows encoded as fp32, bf16 or fp8 (memory/codec.py), row-major
 Tables are streamed chunk by chunk from the checkpoint's table shards (never a second full
 copy in memory). Loading refuses a manifest for another layout, a wrong dtype or shape, and
-missing or truncated files; `verify=True` also re-hashes every file.
+missing or truncated files, and files whose content does not match the manifest's sha256:
+each file is hashed once and a stamp (`verified.json`: size, mtime and hash per file) lets
+later loads skip the hash while the file is unchanged; any write to a file changes its
+mtime and forces a new check. `verify=True` (and `engram verify-memory`) always re-hash.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def table_key(layer_id: int) -> str:
 
 
 def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
-    from engram_lm.training.checkpoint import read_state, read_table_rows
+    from engram_lm.checkpoint.store import read_state, read_table_rows
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
@@ -50,6 +53,8 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out_dir / "manifest.json")  # written last: an export without it is incomplete
+    for entry in layers.values():  # just hashed while writing: no need to read them again
+        _stamp(out_dir, entry["file"], entry["sha256"])
     return manifest
 
 
@@ -95,11 +100,58 @@ def open_exported(
         )
     path = Path(export_dir) / entry["file"]
     table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
-    if verify:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
-            raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export again")
+    verify_file(Path(export_dir), entry, force=verify)
     return table
+
+
+def verify_file(export_dir: Path, entry: dict[str, Any], *, force: bool = False) -> bool:
+    """Check one exported file against the manifest; True when it had to be re-hashed.
+    Raises ValueError naming the file when it does not match."""
+    path = export_dir / entry["file"]
+    if not force and _stamps(export_dir).get(entry["file"]) == _stamp_key(path, entry["sha256"]):
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export it again "
+                         "(engram export-memory)")  # fmt: skip
+    _stamp(export_dir, entry["file"], entry["sha256"])
+    return True
+
+
+def verify_memory(export_dir: Path) -> dict[str, Any]:
+    """Re-hash every table file of an export: {layer: "ok" | the error}."""
+    manifest = read_manifest(Path(export_dir), None)
+    report = {}
+    for layer_id, entry in manifest["layers"].items():
+        try:
+            verify_file(Path(export_dir), entry, force=True)
+            report[layer_id] = "ok"
+        except (ValueError, OSError) as err:
+            report[layer_id] = str(err)
+    return {"dir": str(export_dir), "layers": report, "ok": all(v == "ok" for v in report.values())}
+
+
+def _stamp_key(path: Path, sha256: str) -> list[Any]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, sha256]
+
+
+def _stamps(export_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((export_dir / "verified.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _stamp(export_dir: Path, name: str, sha256: str) -> None:
+    stamps = _stamps(export_dir)
+    stamps[name] = _stamp_key(export_dir / name, sha256)
+    try:
+        tmp = export_dir / "verified.json.tmp"
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, export_dir / "verified.json")
+    except OSError:
+        pass  # a read-only export: every load re-hashes instead

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from engram_lm.config import EngramConfig, check_field_types, checked_fields
-from engram_lm.models.overencoding import OverEncodingConfig
+from engram_lm.config import EngramConfig, OverEncodingConfig, check_field_types, checked_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

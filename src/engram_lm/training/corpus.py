@@ -5,7 +5,8 @@ Built-in:
   chapter, footnotes in {braces} removed. ~0.77 M words. The default.
 - `python-stdlib`: the running Python's standard-library .py files outside test folders,
   one document per file (content differs between Python versions: the digest records it).
-User paths: a .txt file (one document), a .jsonl file (one document per line's "text"),
+User paths: a .txt file (documents separated by blank lines), a folder (one document per
+.txt file), a .jsonl file (one document per line's "text"),
 or a folder searched recursively for both, in sorted order.
 """
 
@@ -124,6 +125,8 @@ def read_user_corpus(path: Path) -> list[str]:
     docs: list[str] = []
     for file in files:
         docs.extend(_read_file(file))
+    if path.is_file() and path.suffix != ".jsonl":  # one plain-text file: its paragraphs are the documents
+        docs = [p.strip() for d in docs for p in re.split(r"\n[ \t]*\n", d)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"data path {path} holds no text: give .txt files or .jsonl lines with a 'text' field")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def prepare_data(corpus: str, tokenizer_spec: str, cache_dir: Path | None = None
     if not val_docs:
         raise ValueError(
             f"corpus {corpus!r} has {len(docs)} document(s); the validation split takes every "
-            f"{VAL_EVERY}th, so give at least {VAL_OFFSET + 1} documents (e.g. split the text into files)"
+            f"{VAL_EVERY}th, so give at least {VAL_OFFSET + 1} documents (separate them by blank lines in a .txt file, one per .txt file in a folder, or one per .jsonl line)"
         )
     tok_path = tokenizer_for(tokenizer_spec, train_docs, digest)
     tokenizer = load_tokenizer(resolve_tokenizer(str(tok_path)))
@@ -86,8 +88,11 @@ def prepare_data(corpus: str, tokenizer_spec: str, cache_dir: Path | None = None
     dtype = np.uint16 if vocab <= 65535 else np.uint32
     if not (folder / "meta.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        print(f"tokenizing {corpus!r} ({len(docs):,} documents) once; cached in {folder}", file=sys.stderr, flush=True)
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             _write_tokens(folder / f"{split}.bin", tokenizer, split_docs, eod, dtype)
+        print(f"tokenized in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         _write_json(folder / "meta.json", {"corpus": corpus, "corpus_digest": digest, "tokenizer": str(tok_path),
                                            "vocab_size": vocab, "eod_id": eod, "dtype": np.dtype(dtype).name})  # fmt: skip
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")

@@ -26,7 +26,7 @@ from engram_lm.distributed.context import (
 from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
-from engram_lm.training import checkpoint as ckpt_io
+from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.training.allocator import keep_large_buffers_on_heap
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch
@@ -376,11 +376,3 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
-
-
-def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[EngramLM, dict[str, Any]]:
-    """A trained model from a checkpoint (or a run folder's newest one), in eval mode,
-    with its tables on the compute device (see inference/loading.py for other tiers)."""
-    from engram_lm.inference.loading import load_for_inference
-
-    return load_for_inference(checkpoint, memory="device", device=device)

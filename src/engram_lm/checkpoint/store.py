@@ -29,7 +29,6 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engram_lm.memory.table import MemoryTable
 
 FORMAT = "engram-lm-checkpoint/2"
 KEEP_LAST = 3
@@ -48,13 +47,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def table_modules(model: torch.nn.Module) -> dict[str, MemoryTable]:
-    """Parameter name -> table module, for every trainable table (dense or sharded)."""
+def table_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Parameter name -> table module, for every trainable table (dense or sharded): any
+    module with `num_rows`, `dim` and a `weight` parameter (the MemoryTable interface; by
+    duck type, so this layer imports nothing from the memory tiers above it)."""
     return {f"{name}.weight": m for name, m in model.named_modules()
-            if isinstance(m, MemoryTable) and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}  # fmt: skip
+            if hasattr(m, "num_rows") and hasattr(m, "dim") and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}  # fmt: skip
 
 
-def _row_range(table: MemoryTable) -> tuple[int, int]:
+def _row_range(table: torch.nn.Module) -> tuple[int, int]:
     return getattr(table, "start", 0), getattr(table, "end", table.num_rows)
 
 
@@ -271,7 +272,7 @@ def load_optimizers(model: torch.nn.Module, optimizers: dict[str, torch.optim.Op
         opt.load_state_dict({"state": opt_state, "param_groups": groups})
 
 
-def _table_moments(state: dict, name: str, table: MemoryTable, scalars: dict) -> dict:
+def _table_moments(state: dict, name: str, table: torch.nn.Module, scalars: dict) -> dict:
     if "step" not in scalars:
         return {}
     entry: dict[str, Any] = {"step": torch.tensor(float(scalars["step"]), dtype=torch.float64)}

@@ -1,0 +1,1 @@
+"""Checkpoint reading and writing: a layer below training, memory tiers and inference."""
