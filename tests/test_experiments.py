@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep
 from engram_lm.experiments.duration import duration_specs, gaps

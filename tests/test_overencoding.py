@@ -44,6 +44,9 @@ def test_combination_is_token_plus_projected_rows_over_one_plus_tables():
     T, W = oe.memory.weight, [p.weight for p in oe.proj]
     want = torch.stack([(x[0, t] + W[0] @ T[rows[0, t, 0]] + W[1] @ T[rows[0, t, 1]]) / 3 for t in range(2)])
     assert torch.allclose(oe(x, rows)[0], want, atol=1e-6)
+    oe.config = cfg.with_(combine="add_mean")  # the diagnostic form keeps the token embedding at full scale
+    want = torch.stack([x[0, t] + (W[0] @ T[rows[0, t, 0]] + W[1] @ T[rows[0, t, 1]]) / 2 for t in range(2)])
+    assert torch.allclose(oe(x, rows)[0], want, atol=1e-6)
 
 
 def test_decoding_step_equals_full_hashing():

@@ -162,9 +162,14 @@ class OverEncodingConfig:
     table_dim: int  # W: width of each table, the paper's d / (k (n - 1))
     max_ngram: int = 3  # n
     num_splits: int = 4  # k tables per order
+    # "mean": the paper's (E[x] + sum_j W_j T_j) / (1 + H); "add_mean": E[x] + (1/H) sum_j W_j T_j,
+    # which leaves the token embedding at full scale (a diagnostic, not the paper's form)
+    combine: str = "mean"
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if self.combine not in ("mean", "add_mean"):
+            raise ValueError(f"invalid OverEncodingConfig.combine={self.combine!r}: use 'mean' (paper) or 'add_mean'")
         for name, low in (("slots", 2), ("table_dim", 1), ("max_ngram", 2), ("num_splits", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"invalid OverEncodingConfig.{name}={getattr(self, name)!r}: must be >= {low}")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engram_lm.cli.args import int_list
 from engram_lm.models.config import ModelConfig
 from engram_lm.recipes import RECIPES, get_recipe
 from engram_lm.training.config import TrainConfig
@@ -123,6 +124,29 @@ def cmd_export_memory(args: argparse.Namespace) -> dict[str, Any]:
     return export_memory(Path(args.checkpoint), Path(args.to), args.dtype)
 
 
+def cmd_retrofit(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from engram_lm.hf.train import RetrofitConfig, retrofit
+    except ImportError as err:
+        raise ValueError(f"engram retrofit needs transformers ({err}); install the extra: pip install 'engram-lm[hf]'") from None
+    changes: dict[str, Any] = {"data": args.data, "layers": tuple(args.layers), "steps": args.steps, "train_base": args.train_base}
+    for pair in args.set or []:
+        key, _, raw = pair.partition("=")
+        if key not in RetrofitConfig.__dataclass_fields__:
+            raise ValueError(f"unknown RetrofitConfig field {key!r}; known: {sorted(RetrofitConfig.__dataclass_fields__)}")
+        try:
+            changes[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key] = raw
+    return retrofit(args.model, RetrofitConfig(**changes), Path(args.out), device=args.device, progress=not args.quiet)
+
+
+def _print_retrofit(r: dict[str, Any]) -> None:
+    print(f"held-out loss: base {r['base_val_loss']:.4f} -> with Engram {r['val_loss']:.4f} "
+          f"({r['val_tokens']:,} tokens); trainable {r['trainable_params']:,} of {r['total_params']:,} parameters; "
+          f"adapter in {r['adapter']}")  # fmt: skip
+
+
 def cmd_verify_memory(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.memory.export import verify_memory
 
@@ -203,6 +227,19 @@ def add_model_commands(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
+
+    p = sub.add_parser("retrofit", help="add Engram to a local Hugging Face causal LM and train only the memory")
+    p.add_argument("--model", required=True, help="a local Hugging Face model folder (config.json, weights, tokenizer.json)")
+    p.add_argument("--data", default="bible", help="what `engram train --data` takes, tokenized with the model's tokenizer")
+    p.add_argument("--layers", type=int_list, default=[1], help="decoder layers that get an Engram module (0-based)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", default="runs/retrofit")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RetrofitConfig field (repeatable)")
+    p.add_argument("--train-base", action="store_true", help="fine-tune the base model too (at base_lr)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_retrofit, show=_print_retrofit)
 
     p = sub.add_parser("verify-memory", help="re-hash exported table files against their manifest")
     p.add_argument("dir", help="an export folder (manifest.json + layer-<L>.bin)")

@@ -12,11 +12,10 @@ val_loss, variant, epochs) and allocation.png (mean +- standard error per rho).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import saved_figure
@@ -65,20 +64,14 @@ def _slots(cfg) -> int:
 
 
 def allocation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
-    out_dir = Path(out_dir)
-    results = run_specs(out_dir, allocation_specs(**kwargs), progress=progress, device=device)
-    write_allocation(results, out_dir)
-    return results
+    return sweep(out_dir, allocation_specs(**kwargs), write_allocation, progress=progress, device=device)
 
 
 def write_allocation(results: list[dict[str, Any]], out_dir: Path) -> None:
     if not results:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "allocation.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(results, key=lambda r: (r["variant"] == "capacity1", r["rho"], r["seed"])))
+    order = sorted(results, key=lambda r: (r["variant"] == "capacity1", r["rho"], r["seed"]))
+    write_csv(out_dir / "allocation.csv", order, CSV_FIELDS)
     write_json(out_dir / "allocation.json", {"runs": results, **run_metadata()})
     plot_allocation(results, out_dir / "allocation.png")
 

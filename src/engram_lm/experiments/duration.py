@@ -12,11 +12,10 @@ its epochs. One learning-rate schedule spans the whole run (warmup, then the ste
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import saved_figure
@@ -76,20 +75,13 @@ def gaps(results: list[dict[str, Any]], variant: str = "engram", baseline: str =
 
 
 def duration_study(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
-    out_dir = Path(out_dir)
-    results = run_specs(out_dir, duration_specs(**kwargs), progress=progress, device=device)
-    write_duration(results, out_dir)
-    return results
+    return sweep(out_dir, duration_specs(**kwargs), write_duration, progress=progress, device=device)
 
 
 def write_duration(results: list[dict[str, Any]], out_dir: Path) -> None:
     if not results:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "duration.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(milestone_rows(results))
+    write_csv(out_dir / "duration.csv", milestone_rows(results), CSV_FIELDS)
     write_json(out_dir / "duration.json", {"runs": results, **run_metadata()})
     plot_duration(results, out_dir / "duration.png")
 

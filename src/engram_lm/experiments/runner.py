@@ -11,6 +11,7 @@ where it stopped, and the small result files can be committed without the checkp
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import statistics
@@ -70,9 +71,12 @@ def _same_request(saved: dict[str, Any] | None, planned: dict[str, Any]) -> bool
 
 
 def _request_key(requested: dict[str, Any]) -> str:
-    """What decides a run's result: the configs, less checkpoint cadence; data by folder name."""
-    train = {k: v for k, v in requested["train"].items() if k not in CADENCE_KEYS}
-    return json.dumps({**requested, "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
+    """What decides a run's result: the configs (fields added later take their defaults),
+    less checkpoint cadence; data by folder name."""
+    model = ModelConfig.from_dict(requested["model"]).to_dict()
+    train_cfg = TrainConfig.from_dict({k: v for k, v in requested["train"].items() if k in TrainConfig.__dataclass_fields__})
+    train = {k: v for k, v in train_cfg.to_dict().items() if k not in CADENCE_KEYS}
+    return json.dumps({"model": model, "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
 
 
 def estimate_seconds(specs: list[RunSpec], finished: list[dict[str, Any]]) -> tuple[float, str]:
@@ -149,6 +153,22 @@ def run_specs(
             shutil.rmtree(root / spec.key / "checkpoints", ignore_errors=True)
         finished[spec.key] = by_request[_request_key(record["requested"])] = record
     return [finished[s.key] for s in specs if s.key in finished]
+
+
+def sweep(out_dir: Path, specs: list[RunSpec], write, *, progress: bool = True, device: str | None = None) -> list[dict[str, Any]]:
+    """Run an experiment's specs under out_dir, then write its outputs with `write(results, out_dir)`."""
+    results = run_specs(Path(out_dir), specs, progress=progress, device=device)
+    write(results, Path(out_dir))
+    return results
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields) -> None:
+    """One row per run (or milestone), only the named columns, in that order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _val_curve(run_dir: Path) -> list[list[float]]:

@@ -3,6 +3,8 @@
 Sections, in the order that answers the most important questions first:
   sanity        the no-memory MoE, OverEncoding and Engram at the largest table budget
                 (seed 0 of the scaling sweep): does the baseline beat no memory?
+  oe-diagnosis  OverEncoding at its largest size, paper form vs the token embedding kept at
+                full scale vs a 5x table lr: why it loses to no memory here (it did)
   duration      MoE vs iso-parameter MoE+Engram vs capacity-1, 8x the quickstart's tokens,
                 on data that does not repeat (--long-data)
   scaling       fixed backbone, Engram vs OverEncoding at equal table parameters
@@ -31,7 +33,7 @@ from engram_lm.experiments.variants import (
 )  # fmt: skip
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
-SECTIONS = ("sanity", "duration", "scaling", "allocation-4x", "regularisation", "duration-repeated", "mhc",
+SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "allocation-4x", "regularisation", "duration-repeated", "mhc",
             "allocation", "table-lr", "ablations")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -53,6 +55,24 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
             tr = t.with_(table_weight_decay=change.get("table_weight_decay", 0.0))
             tags = {"experiment": "regularisation", "variant": f"engram_{name}", "seed": seed}
             specs.append(RunSpec(f"{prefix}engram_{name}/seed-{seed}", model, tr, tags))
+    return specs
+
+
+def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
+    """Why OverEncoding (paper form) might lose to no memory here: the same largest table
+    with the token embedding kept at full scale (E + mean of the n-gram vectors), or with
+    Engram's 5x table learning rate; the MoE per seed for the comparison."""
+    from engram_lm.experiments.variants import scaling_configs
+
+    moe, train_cfg = quickstart_moe()
+    oe = scaling_configs(max(SCALING_TABLE_PARAMS))["overencoding"]
+    variants = {"overencoding_add_mean": (oe.with_(overencoding=oe.overencoding.with_(combine="add_mean")), 1.0),
+                "overencoding_lr5x": (oe, 5.0), "overencoding": (oe, 1.0), "moe": (moe, train_cfg.table_lr_mult)}  # fmt: skip
+    specs = []
+    for seed in seeds:
+        for name, (model, mult) in variants.items():
+            t = train_cfg.with_(seed=seed, table_lr_mult=mult)
+            specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, t, {"experiment": "oe-diagnosis", "variant": name, "seed": seed}))
     return specs
 
 
@@ -79,6 +99,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
     top = max(SCALING_TABLE_PARAMS)
     builders = {
         "sanity": lambda: [s for s in scaling if s.tags["seed"] == 0 and s.tags.get("budget", top) == top],
+        "oe-diagnosis": lambda: oe_diagnosis_specs(seeds=seed_list, prefix="oe-diagnosis/"),
         "duration": lambda: duration_specs(data=long_data, seeds=seed_list, prefix="duration/"),
         "scaling": lambda: scaling,
         "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),

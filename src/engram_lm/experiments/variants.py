@@ -15,14 +15,13 @@ measured in the duration study (M = 4 against M = 1).
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from pathlib import Path
 from typing import Any
 
 from engram_lm.config import EngramConfig
-from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import estimate
 from engram_lm.hashing.layout import build_layout
 from engram_lm.models.accounting import engram_with_rows
@@ -114,42 +113,28 @@ def _slots_of(r: dict[str, Any]) -> int:
 
 
 def scaling_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
-    out_dir = Path(out_dir)
-    results = run_specs(out_dir, scaling_specs(**kwargs), progress=progress, device=device)
-    write_scaling(results, out_dir)
-    return scaling_rows(results)
+    return scaling_rows(sweep(out_dir, scaling_specs(**kwargs), write_scaling, progress=progress, device=device))
 
 
 def write_scaling(results: list[dict[str, Any]], out_dir: Path) -> None:
     if not results:
         return
     rows = scaling_rows(results)
-    _write_csv(out_dir / "scaling.csv", rows, SCALING_FIELDS)
+    write_csv(out_dir / "scaling.csv", rows, SCALING_FIELDS)
     write_json(out_dir / "scaling.json", {"runs": results, **run_metadata()})
     _plot_scaling(rows, out_dir / "scaling.png")
 
 
 def ablation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
-    out_dir = Path(out_dir)
-    results = run_specs(out_dir, ablation_specs(**kwargs), progress=progress, device=device)
-    write_ablations(results, out_dir)
-    return results
+    return sweep(out_dir, ablation_specs(**kwargs), write_ablations, progress=progress, device=device)
 
 
 def write_ablations(results: list[dict[str, Any]], out_dir: Path) -> None:
     if not results:
         return
-    _write_csv(out_dir / "ablations.csv", results, ABLATION_FIELDS)
+    write_csv(out_dir / "ablations.csv", results, ABLATION_FIELDS)
     write_json(out_dir / "ablations.json", {"runs": results, **run_metadata()})
     _plot_ablations(results, out_dir / "ablations.png")
-
-
-def _write_csv(path: Path, rows: list[dict], fields) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def group_by(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:

@@ -87,7 +87,7 @@ class OverEncoding(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, rows_BTH: torch.Tensor) -> torch.Tensor:
         e_BTHW = self.memory(rows_BTH)
-        y_BTD = x_BTD
-        for j, proj in enumerate(self.proj):
-            y_BTD = y_BTD + proj(e_BTHW[..., j, :])
-        return y_BTD / (1 + self.num_tables)
+        ngram_BTD = sum(proj(e_BTHW[..., j, :]) for j, proj in enumerate(self.proj))
+        if self.config.combine == "add_mean":
+            return x_BTD + ngram_BTD / self.num_tables
+        return (x_BTD + ngram_BTD) / (1 + self.num_tables)
