@@ -226,3 +226,30 @@ def test_changed_config_in_same_run_folder_is_refused(tmp_path):
     train(model_cfg, train_cfg.with_(steps=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="different configuration"):
         train(model_cfg.with_(dim=32), train_cfg.with_(steps=2), tmp_path, progress=False)
+
+
+def test_training_with_tables_in_host_ram_gives_the_device_losses(tmp_path):
+    model_cfg, train_cfg = get_recipe("tiny")
+    train_cfg = train_cfg.with_(steps=6, eval_every=6)
+    a = train(model_cfg, train_cfg, tmp_path / "device", progress=False)
+    b = train(model_cfg, train_cfg, tmp_path / "ram", progress=False, memory="ram")
+    losses = lambda run: [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "device") == losses(tmp_path / "ram") and a.val_loss == b.val_loss
+    with pytest.raises(ValueError, match="--memory 'mmap'"):
+        train(model_cfg, train_cfg, tmp_path / "x", progress=False, memory="mmap")
+
+
+def test_host_table_dedup_path_matches_the_device_table():
+    from engram_lm.memory.dense import DenseTable
+    from engram_lm.memory.host_trainable import HostTrainableTable
+
+    torch.manual_seed(0)
+    dense = DenseTable(50, 4, sparse_grad=True)
+    host = HostTrainableTable(dense.weight, dedup=True)
+    rows = torch.randint(0, 50, (3, 7, 2))  # duplicates across positions
+    g = torch.randn(3, 7, 2, 4)
+    (dense(rows) * g).sum().backward()
+    (host(rows) * g).sum().backward()
+    assert torch.equal(dense(rows), host(rows))
+    assert torch.allclose(dense.weight.grad.to_dense(), host.weight.grad.to_dense(), atol=1e-6)
+    assert host.to("meta").weight.device.type == "cpu"  # moving the model leaves the rows on the host

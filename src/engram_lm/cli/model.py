@@ -59,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.set or [])
     out = Path(args.out or f"runs/{args.preset}")
     return train(model_cfg, train_cfg, out, name=args.preset, device=args.device, progress=not args.quiet,
-                 allow_data_change=args.allow_data_change, resume_from=args.resume_from).to_dict()  # fmt: skip
+                 allow_data_change=args.allow_data_change, resume_from=args.resume_from,
+                 memory=args.memory).to_dict()  # fmt: skip
 
 
 def _print_train(r: dict[str, Any]) -> None:
@@ -189,6 +190,8 @@ def add_model_commands(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 500; also every 10 minutes)")
     p.add_argument("--resume-from", help="resume from this checkpoint folder instead of the newest")
+    p.add_argument("--memory", default="device", choices=("device", "ram"),
+                   help="where the Engram tables and their optimizer moments live while training")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although the data or tokenizer changed (recorded in metrics.jsonl)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

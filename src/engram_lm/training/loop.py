@@ -23,6 +23,7 @@ import torch
 from engram_lm.distributed.context import (
     DistContext, all_reduce_dense_grads, all_reduce_moe_loads, replicated_params, shard_tables,
 )  # fmt: skip
+from engram_lm.memory.host_trainable import tables_to_host
 from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
@@ -90,23 +91,27 @@ def train(
     stop_after: int | None = None,
     allow_data_change: bool = False,
     resume_from: str | Path | None = None,
+    memory: str = "device",
 ) -> TrainResult:
     """Train (or resume) a model; `stop_after` ends early after that step (for tests).
     Under torchrun (WORLD_SIZE > 1) tables are row-sharded across the ranks, the rest is
     data-parallel, each rank reads its slice of the global batch, and rank 0 logs.
 
     Resuming: the newest complete checkpoint (or `resume_from`), refused when the data or
-    tokenizer changed unless `allow_data_change`; a larger `steps` extends a finished run
+    tokenizer changed unless `allow_data_change`; `memory="ram"` keeps the Engram tables
+    (and their optimizer moments) in host RAM while training (memory/host_trainable.py); a larger `steps` extends a finished run
     (only the schedule's length changes, logged). SIGINT/SIGTERM save a checkpoint at the
     end of the current step and raise `TrainingInterrupted`. A non-finite loss stops the
     run with the last good checkpoint kept. The run folder is locked while training."""
     out_dir = Path(out_dir)
     ctx = DistContext.from_env((torch.device(device) if device else torch.device("cpu")).type)
+    if memory not in ("device", "ram"):
+        raise ValueError(f"--memory {memory!r}: training keeps tables on the 'device' or in host 'ram'")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; give a folder for the run")
     with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext(), _graceful_stop() as stop:
         return _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
-                      stop)  # fmt: skip
+                      stop, memory)  # fmt: skip
 
 
 class TrainingInterrupted(Exception):
@@ -142,7 +147,7 @@ def _graceful_stop():
 
 
 def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
-           stop=None) -> TrainResult:  # fmt: skip
+           stop=None, memory="device") -> TrainResult:  # fmt: skip
     device = _device(device)
     ctx = DistContext.from_env(device.type)
     if device.type == "cuda" and ctx.enabled:
@@ -168,6 +173,8 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
     torch.manual_seed(train_cfg.seed)
     model = EngramLM(resolved)
     shard_tables(model, ctx)
+    if memory == "ram":
+        tables_to_host(model, device)
     model.to(device)
     optimizers = build_optimizers(model, OptimConfig(lr=train_cfg.lr, table_lr_mult=train_cfg.table_lr_mult,
                                                      weight_decay=train_cfg.weight_decay,
