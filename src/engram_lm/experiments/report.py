@@ -183,7 +183,7 @@ def _neighbour_called(by_rho: dict[float, dict[int, float]], best: float) -> boo
 
 
 def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: Any, intro: str,
-                  claims: dict[Any, str]) -> tuple[list[list[str]], list[str]]:  # fmt: skip
+                  claims: dict[Any, str], expect: str = "higher") -> tuple[list[list[str]], list[str]]:  # fmt: skip
     """A table of variants against a reference variant (ablations, regularisers, table lr)."""
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
@@ -195,7 +195,7 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
         c = compare(losses, ref) if ref and value != reference else None
         table.append([value, _fmt(estimate(list(losses.values()))), _fmt(c.diff, True) if c else "", _verdict_word(c.verdict) if c else ""])
         if c is not None and value in claims:
-            verdicts.append([claims[value], _claim(c.verdict, "higher"), f"{_data(runs)}, {_epochs(runs)} epochs",
+            verdicts.append([claims[value], _claim(c.verdict, expect), f"{_data(runs)}, {_epochs(runs)} epochs",
                              f"{value} - {reference} {_fmt(c.diff, True)}"])  # fmt: skip
     return verdicts, lines + _table([key, "val loss", f"minus {reference}", "call"], table) + [""]
 
@@ -220,6 +220,14 @@ def build_report(root: Path, out: Path) -> str:
     parts = [
         ("duration", lambda r: duration_section(r, "Does the gain last? (data that does not repeat)", "single-epoch")),
         ("scaling", scaling_section),
+        ("oe-diagnosis", lambda r: keyed_section(
+            r, "Why OverEncoding loses to no memory here: a diagnosis", "variant", "moe",
+            "OverEncoding at its largest table (8.4M parameters), `{data}` ({epochs} epochs), {seeds} seed(s): the "
+            "paper's form ((E + sum W T) / (1 + H), base lr), the token embedding kept at full scale (E + mean of "
+            "W T), and the paper's form at Engram's 5x table lr; each minus the no-memory MoE.",
+            {"overencoding": "sanity (diagnosis): OverEncoding, paper form, beats no memory",
+             "overencoding_add_mean": "OverEncoding with the token embedding at full scale beats no memory"},
+            expect="lower")),
         ("allocation-4x", lambda r: allocation_section(r, "Sparsity allocation at 4x the quickstart (no repetition)")),
         ("allocation", lambda r: allocation_section(r, "Sparsity allocation at the quickstart budget")),
         ("mhc", lambda r: duration_section(r, "Multi-branch backbone (M = 4): does the gain hold?", "single-epoch, M = 4")),
