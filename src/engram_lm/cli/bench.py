@@ -66,6 +66,32 @@ def _print_distributed(r: dict[str, Any]) -> None:
     print(f"  ({r['cpus']} CPUs: with more processes than CPUs the times include oversubscription)")
 
 
+def cmd_bench_cache_curve(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from engram_lm.bench.cache_curve import cache_curve, plot_cache_curve
+    from engram_lm.training.run import write_json
+
+    result = cache_curve(corpus=args.data, table_size=args.table_size, warm_tokens=args.warm_tokens,
+                         measure_tokens=args.measure_tokens)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "cache_curve.json", result)
+    plot_cache_curve(result, out / "cache_curve.png")
+    return {**result, "out": str(out)}
+
+
+def _print_cache_curve(r: dict[str, Any]) -> None:
+    from engram_lm.bench.cache_curve import POLICIES
+
+    print(f"{r['corpus']}: {r['table_rows']:,} table rows; warmed on {r['warm_accesses']:,} reads of the training split, "
+          f"measured on {r['measured_accesses']:,} held-out reads ({r['distinct_rows_measured']:,} distinct rows)")  # fmt: skip
+    print(f"{'share':>7}{'rows':>9}" + "".join(f"{p:>12}" for p in POLICIES))
+    for row in r["rows"]:
+        print(f"{row['share']:>7.3f}{row['capacity_rows']:>9,}" + "".join(f"{row[p]:>12.3f}" for p in POLICIES))
+    print(f"upper bound for any cache (first reads miss): {r['compulsory_miss_bound']:.3f}; written: {r['out']}")
+
+
 def add_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -87,6 +113,14 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_distributed, show=_print_distributed)
+    b = bench.add_parser("cache-curve", help="hot-row cache hit rate vs cache size on held-out text (LRU, W-TinyLFU, ours)")
+    b.add_argument("--data", default="bible")
+    b.add_argument("--table-size", type=int, default=20_480, help="base rows per order and head")
+    b.add_argument("--warm-tokens", type=int, default=100_000)
+    b.add_argument("--measure-tokens", type=int, default=50_000)
+    b.add_argument("--out", default="runs/cache-curve")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_cache_curve, show=_print_cache_curve)
     b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)
