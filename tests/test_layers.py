@@ -8,10 +8,13 @@ from engram_lm.layers.rope import apply_rope, rope_tables
 
 
 def test_sinkhorn_is_doubly_stochastic():
-    p = sinkhorn(torch.randn(6, 4, 4) * 2, iters=20)
+    # a fixed draw: with spread logits 20 iterations leave row sums ~1e-2 off (seen when the
+    # global RNG state changed), so convergence is checked with enough iterations
+    logits = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(0)) * 2
+    p = sinkhorn(logits, iters=200)
     assert (p >= 0).all()
-    assert torch.allclose(p.sum(-1), torch.ones(6, 4), atol=1e-3)
-    assert torch.allclose(p.sum(-2), torch.ones(6, 4), atol=1e-5)
+    assert torch.allclose(p.sum(-1), torch.ones(6, 4), atol=1e-4)
+    assert torch.allclose(p.sum(-2), torch.ones(6, 4), atol=1e-5)  # the last normalisation is over columns
 
 
 def test_sinkhorn_of_a_doubly_stochastic_matrix_is_itself():
