@@ -165,3 +165,27 @@ def test_bad_memory_requests(tiny_ckpt):
         load_for_inference(tiny_ckpt, memory="ssd")
     with pytest.raises(ValueError, match=">= 1 row"):
         load_for_inference(tiny_ckpt, cache_rows=-1)
+
+
+@pytest.mark.parametrize("dtype, dim", [("fp32", 32), ("bf16", 48), ("fp8", 32)])
+def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim):
+    from engram_lm.memory.codec import encode_rows, row_bytes
+    from engram_lm.memory.host import MmapTable
+    from engram_lm.memory.ssd import BLOCK, SsdTable
+
+    torch.manual_seed(0)
+    weight = torch.randn(3001, dim)
+    path = tmp_path / "layer.bin"
+    encode_rows(weight, dtype).tofile(path)
+    mm, ssd = MmapTable(path, 3001, dim, dtype), SsdTable(path, 3001, dim, dtype, queue_depth=8)
+    rows = torch.randint(0, 3001, (4, 50, 6))
+    rows[0, 0, :] = 3000  # the last row: a read that ends at the end of the file
+    assert torch.equal(ssd(rows), mm(rows))
+    # rows sharing a block cost one read; a row never costs more than the blocks it spans
+    per_block = BLOCK // row_bytes(dtype, dim)
+    ssd.blocks_read = 0
+    ssd(torch.arange(0, max(per_block, 1)).view(1, 1, -1))
+    assert ssd.blocks_read <= 2
+    with pytest.raises(ValueError, match="expected"):
+        SsdTable(path, 3002, dim, dtype)
+    ssd.close()

@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.inference.loading import load_for_inference
 
     memory, export_dir = args.memory, args.memory_dir
-    if export_dir is not None:
+    if export_dir is not None and memory not in ("mmap", "ssd"):
         memory = "mmap"  # an export folder is read in place, in its own dtype
     model, state = load_for_inference(args.checkpoint, memory=memory, cache_rows=args.cache_rows,
                                       prefetch=args.prefetch, device=args.device or "cpu",
@@ -215,7 +215,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory", default="device", choices=("device", "ram", "mmap"),
+    p.add_argument("--memory", default="device", choices=("device", "ram", "mmap", "ssd"),
                    help="where the Engram tables live (mmap exports them next to the checkpoint once)")
     p.add_argument("--memory-dir", help="tables exported by `engram export-memory` (implies --memory mmap)")
     p.add_argument("--cache-rows", type=int, default=0, help="hot-row cache in front of the tables (rows)")

@@ -7,6 +7,7 @@ its table from the chosen tier:
     device  trainable DenseTable on the compute device (the training layout)
     ram     HostTable in host RAM (pinned with CUDA)
     mmap    MmapTable over exported files (exported on first use next to the checkpoint)
+    ssd     SsdTable over the same files: O_DIRECT block reads from a pool of threads
 optionally behind a hot-row cache (`cache_rows`) and a background prefetcher (`prefetch`).
 """
 
@@ -28,7 +29,7 @@ from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.checkpoint.store import check_fingerprint, read_state, read_table_rows
 
-MEMORY_TIERS = ("device", "ram", "mmap")
+MEMORY_TIERS = ("device", "ram", "mmap", "ssd")
 
 
 def load_for_inference(
@@ -66,7 +67,7 @@ def load_for_inference(
         oe = model.overencoding.memory
         weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
         model.overencoding.memory = _device_table(weight, device)
-    if memory == "mmap":
+    if memory in ("mmap", "ssd"):
         export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
         if not (export_dir / "manifest.json").exists():
             export_memory(ckpt, export_dir, export_dtype)
@@ -86,8 +87,8 @@ def load_for_inference(
 
 def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify) -> MemoryTable:
     rows, dim = meta_table.num_rows, meta_table.dim
-    if memory == "mmap":
-        return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify)
+    if memory in ("mmap", "ssd"):
+        return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify, tier=memory)
     weight = read_table_rows(state, table_key(layer_id), 0, rows)
     if tuple(weight.shape) != (rows, dim):
         raise ValueError(f"checkpoint table of layer {layer_id} has shape {tuple(weight.shape)}, expected {(rows, dim)}")

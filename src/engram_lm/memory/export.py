@@ -88,8 +88,11 @@ def read_manifest(export_dir: Path, fingerprint: str | None) -> dict[str, Any]:
 
 
 def open_exported(
-    export_dir: Path, layer_id: int, rows: int, dim: int, fingerprint: str | None, *, device="cpu", verify: bool = False
+    export_dir: Path, layer_id: int, rows: int, dim: int, fingerprint: str | None, *, device="cpu", verify: bool = False,
+    tier: str = "mmap",
 ) -> MmapTable:
+    """The exported table of one layer as an mmap table, or with tier="ssd" as the
+    deep-queue reader (memory/ssd.py); checked against the manifest either way."""
     manifest = read_manifest(export_dir, fingerprint)
     entry = manifest["layers"].get(str(layer_id))
     if entry is None:
@@ -99,7 +102,12 @@ def open_exported(
             f"exported layer {layer_id} has shape ({entry['rows']}, {manifest['head_dim']}), the model expects ({rows}, {dim})"
         )
     path = Path(export_dir) / entry["file"]
-    table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
+    if tier == "ssd":
+        from engram_lm.memory.ssd import SsdTable
+
+        table = SsdTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
+    else:
+        table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
     verify_file(Path(export_dir), entry, force=verify)
     return table
 

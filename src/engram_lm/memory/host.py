@@ -7,6 +7,7 @@ Read-only: these tiers serve inference.
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,10 @@ class MmapTable(MemoryTable):
                 f"dim {dim}); re-export it with `engram export-memory`"
             )
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(num_rows, row_bytes(dtype, dim)))
+        try:  # rows are read at random: no 128 KiB read-around per page fault
+            self.data._mmap.madvise(mmap.MADV_RANDOM)
+        except (AttributeError, OSError, ValueError):
+            pass
         with warnings.catch_warnings():  # read-only mapping: torch warns it cannot be written
             warnings.simplefilter("ignore", UserWarning)
             self.data_t = torch.from_numpy(self.data)  # zero-copy view of the mapping
