@@ -162,7 +162,7 @@ def test_generation_is_identical_on_every_memory_tier(tiny_ckpt, kwargs, monkeyp
 
 def test_bad_memory_requests(tiny_ckpt):
     with pytest.raises(ValueError, match="unknown memory tier"):
-        load_for_inference(tiny_ckpt, memory="ssd")
+        load_for_inference(tiny_ckpt, memory="tape")
     with pytest.raises(ValueError, match=">= 1 row"):
         load_for_inference(tiny_ckpt, cache_rows=-1)
 
