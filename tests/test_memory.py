@@ -189,3 +189,12 @@ def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim):
     with pytest.raises(ValueError, match="expected"):
         SsdTable(path, 3002, dim, dtype)
     ssd.close()
+
+
+def test_reference_read_rate_is_measured_on_the_file(tmp_path):
+    from engram_lm.bench.offload import reference_iops
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(64 * 4096))
+    ref = reference_iops(path, reads=64, queue_depth=4)
+    assert ref["qd1_iops"] > 0 and ref["qd32_iops"] > 0 and ref["tool"]

@@ -3,18 +3,23 @@
 One model (the quickstart backbone, Engram at layer 1 with a table of `table_gb` GB,
 random weights: throughput does not depend on training) runs the same prefill and
 greedy decode on real text (held-out Bible chapters, BPE 4096) with its table:
-    no_engram            the backbone alone (same blocks, no Engram layer)
-    ram                  in host RAM
-    mmap_sync            in a memory-mapped file, read when the layer needs it
-    mmap_prefetch        in the file, gathered in the background from the start of the pass
-    mmap_prefetch_cache  the same behind a hot-row cache of `cache_rows` rows
-Penalties are relative to `ram`, measured in the same run. The file is measured twice:
-cold (evicted from the page cache with posix_fadvise(DONTNEED) first) and warm; the
-`configs` rows report the warm numbers and carry the cold ones beside them.
+    no_engram   the backbone alone (same blocks, no Engram layer)
+    ram         in host RAM
+    mmap_sync   in a memory-mapped file (MADV_RANDOM), read when the layer needs it
+    ssd         in the file, read as O_DIRECT 4 KiB blocks by 32 threads (memory/ssd.py)
+each also with `_prefetch` (gathered in the background from the start of the pass),
+`_cache` (behind a hot-row cache of `cache_rows` rows) and `_prefetch_cache`.
+Every configuration is measured cold (the file evicted from the page cache with
+posix_fadvise(DONTNEED) first) and warm, with its raw gather rate (rows/s) beside prefill
+and decode tokens/s; the file's own random 4 KiB read rate at queue depth 1 and 32 (fio,
+or the project's pread loop) is measured in the same run as the reference. `configs`
+lists the warm numbers with the penalty relative to `ram`.
 """
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import statistics
 import tempfile
@@ -98,9 +103,67 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
+def reference_iops(path: Path, reads: int = 4000, queue_depth: int = 32) -> dict[str, Any]:
+    """Random aligned 4 KiB reads of `path` at queue depth 1 and `queue_depth`: fio when it is
+    installed, else the project's own O_DIRECT pread loop (threads release the GIL)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("fio"):
+        out = {}
+        for qd in (1, queue_depth):
+            cmd = ["fio", "--name=ref", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
+                   "--ioengine=libaio", f"--iodepth={qd}", "--runtime=5", "--time_based", "--output-format=json"]  # fmt: skip
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            out[f"qd{1 if qd == 1 else 32}_iops"] = res["jobs"][0]["read"]["iops"]
+        return {**out, "tool": "fio"}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engram_lm.memory.ssd import BLOCK, SsdTable  # noqa: F401  (same open rules as the tier)
+    from engram_lm.memory.ssd import _open
+
+    blocks = os.path.getsize(path) // BLOCK
+    rng = np.random.default_rng(0)
+    fd, direct = _open(path)
+
+    def read(b: int) -> int:
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            return os.preadv(fd, [buf], int(b) * BLOCK)
+        finally:
+            buf.close()
+
+    try:
+        _evict(path)
+        t0 = time.perf_counter()
+        for b in rng.integers(0, blocks, size=reads // 4):
+            read(b)
+        qd1 = (reads // 4) / (time.perf_counter() - t0)
+        _evict(path)
+        with ThreadPoolExecutor(max_workers=queue_depth) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(read, rng.integers(0, blocks, size=reads)))
+            qdn = reads / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return {"qd1_iops": qd1, "qd32_iops": qdn, "tool": f"pread loop ({'O_DIRECT' if direct else 'buffered'})"}
+
+
+def _rows_per_s(table, rows: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    table.gather_host(rows)
+    return rows.numel() / (time.perf_counter() - t0)
+
+
+TIERS = ("ram", "mmap_sync", "ssd")
+VARIANTS = ("", "_prefetch", "_cache", "_prefetch_cache")
+
+
 def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, new_tokens: int = 32,
                   cache_rows: int = 1 << 18, repeats: int = 3, workdir: Path | None = None,
                   device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """Warm and cold (page cache dropped for the file) throughput of every tier x variant,
+    with the file's own random-read reference measured in the same run."""
     keep_large_buffers_on_heap()
     device = torch.device(device)
     data = prepare_data("bible", "bpe:4096")
@@ -119,45 +182,57 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
     for start in range(0, rows, 1 << 22):  # chunked init keeps peak memory at one table
         weight[start : start + (1 << 22)].normal_(std=0.02)
     model.eval()
-    results: dict[str, dict[str, float]] = {}
+    probe_rows = model.hasher(torch.tensor(prompts), eod_id=model.config.eod_id, global_rows=True)[1].cpu()
+    result: dict[str, Any] = {"cold": {}, "warm": {}}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "table.bin"
         with path.open("wb") as f:
             for start in range(0, rows, 1 << 20):
                 f.write(encode_rows(weight[start : start + (1 << 20)], "fp32").tobytes())
+        result["reference"] = reference_iops(path)
         engram_block, hasher = model.blocks[1].engram, model.hasher
         model.blocks[1].engram = model.hasher = None  # the same backbone without its Engram layer
-        results["no_engram"] = dict(zip(("prefill", "decode"), _measure(model, prompts, new_tokens, repeats)))
+        pre, dec = _measure(model, prompts, new_tokens, repeats)
+        result["no_engram"] = {"prefill_tok_s": pre, "decode_tok_s": dec}
         model.blocks[1].engram, model.hasher = engram_block, hasher
-        engram_block.memory = HostTable(weight, device=device)
-        results["ram"] = dict(zip(("prefill", "decode"), _measure(model, prompts, new_tokens, repeats)))
-        hit_rate = _stream_hit_rate(model, weight, np.asarray(data.val), cache_rows, prompt_len)
-        for name in ("mmap_sync", "mmap_prefetch", "mmap_prefetch_cache"):
-            for state in ("cold", "warm"):
-                table = MmapTable(path, rows, dim, "fp32", device=device)
-                if name.endswith("cache"):
-                    table = CachedTable(table, cache_rows, device=device)
-                if "prefetch" in name:
-                    table = PrefetchingTable(table, device=device)
-                engram_block.memory = table
-                if state == "cold":
-                    _evict(path)
-                measured = _measure(model, prompts, new_tokens, 1 if state == "cold" else repeats)
-                results.setdefault(name, {}).update(
-                    {("prefill" if state == "warm" else "cold_prefill"): measured[0],
-                     ("decode" if state == "warm" else "cold_decode"): measured[1]})  # fmt: skip
-                if isinstance(table, PrefetchingTable):
-                    table.close()
-    ram = results["ram"]
-    configs = []
-    for name, r in results.items():
-        entry = {"name": name, "prefill_tok_s": r["prefill"], "decode_tok_s": r["decode"],
-                 "penalty_vs_ram": 1 - (r["prefill"] + r["decode"]) / (ram["prefill"] + ram["decode"]),
-                 "prefill_penalty_vs_ram": 1 - r["prefill"] / ram["prefill"],
-                 "decode_penalty_vs_ram": 1 - r["decode"] / ram["decode"]}  # fmt: skip
-        if "cold_prefill" in r:
-            entry.update(cold_prefill_tok_s=r["cold_prefill"], cold_decode_tok_s=r["cold_decode"])
-        configs.append(entry)
-    return {"table_bytes": rows * dim * 4, "table_rows": rows, "cache_rows": cache_rows, "cache_hit_rate": hit_rate,
-            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "torch_threads": torch.get_num_threads(), "device": str(device), "configs": configs}  # fmt: skip
+        result["cache"] = {"hit_rate": _stream_hit_rate(model, weight, np.asarray(data.val), cache_rows, prompt_len),
+                           "rows": cache_rows}  # fmt: skip
+        for tier in TIERS:
+            for variant in VARIANTS:
+                name = tier + variant
+                for state in ("cold", "warm"):
+                    if tier == "ram" and state == "cold":
+                        continue  # nothing to drop: RAM has no page cache
+                    table = _table(tier, weight, path, rows, dim, device)
+                    if "cache" in variant:
+                        table = CachedTable(table, cache_rows, device=device)
+                    if "prefetch" in variant:
+                        table = PrefetchingTable(table, device=device)
+                    engram_block.memory = table
+                    if state == "cold":
+                        _evict(path)
+                    gather = _rows_per_s(table, probe_rows)
+                    if state == "cold":
+                        _evict(path)
+                    pre, dec = _measure(model, prompts, new_tokens, 1 if state == "cold" else repeats)
+                    result[state][name] = {"prefill_tok_s": pre, "decode_tok_s": dec, "rows_per_s": gather}
+                    if hasattr(table, "close"):
+                        table.close()
+        result["cold"]["ram"] = result["warm"]["ram"]  # the same numbers: listed so every tier has both
+    ram = result["warm"]["ram"]
+    configs = [{"name": n, **r, "penalty_vs_ram": 1 - (r["prefill_tok_s"] + r["decode_tok_s"])
+                / (ram["prefill_tok_s"] + ram["decode_tok_s"])} for n, r in result["warm"].items()]  # fmt: skip
+    return {"table_gb": rows * dim * 4 / 1e9, "table_bytes": rows * dim * 4, "table_rows": rows,
+            "cache_rows": cache_rows, "cache_hit_rate": result["cache"]["hit_rate"], "batch": batch,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "torch_threads": torch.get_num_threads(), "device": str(device), **result, "configs": configs}  # fmt: skip
+
+
+def _table(tier: str, weight: torch.Tensor, path: Path, rows: int, dim: int, device: torch.device):
+    if tier == "ram":
+        return HostTable(weight, device=device)
+    if tier == "ssd":
+        from engram_lm.memory.ssd import SsdTable
+
+        return SsdTable(path, rows, dim, "fp32", device=device)
+    return MmapTable(path, rows, dim, "fp32", device=device)

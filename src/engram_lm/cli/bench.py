@@ -43,13 +43,18 @@ def cmd_bench_offload(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_offload(r: dict[str, Any]) -> None:
+    ref = r["reference"]
     print(f"Engram table {r['table_bytes'] / 1e9:.2f} GB ({r['table_rows']:,} rows), batch {r['batch']} x "
           f"{r['prompt_len']} prompt tokens, {r['new_tokens']} decoded; cache {r['cache_rows']:,} rows, "
           f"hit rate {r['cache_hit_rate']:.1%}")  # fmt: skip
-    print(f"  {'config':<21}{'prefill tok/s':>14}{'decode tok/s':>13}{'penalty vs ram':>16}{'cold prefill':>14}{'cold decode':>13}")
-    for c in r["configs"]:
-        cold = f"{c['cold_prefill_tok_s']:>14,.0f}{c['cold_decode_tok_s']:>13,.0f}" if "cold_prefill_tok_s" in c else ""
-        print(f"  {c['name']:<21}{c['prefill_tok_s']:>14,.0f}{c['decode_tok_s']:>13,.0f}{c['penalty_vs_ram']:>16.1%}{cold}")
+    print(f"reference, random 4 KiB reads of the file ({ref['tool']}): {ref['qd1_iops']:,.0f} IOPS at queue depth 1, "
+          f"{ref['qd32_iops']:,.0f} at 32; backbone without Engram: {r['no_engram']['prefill_tok_s']:,.0f} prefill tok/s")  # fmt: skip
+    print(f"  {'config':<26}{'state':<6}{'prefill tok/s':>14}{'decode tok/s':>13}{'rows/s':>13}")
+    for state in ("warm", "cold"):
+        for name, c in r[state].items():
+            if state == "cold" and name == "ram":
+                continue  # RAM has no cold state (listed in the JSON with the warm numbers)
+            print(f"  {name:<26}{state:<6}{c['prefill_tok_s']:>14,.0f}{c['decode_tok_s']:>13,.0f}{c['rows_per_s']:>13,.0f}")
 
 
 def cmd_bench_distributed(args: argparse.Namespace) -> dict[str, Any]:
