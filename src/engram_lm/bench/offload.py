@@ -119,8 +119,7 @@ def reference_iops(path: Path, reads: int = 4000, queue_depth: int = 32) -> dict
         return {**out, "tool": "fio"}
     from concurrent.futures import ThreadPoolExecutor
 
-    from engram_lm.memory.ssd import BLOCK, SsdTable  # noqa: F401  (same open rules as the tier)
-    from engram_lm.memory.ssd import _open
+    from engram_lm.memory.ssd import BLOCK, _open  # the tier's own open rules (O_DIRECT where allowed)
 
     blocks = os.path.getsize(path) // BLOCK
     rng = np.random.default_rng(0)
