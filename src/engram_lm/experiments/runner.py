@@ -113,7 +113,8 @@ def run_specs(
     if len(set(keys)) != len(keys):
         raise ValueError("two planned runs share a folder; give each RunSpec its own key")
     finished = {s.key: r for s in specs if (r := load_result(root, s)) is not None}
-    by_request = {_request_key(r["requested"]): r for r in finished.values()}
+    by_request = _all_results(root)  # any finished run under root, also of sections not planned now
+    by_request.update({_request_key(r["requested"]): r for r in finished.values()})
     todo = [s for s in specs if s.key not in finished]
     unique = {_request_key(s.requested()): s for s in reversed(todo)}  # twins train once
     seconds, basis = estimate_seconds([s for k, s in unique.items() if k not in by_request], list(finished.values()))
@@ -169,6 +170,17 @@ def write_csv(path: Path, rows: list[dict[str, Any]], fields) -> None:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _all_results(root: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(Path(root).glob("**/result.json")):
+        try:
+            record = json.loads(path.read_text())
+            out.setdefault(_request_key(record["requested"]), record)
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+            continue  # a foreign or damaged file: load_result reports it when it is planned
+    return out
 
 
 def _val_curve(run_dir: Path) -> list[list[float]]:
