@@ -151,11 +151,11 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
     rows = summarise(runs)
     steps = runs[0]["requested"]["train"]["steps"]
     lines = [f"## {title}", "", f"`{_data(runs)}`, {steps} steps ({_epochs(runs)} epochs), {_seeds(runs)} seed(s); "
-             f"P_tot {runs[0]['params_total']:,} at every Engram point (rho = 0 keeps only the top-k routed experts).", ""]  # fmt: skip
+             f"P_tot {next(r for r in runs if r['variant'] != 'capacity1')['params_total']:,} at every Engram point (rho = 0 keeps only the top-k routed experts).", ""]  # fmt: skip
     table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}",
               _fmt(Estimate(r["mean"], r["se"], r["n"]))] for r in rows]  # fmt: skip
     for r in summarise(runs, ("capacity1",)):
-        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], str(r["runs"][0]["engram_slots"]),
+        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column",
                       _fmt(Estimate(r["mean"], r["se"], r["n"]))])  # fmt: skip
     lines += _table(["rho", "routed experts", "Engram slots", "val loss"], table)
     best = min(rows, key=lambda r: r["mean"])
