@@ -68,8 +68,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is damaged ({err.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}: not an Engram adapter")
     return meta
 
 
