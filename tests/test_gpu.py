@@ -20,10 +20,10 @@ def test_pinned_host_and_side_stream_prefetch_match_the_device_table(tmp_path):
     path.write_bytes(encode_rows(weight, "fp32").tobytes())
     ram = HostTable(weight, device="cuda")
     assert ram.weight_host.is_pinned()
-    tiers = [ram, PrefetchingTable(HostTable(weight, device="cuda"), device="cuda", min_rows=1),
-             PrefetchingTable(MmapTable(path, 5000, 64, "fp32", device="cuda"), device="cuda", min_rows=1),
+    tiers = [ram, PrefetchingTable(HostTable(weight, device="cuda"), device="cuda", policy="always"),
+             PrefetchingTable(MmapTable(path, 5000, 64, "fp32", device="cuda"), device="cuda", policy="always"),
              PrefetchingTable(CachedTable(MmapTable(path, 5000, 64, "fp32"), 512, device="cuda", admit_after=1),
-                              device="cuda", min_rows=1)]  # fmt: skip
+                              device="cuda", policy="always")]  # fmt: skip
     for _ in range(5):
         rows = torch.randint(0, 5000, (4, 33, 8), device="cuda")
         want = dense(rows)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -54,8 +55,8 @@ def _tiers(weight, tmp_path, dtype="fp32"):
         "ram": HostTable(weight),
         "mmap": mmap(),
         "mmap+cache": CachedTable(mmap(), 8, admit_after=1),
-        "mmap+prefetch": PrefetchingTable(mmap(), min_rows=1),
-        "mmap+prefetch+cache": PrefetchingTable(CachedTable(mmap(), 8, admit_after=1), min_rows=1),
+        "mmap+prefetch": PrefetchingTable(mmap(), policy="always"),
+        "mmap+prefetch+cache": PrefetchingTable(CachedTable(mmap(), 8, admit_after=1), policy="always"),
     }
 
 
@@ -70,10 +71,42 @@ def test_every_tier_returns_the_device_rows(tmp_path):
             table.prefetch(rows)
             assert torch.equal(table(rows), want), (name, step)
     assert tiers["mmap+prefetch"].prefetched == 4 and tiers["mmap+prefetch"].synchronous == 0
-    small = PrefetchingTable(HostTable(dense.weight.detach()), min_rows=100)
+    never = PrefetchingTable(HostTable(dense.weight.detach()), policy="never")
     rows = torch.tensor([1, 2])
-    small.prefetch(rows)  # too few rows to be worth a hand-off: fetched in forward
-    assert torch.equal(small(rows), dense(rows)) and small.synchronous == 1
+    never.prefetch(rows)  # decided synchronous: fetched in forward, and still timed
+    assert torch.equal(never(rows), dense(rows)) and (never.synchronous, never.prefetched) == (1, 0)
+    assert never.handoff.summary()["rows<2^2"]["sync"] > 0
+    with pytest.raises(ValueError, match="prefetch policy"):
+        PrefetchingTable(HostTable(dense.weight.detach()), policy="sometimes")
+
+
+def _drive(policy, n_rows, seconds_per_row, calls):
+    """Feed `calls` decisions with the given per-mode cost; returns the modes chosen."""
+    chosen = []
+    for _ in range(calls):
+        mode = policy.choose(n_rows)
+        policy.record(n_rows, mode, seconds_per_row[mode] * n_rows)
+        chosen.append(mode)
+    return chosen
+
+
+def test_handoff_policy_keeps_the_faster_mode_and_notices_a_change():
+    from engram_lm.memory.handoff import HandOffPolicy
+
+    policy = HandOffPolicy(explore=2, window=3, recheck_every=8)
+    chosen = _drive(policy, 12_000, {"sync": 3e-6, "async": 1e-6}, 24)  # cold: the hand-off hides reads
+    assert chosen[:4] == ["sync", "async", "sync", "async"]  # both modes measured first
+    assert chosen[4:] == ["sync" if (i + 5) % 8 == 0 else "async" for i in range(20)]  # rechecks: calls 8, 16, 24
+    assert policy.best(12_000) == "async"
+    assert policy.best(60) is None  # a decode step is another size class, measured on its own
+    assert _drive(policy, 60, {"sync": 1e-7, "async": 5e-6}, 12)[4:].count("async") == 1  # hand-off costs more
+    # the page cache warms up: the synchronous gather becomes faster; a recheck finds out
+    later = _drive(policy, 12_000, {"sync": 1e-7, "async": 1e-6}, 40)
+    assert later[-8:].count("sync") == 7
+    assert set(policy.summary()) == {"rows<2^14", "rows<2^6"}
+    assert _drive(HandOffPolicy(), 500, {"sync": 1e-6, "async": 0.99e-6}, 10)[4:] == ["sync"] * 6  # a tie: no thread
+    with pytest.raises(ValueError, match="mode"):
+        policy.record(5, "maybe", 1.0)
 
 
 def test_cache_admission_eviction_and_counters():
@@ -103,7 +136,7 @@ def test_background_failure_reaches_the_caller_without_hanging():
         def gather_host(self, rows):
             raise OSError("disk went away")
 
-    table = PrefetchingTable(Broken(torch.zeros(4, 2)), min_rows=1)
+    table = PrefetchingTable(Broken(torch.zeros(4, 2)), policy="always")
     rows = torch.tensor([1, 2])
     table.prefetch(rows)
     with pytest.raises(OSError, match="disk went away"):
@@ -148,7 +181,6 @@ def test_export_round_trip_and_manifest_checks(tiny_ckpt, tmp_path):
      dict(memory="mmap", prefetch=True, cache_rows=64), dict(memory="ram", cache_rows=1)],
 )  # fmt: skip
 def test_generation_is_identical_on_every_memory_tier(tiny_ckpt, kwargs, monkeypatch):
-    monkeypatch.setattr("engram_lm.memory.prefetch.MIN_ASYNC_ROWS", 1)  # exercise the background path
     prompts = [[17, 250, 31, 9], [5, 6, 7, 8], [100, 3]]
     cfg = SamplingConfig(max_new_tokens=8)
     reference, _ = load_for_inference(tiny_ckpt)
@@ -156,7 +188,7 @@ def test_generation_is_identical_on_every_memory_tier(tiny_ckpt, kwargs, monkeyp
     assert generate(model, prompts, cfg) == generate(reference, prompts, cfg)
     ids = torch.tensor([[17, 250, 31, 9, 44, 45]])
     assert torch.equal(model(ids)[0], reference(ids)[0])  # prefetched == synchronous, bit for bit
-    if kwargs.get("prefetch"):
+    if kwargs.get("prefetch"):  # the adaptive policy has tried the background path too
         assert model.blocks[1].engram.memory.prefetched > 0
 
 
@@ -167,8 +199,9 @@ def test_bad_memory_requests(tiny_ckpt):
         load_for_inference(tiny_ckpt, cache_rows=-1)
 
 
+@pytest.mark.parametrize("engine", ["aio", "threads"])
 @pytest.mark.parametrize("dtype, dim", [("fp32", 32), ("bf16", 48), ("fp8", 32)])
-def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim):
+def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim, engine):
     from engram_lm.memory.codec import encode_rows, row_bytes
     from engram_lm.memory.host import MmapTable
     from engram_lm.memory.ssd import BLOCK, SsdTable
@@ -177,7 +210,8 @@ def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim):
     weight = torch.randn(3001, dim)
     path = tmp_path / "layer.bin"
     encode_rows(weight, dtype).tofile(path)
-    mm, ssd = MmapTable(path, 3001, dim, dtype), SsdTable(path, 3001, dim, dtype, queue_depth=8)
+    mm, ssd = MmapTable(path, 3001, dim, dtype), SsdTable(path, 3001, dim, dtype, queue_depth=8, engine=engine)
+    assert ssd.placement()["engine"] == engine
     rows = torch.randint(0, 3001, (4, 50, 6))
     rows[0, 0, :] = 3000  # the last row: a read that ends at the end of the file
     assert torch.equal(ssd(rows), mm(rows))
@@ -188,6 +222,11 @@ def test_ssd_tier_reads_the_same_rows_as_the_mmap_tier(tmp_path, dtype, dim):
     assert ssd.blocks_read <= 2
     with pytest.raises(ValueError, match="expected"):
         SsdTable(path, 3002, dim, dtype)
+    big = ssd(torch.arange(3001).view(1, -1, 1))  # more requests than the queue holds
+    assert torch.equal(big, mm(torch.arange(3001).view(1, -1, 1)))
+    os.truncate(path, path.stat().st_size // 2)  # the file shrinks under an open table
+    with pytest.raises(OSError, match=f"short read from {path}"):
+        ssd(torch.tensor([[[3000]]]))
     ssd.close()
 
 

@@ -55,6 +55,14 @@ def _print_offload(r: dict[str, Any]) -> None:
             if state == "cold" and name == "ram":
                 continue  # RAM has no cold state (listed in the JSON with the warm numbers)
             print(f"  {name:<26}{state:<6}{c['prefill_tok_s']:>14,.0f}{c['decode_tok_s']:>13,.0f}{c['rows_per_s']:>13,.0f}")
+    k = r["checks"]
+    print(f"cold SSD-tier rows/s vs the file's queue-depth-32 IOPS: {k['ssd_cold_rows_vs_qd32_iops']:.2f}x; "
+          f"cold prefill ssd vs mmap_sync: {k['cold_prefill_ssd_vs_mmap']:.1f}x "
+          f"(best cold: {k['cold_prefill_best'][0]}, {k['cold_prefill_best'][1]:,.0f} tok/s)")  # fmt: skip
+    w = k["warm_best_offload"]
+    print(f"warm, best offloaded config: {w['name']}, {w['penalty_vs_ram']:+.1%} vs ram")
+    worst = min(k["prefetch_vs_without"].items(), key=lambda kv: kv[1])
+    print(f"prefetch vs the same config without it: worst {worst[0]} at {worst[1]:.3f}x (1.0 = equal)")
 
 
 def cmd_bench_distributed(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,7 +137,7 @@ def add_bench_commands(sub) -> None:
     b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=25, help="timed warm passes per config (median), after 6 untimed ones")
     b.add_argument("--device", default="cpu", help="compute device (cuda: pinned host RAM, side-stream prefetch)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_offload, show=_print_offload)

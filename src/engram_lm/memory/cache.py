@@ -108,6 +108,9 @@ class CachedTable(MemoryTable):
         if self.lookups % self.age_every == 0:
             self.freq >>= 1
 
+    def close(self) -> None:
+        self.slow.close()
+
     def placement(self) -> dict:
         return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim, "capacity_rows": self.capacity,
                 "bytes": self.values.numel() * self.values.element_size(), "where": str(self.device),

@@ -92,6 +92,11 @@ class MmapTable(MemoryTable):
         self.check_rows(rows)
         return upload(self.gather_host(rows), self.device)
 
+    def close(self) -> None:
+        """Drop the mapping (unmapped once no gathered view refers to it): only pages no
+        process maps can be evicted from the page cache."""
+        self.data_t = self.data = None
+
     def placement(self) -> dict:
         return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim, "bytes": int(self.data.size),
                 "where": str(self.path), "dtype": self.dtype}  # fmt: skip

@@ -6,18 +6,33 @@ CUDA it then uploads on a side stream through pinned memory and records an event
 `table(rows)` waits only for that work (the event / the future), or gathers synchronously
 when no prefetch for these rows is pending. A failure in the background is re-raised in
 the caller, and waiting has a timeout, so nothing hangs.
+
+Whether a prefetch is handed to the worker at all is decided from measurement
+(`policy="auto"`, memory/handoff.py): where there is nothing to overlap (rows in RAM or
+the page cache, cores busy with compute) the table learns that the synchronous gather is
+faster and stops paying for the hand-off. `policy="always"` / `"never"` fix the mode.
 """
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
+from engram_lm.memory.handoff import HandOffPolicy
 from engram_lm.memory.table import MemoryTable
 
 WAIT_TIMEOUT_S = 300.0
-MIN_ASYNC_ROWS = 4096  # below this a hand-off to the worker costs more than the gather itself
+POLICIES = ("auto", "always", "never")
+
+
+@dataclass
+class _Pending:
+    rows: torch.Tensor
+    future: Future | None  # None: this prefetch was decided synchronous
+    started: float
 
 
 def _single_threaded() -> None:
@@ -31,33 +46,41 @@ def _single_threaded() -> None:
 class PrefetchingTable(MemoryTable):
     tier = "prefetch"
 
-    def __init__(self, inner: MemoryTable, device: torch.device | str = "cpu", min_rows: int | None = None) -> None:
+    def __init__(self, inner: MemoryTable, device: torch.device | str = "cpu", policy: str = "auto") -> None:
         super().__init__()
-        self.inner = inner
-        self.min_rows = MIN_ASYNC_ROWS if min_rows is None else min_rows
+        if policy not in POLICIES:
+            raise ValueError(f"prefetch policy must be one of {POLICIES}, got {policy!r}")
+        self.inner, self.policy = inner, policy
+        self.handoff = HandOffPolicy()
         self.num_rows, self.dim = inner.num_rows, inner.dim
         self.device = torch.device(device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch",
                                             initializer=_single_threaded)  # fmt: skip
-        self._pending: tuple[torch.Tensor, Future] | None = None
+        self._pending: _Pending | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.prefetched = self.synchronous = 0
 
     def prefetch(self, rows: torch.Tensor) -> None:
         self.check_rows(rows)
         self._drain()  # at most one fetch in flight per table
-        if rows.numel() < self.min_rows:  # e.g. a decode step: fetched in forward instead
-            return
-        self._pending = (rows, self._executor.submit(self._fetch, rows))
+        mode = {"always": "async", "never": "sync"}.get(self.policy) or self.handoff.choose(rows.numel())
+        future = self._executor.submit(self._fetch, rows) if mode == "async" else None
+        self._pending = _Pending(rows, future, time.perf_counter())
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is rows:
-            vectors, event = pending[1].result(timeout=WAIT_TIMEOUT_S)  # re-raises worker errors
-            self.prefetched += 1
-            return self._hand_over(vectors, event)
-        if pending is not None:  # a prefetch for other rows: finish it, then fetch these
-            pending[1].result(timeout=WAIT_TIMEOUT_S)
+        if pending is not None and pending.rows is rows:
+            if pending.future is not None:
+                vectors = self._hand_over(*pending.future.result(timeout=WAIT_TIMEOUT_S))  # re-raises worker errors
+                self.prefetched += 1
+            else:
+                vectors = self._hand_over(*self._fetch(rows))
+                self.synchronous += 1
+            mode = "sync" if pending.future is None else "async"
+            self.handoff.record(rows.numel(), mode, time.perf_counter() - pending.started)
+            return vectors
+        if pending is not None and pending.future is not None:  # a prefetch for other rows: finish it first
+            pending.future.result(timeout=WAIT_TIMEOUT_S)
         self.synchronous += 1
         return self._hand_over(*self._fetch(rows))
 
@@ -80,16 +103,17 @@ class PrefetchingTable(MemoryTable):
         return vectors, event
 
     def _drain(self) -> None:
-        if self._pending is not None:
-            _, future = self._pending
-            self._pending = None
-            future.result(timeout=WAIT_TIMEOUT_S)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.future is not None:
+            pending.future.result(timeout=WAIT_TIMEOUT_S)
 
     def gather_host(self, rows: torch.Tensor) -> torch.Tensor:
         return self.inner.gather_host(rows)
 
     def placement(self) -> dict:
-        return {**self.inner.placement(), "prefetch": "cuda side stream" if self._stream else "worker thread"}
+        return {**self.inner.placement(), "prefetch": "cuda side stream" if self._stream else "worker thread",
+                "prefetch_policy": self.policy, "prefetched": self.prefetched, "synchronous": self.synchronous}
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.inner.close()

@@ -5,7 +5,8 @@ device. Tiers differ only in where rows live; the model calls the same two metho
 of them, so `forward` never branches on storage:
     table.prefetch(rows)  start fetching these rows (a no-op where rows are at hand)
     table(rows)           the vectors; waits only for what is not yet ready
-`placement()` reports rows, bytes and where they are, for logs.
+`placement()` reports rows, bytes and where they are, for logs; `close()` releases files,
+threads and I/O contexts (wrappers close what they wrap).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class MemoryTable(nn.Module):
 
     def prefetch(self, rows: torch.Tensor) -> None:
         """Start fetching `rows` for the next call; tiers without latency ignore it."""
+
+    def close(self) -> None:
+        """Release files, worker threads and I/O contexts; tiers that hold none ignore it."""
 
     def placement(self) -> dict[str, Any]:
         return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim}
