@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,57 @@ def test_reference_read_rate_is_measured_on_the_file(tmp_path):
     path.write_bytes(bytes(64 * 4096))
     ref = reference_iops(path, reads=64, queue_depth=4)
     assert ref["qd1_iops"] > 0 and ref["qd32_iops"] > 0 and ref["tool"]
+
+
+def test_offload_bench_reports_every_config_warm_and_cold_with_its_checks(tmp_path):
+    from engram_lm.bench.offload import TIERS, VARIANTS, bench_offload
+
+    r = bench_offload(table_gb=0.004, batch=2, prompt_len=16, new_tokens=2, cache_rows=64, repeats=1, workdir=tmp_path)
+    names = {t + v for t in TIERS for v in VARIANTS}
+    assert set(r["warm"]) == names and set(r["cold"]) == {n for n in names if not n.startswith("ram")} | {"ram"}
+    for state in ("warm", "cold"):
+        for c in r[state].values():
+            assert c["prefill_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["rows_per_s"] > 0
+    assert r["warm"]["ssd_prefetch"]["handed_off"] + r["warm"]["ssd_prefetch"]["synchronous"] > 0
+    assert r["reference"]["qd32_iops"] > 0 and 0 <= r["cache"]["hit_rate"] <= 1
+    k = r["checks"]
+    assert set(k["prefetch_vs_without"]) == {f"{s}/{n}" for s in ("cold", "warm") for n in r[s] if "_prefetch" in n}
+    assert k["warm_best_offload"]["name"] in names - {"ram"}
+    assert list(tmp_path.iterdir()) == []  # the table file is gone
+
+
+def test_big_table_bench_serves_from_the_file_and_cleans_up(tmp_path):
+    from engram_lm.bench.big_table import bench_big_table
+
+    r = bench_big_table(table_gb=0.004, workdir=tmp_path, repeats=1, new_tokens=2, progress=None)
+    assert r["table_bytes"] == r["table_rows"] * 32 * 4 and r["placement"]["tier"] == "ssd"
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["rss_bytes_after_serving"] > 0
+    assert list(tmp_path.iterdir()) == []
+    kept = bench_big_table(table_gb=0.004, workdir=tmp_path, tier="mmap", repeats=1, new_tokens=2, keep=True, progress=None)
+    assert Path(kept["path"]).stat().st_size == kept["table_bytes"]
+    with pytest.raises(ValueError, match="GB free"):
+        bench_big_table(table_gb=1e6, workdir=tmp_path, progress=None)
+
+
+def test_train_throughput_bench_times_both_placements_with_identical_losses():
+    from engram_lm.bench.train_throughput import bench_train_throughput, sized_config
+
+    r = bench_train_throughput(size="cpu", steps=2, warmup=1, device="cpu")
+    assert r["same_losses"] and r["host_vs_device_step_ratio"] > 0 and r["device"] == "cpu"
+    for m in r["placements"].values():
+        assert m["tokens_per_s"] > 0 and m["mfu"] is None and len(m["losses"]) == 3
+    cfg, batch, seq = sized_config("gpu")  # the GPU size: counted on the meta device, never built here
+    model_flops = r["placements"]["device"]["flops_per_token"]
+    assert model_flops > 6 * r["params_active"]  # plus the head and attention
+    assert (batch, seq, cfg.dim) == (16, 1024, 1024)
+    with pytest.raises(ValueError, match="size"):
+        sized_config("phone")
+
+
+def test_offload_bench_device_config_serves_the_weight_itself(tmp_path):
+    from engram_lm.bench.offload import _stack
+
+    weight = torch.randn(40, 8)
+    table = _stack("device", weight, tmp_path / "unused.bin", 40, 8, torch.device("cpu"), 4)
+    rows = torch.tensor([[3, 39, 3]])
+    assert torch.equal(table(rows), weight[rows]) and not table.weight.requires_grad

@@ -60,6 +60,21 @@ def test_resume_on_changed_data_is_refused_unless_allowed_and_then_recorded(tmp_
     assert [e["event"] for e in events] == ["steps_changed", "data_changed"] and events[1]["step"] == 2
 
 
+def test_a_resumed_bpe_run_survives_the_pruning_of_the_checkpoint_it_resumed_from(tmp_path):
+    # found in the study: the resumed run read its tokenizer from step-N/tokenizer.json; once
+    # that checkpoint was pruned, the next save failed (FileNotFoundError) and the run died
+    a = _docs(tmp_path / "a", "apple")
+    model, cfg = _tiny(steps=1, data=str(a), tokenizer="bpe:300", save_every=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    r = train(model, cfg.with_(steps=6), tmp_path / "run", progress=False)  # saves 2..6, prunes step 1
+    assert r.tokens_seen == 6 * cfg.batch_size * cfg.seq_len
+    steps = sorted(d.name for d in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["step-000004", "step-000005", "step-000006"]
+    first = (tmp_path / "run" / "checkpoints" / "step-000006" / "tokenizer.json").read_bytes()
+    train(model, cfg.with_(steps=8), tmp_path / "run", progress=False)  # and resumes again
+    assert (tmp_path / "run" / "checkpoints" / "step-000008" / "tokenizer.json").read_bytes() == first
+
+
 # ---- interrupted and extended runs -------------------------------------------------------
 def test_steps_can_grow_a_finished_run_and_other_changes_name_the_key(tmp_path):
     model, cfg = _tiny(steps=2)

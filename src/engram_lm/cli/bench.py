@@ -65,6 +65,42 @@ def _print_offload(r: dict[str, Any]) -> None:
     print(f"prefetch vs the same config without it: worst {worst[0]} at {worst[1]:.3f}x (1.0 = equal)")
 
 
+def cmd_bench_big_table(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.big_table import bench_big_table
+
+    progress = None if args.json else print
+    return bench_big_table(table_gb=args.table_gb, workdir=args.workdir, tier=args.tier, repeats=args.repeats,
+                           keep=args.keep, progress=progress)  # fmt: skip
+
+
+def _print_big_table(r: dict[str, Any]) -> None:
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    peak = r["peak_rss_bytes_while_serving"]
+    print(f"table {gb(r['table_bytes'])} ({r['table_rows']:,} rows) on a machine with {gb(r['mem_total_bytes'])} RAM, "
+          f"tier {r['tier']} ({r['placement'].get('engine', 'page cache')}); written in {r['write_seconds']:.0f} s")  # fmt: skip
+    print(f"batch {r['batch']} x {r['prompt_len']} prompt tokens, {r['new_tokens']} decoded: "
+          f"prefill {r['prefill_tok_s']:,.0f} tok/s, decode {r['decode_tok_s']:,.0f} tok/s")  # fmt: skip
+    print(f"resident memory: {gb(r['rss_bytes_before_serving'])} before serving, {gb(r['rss_bytes_after_serving'])} after"
+          + (f", peak while serving {gb(peak)}" if peak else ""))  # fmt: skip
+
+
+def cmd_bench_train_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.train_throughput import bench_train_throughput
+
+    return bench_train_throughput(size=args.size, steps=args.steps, warmup=args.warmup, device=args.device)
+
+
+def _print_train_throughput(r: dict[str, Any]) -> None:
+    print(f"{r['size']} model: {r['params_active'] / 1e6:.1f}M active, {r['params_table'] / 1e6:.1f}M table params; "
+          f"batch {r['batch']} x {r['seq']}, {r['dtype']} on {r['device']}, median of {r['steps']} steps")  # fmt: skip
+    for memory in ("device", "ram"):
+        m = r["placements"][memory]
+        mfu = f", MFU {m['mfu']:.1%}" if m["mfu"] is not None else ""
+        print(f"  tables on {memory:<6} {m['step_ms']:9.1f} ms/step  {m['tokens_per_s']:12,.0f} tok/s{mfu}")
+    print(f"  host-RAM tables / device tables step time: {r['host_vs_device_step_ratio']:.3f}; "
+          f"identical losses: {r['same_losses']}")
+
+
 def cmd_bench_distributed(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.distributed import bench_distributed
 
@@ -134,6 +170,21 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--out", default="runs/cache-curve")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_cache_curve, show=_print_cache_curve)
+    b = bench.add_parser("train-throughput", help="training tok/s and MFU, tables on the device vs in host RAM")
+    b.add_argument("--size", default="gpu", choices=("gpu", "cpu"))
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--device", default="cuda")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_train_throughput, show=_print_train_throughput)
+    b = bench.add_parser("big-table", help="generate with an Engram table file larger than RAM; report RSS and tok/s")
+    b.add_argument("--table-gb", type=float, default=32.0)
+    b.add_argument("--workdir", default=".", help="folder for the temporary table file (needs table-gb + 1 GB free)")
+    b.add_argument("--tier", default="ssd", choices=("ssd", "mmap"))
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--keep", action="store_true", help="keep the table file")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_big_table, show=_print_big_table)
     b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)

@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -78,6 +80,18 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.counts, "val_loss": self.val_loss, "tokens_seen": self.tokens_seen,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds, "run_dir": str(self.run_dir)}  # fmt: skip
+
+
+def _run_tokenizer(source: Path, out_dir: Path, ctx: DistContext) -> Path:
+    """`out_dir/tokenizer.json`, a copy of `source` (written atomically by the main rank)."""
+    stable = out_dir / "tokenizer.json"
+    if ctx.is_main and (not stable.exists() or stable.read_bytes() != source.read_bytes()):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stable.with_suffix(".json.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, stable)
+    ctx.barrier()
+    return stable
 
 
 def train(
@@ -159,7 +173,9 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
     previous = Path(resume_from) if resume_from else ckpt_io.latest_checkpoint(out_dir)
     tokenizer = train_cfg.tokenizer
     if previous is not None and tokenizer.startswith("bpe:") and (previous / "tokenizer.json").exists():
-        tokenizer = str(previous / "tokenizer.json")  # a resumed run keeps the tokenizer it was trained with
+        # a resumed run keeps the tokenizer it was trained with, read from a copy beside the
+        # checkpoints: the checkpoint it came from is pruned later in this run
+        tokenizer = str(_run_tokenizer(previous / "tokenizer.json", Path(out_dir), ctx))
     data = _prepare_data_once(train_cfg.with_(tokenizer=tokenizer), ctx)
     resolved = resolve_model_config(model_cfg, data)
     identity = data_identity(data)
