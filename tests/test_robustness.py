@@ -114,7 +114,7 @@ def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_go
     model, cfg = _tiny(steps=3)
     train(model, cfg, tmp_path / "run", progress=False)
     real = loop._train_step
-    monkeypatch.setattr(loop, "_train_step", lambda *a: float("nan") if a[6] == 4 else real(*a))
+    monkeypatch.setattr(loop, "_train_step", lambda *a, **k: float("nan") if a[6] == 4 else real(*a, **k))
     with pytest.raises(ValueError, match="loss became nan at step 5.*last good checkpoint: .*step-000004"):
         train(model, cfg.with_(steps=8, save_every=1), tmp_path / "run", progress=False)
     assert ckpt_io.read_state(tmp_path / "run")["step"] == 4  # step 4 was fine and saved; nothing after

@@ -232,9 +232,23 @@ def test_training_with_tables_in_host_ram_gives_the_device_losses(tmp_path):
     model_cfg, train_cfg = get_recipe("tiny")
     train_cfg = train_cfg.with_(steps=6, eval_every=6)
     a = train(model_cfg, train_cfg, tmp_path / "device", progress=False)
-    b = train(model_cfg, train_cfg, tmp_path / "ram", progress=False, memory="ram")
-    losses = lambda run: [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(tmp_path / "device") == losses(tmp_path / "ram") and a.val_loss == b.val_loss
+    from engram_lm.memory.host_trainable import HostTableStepper
+
+    launched = []
+    original = HostTableStepper.launch
+    HostTableStepper.launch = lambda self, m: (launched.append(m), original(self, m))[1]
+    try:  # the host tables' optimizer steps on a worker, overlapped with the dense steps
+        b = train(model_cfg, train_cfg, tmp_path / "ram", progress=False, memory="ram")
+    finally:
+        HostTableStepper.launch = original
+    assert len(launched) == 6
+    lines = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines(tmp_path / "device") == lines(tmp_path / "ram") and a.val_loss == b.val_loss  # losses, lr, val
+    from safetensors.torch import load_file
+
+    shard = "checkpoints/step-000006/table-shard-000.safetensors"
+    ta, tb = load_file(tmp_path / "device" / shard), load_file(tmp_path / "ram" / shard)
+    assert ta and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # rows and moments, bit for bit
     with pytest.raises(ValueError, match="--memory 'mmap'"):
         train(model_cfg, train_cfg, tmp_path / "x", progress=False, memory="mmap")
 
@@ -253,3 +267,28 @@ def test_host_table_dedup_path_matches_the_device_table():
     assert torch.equal(dense(rows), host(rows))
     assert torch.allclose(dense.weight.grad.to_dense(), host.weight.grad.to_dense(), atol=1e-6)
     assert host.to("meta").weight.device.type == "cpu"  # moving the model leaves the rows on the host
+
+
+def test_host_table_stepper_lands_the_update_before_the_next_lookup_and_reraises():
+    from engram_lm.memory.host_trainable import HostTableStepper, HostTrainableTable
+    from engram_lm.training.optim import SparseRowAdam
+
+    table = HostTrainableTable(torch.zeros(10, 2))
+    opt = SparseRowAdam([table.weight], lr=0.1)
+    opt.param_groups[0]["base_lr"] = 0.1
+    stepper = HostTableStepper(opt, [table])
+    table(torch.tensor([1, 1, 3])).sum().backward()
+    stepper.launch(0.5)  # this step's lr: 0.1 x 0.5; Adam's first step moves each touched entry by lr
+    out = table(torch.tensor([1, 3, 0]))  # waits for the step
+    assert torch.allclose(out, torch.tensor([[-0.05, -0.05], [-0.05, -0.05], [0.0, 0.0]]), atol=1e-6)
+    assert table.weight.grad is None and opt.param_groups[0]["lr"] == 0.05
+
+    def broken():
+        raise RuntimeError("host step failed")
+
+    table(torch.tensor([2])).sum().backward()
+    opt.step = broken
+    stepper.launch(1.0)
+    with pytest.raises(RuntimeError, match="host step failed"):
+        table(torch.tensor([2]))
+    stepper.close()

@@ -4,7 +4,8 @@ of keeping the Engram tables in host RAM while training.
 One model is trained for `steps` timed steps (after `warmup` untimed ones) on random
 token batches (throughput does not depend on the data), twice in one run: with its
 Engram tables on the compute device and with them in host RAM (`memory/host_trainable.py`,
-the `--memory ram` of `engram train`), the same batches and seed each way. Reported per
+the `--memory ram` of `engram train`, with its optimizer step overlapped on a worker), the
+same batches and seed each way. Reported per
 placement: median step time, tokens/s, and MFU = model FLOPs per second / the device's
 peak, with model FLOPs per token = 6 x active non-embedding parameters + 12 x layers x dim x
 seq (attention scores and values, forward and backward: the PaLM accounting); the output
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from engram_lm.config import EngramConfig
-from engram_lm.memory.host_trainable import tables_to_host
+from engram_lm.memory.host_trainable import HostTableStepper, tables_to_host
 from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
@@ -85,6 +86,8 @@ def _run(cfg: ModelConfig, memory: str, batches, device: torch.device, warmup: i
     model.to(device)
     model.train()
     optimizers = build_optimizers(model, OptimConfig(lr=1e-3))
+    stepper = HostTableStepper.for_model(model, optimizers) if memory == "ram" else None  # as `engram train` does
+    in_place = {k: o for k, o in optimizers.items() if not (stepper and k == "table")}
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -93,7 +96,9 @@ def _run(cfg: ModelConfig, memory: str, batches, device: torch.device, warmup: i
         with autocast(device):
             _, loss = model(x, y)
         loss.backward()
-        for opt in optimizers.values():
+        if stepper is not None:
+            stepper.launch(1.0)  # the host tables' step overlaps the dense steps and the next forward
+        for opt in in_place.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
         model.update_route_biases()
@@ -101,6 +106,9 @@ def _run(cfg: ModelConfig, memory: str, batches, device: torch.device, warmup: i
         if i >= warmup:  # the first steps allocate optimizer state and compile kernels
             times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    if stepper is not None:
+        stepper.wait()
+        stepper.close()
     step = statistics.median(times)
     tokens = batches[0][0].numel()
     result = {"step_ms": 1e3 * step, "tokens_per_s": tokens / step, "losses": losses,

@@ -25,7 +25,7 @@ import torch
 from engram_lm.distributed.context import (
     DistContext, all_reduce_dense_grads, all_reduce_moe_loads, replicated_params, shard_tables,
 )  # fmt: skip
-from engram_lm.memory.host_trainable import tables_to_host
+from engram_lm.memory.host_trainable import HostTableStepper, tables_to_host
 from engram_lm.models.accounting import count_params
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
@@ -197,6 +197,7 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
                                                      table_weight_decay=train_cfg.table_weight_decay,
                                                      matrix_optimizer=train_cfg.matrix_optimizer))  # fmt: skip
     fingerprint = model.hasher.layout.fingerprint if model.hasher else None
+    stepper = HostTableStepper.for_model(model, optimizers) if memory == "ram" else None
     start = 0
     if latest is not None:
         state = ckpt_io.read_state(latest)
@@ -224,6 +225,8 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
             metrics.write(**record)
 
     def save(step: int) -> None:
+        if stepper is not None:
+            stepper.wait()  # the rows and moments of this step, not of the one before
         state = {"fingerprint": fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
                  "name": name, "corpus": data.corpus}  # fmt: skip
         ckpt_io.save_checkpoint(out_dir, step, model, optimizers, state, data.tokenizer_path,
@@ -231,9 +234,11 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
 
     for step in range(start, train_cfg.steps):
         t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
-                                          train_cfg.decay_factor))  # fmt: skip
-        loss_value = _train_step(model, optimizers, dense, replicated, data, train_cfg, step, device, ctx)
+        multiplier = lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
+                                   train_cfg.decay_factor)  # fmt: skip
+        set_lr({k: o for k, o in optimizers.items() if not (stepper and k == "table")}, multiplier)  # the stepper sets its own
+        loss_value = _train_step(model, optimizers, dense, replicated, data, train_cfg, step, device, ctx,
+                                 stepper=stepper, lr_multiplier=multiplier)  # fmt: skip
         train_time += time.perf_counter() - t0
         done = step + 1
         if not math.isfinite(loss_value):
@@ -243,7 +248,7 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
                 f" (last good checkpoint: {good or 'none'}); lower lr (--set lr=...) or table_lr_mult and resume or restart"
             )
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            lr = optimizers[next(iter(optimizers))].param_groups[0]["lr"]
+            lr = optimizers[next(iter(optimizers))].param_groups[0]["base_lr"] * multiplier  # not read from a worker
             log(step=done, loss=loss_value, lr=lr, tokens=done * tokens_per_step)
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
             val_loss = evaluate(model, windows, device)  # every rank: the lookups are collective
@@ -262,6 +267,8 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
+    if stepper is not None:
+        stepper.close()
     if last == start and latest is not None:  # nothing left to train: report the checkpoint
         val_loss = evaluate(model, windows, device)
     return TrainResult(
@@ -276,9 +283,10 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
 
 
 def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: TrainConfig, step: int, device,
-                ctx: DistContext) -> float:  # fmt: skip
+                ctx: DistContext, stepper: HostTableStepper | None = None, lr_multiplier: float = 1.0) -> float:  # fmt: skip
     """One optimizer step over grad_accum micro-batches of this rank's slice; returns the
-    global mean loss. The loss is scaled by 1/(accum * P) so summed gradients are means."""
+    global mean loss. The loss is scaled by 1/(accum * P) so summed gradients are means.
+    With a `stepper` the host tables' optimizer steps on a worker while the rest steps here."""
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step, micro=micro,
@@ -290,9 +298,12 @@ def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: Trai
     all_reduce_dense_grads(replicated, ctx)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(dense, cfg.grad_clip)
-    for opt in optimizers.values():
+    in_place = {k: o for k, o in optimizers.items() if not (stepper and k == "table")}
+    if stepper is not None:
+        stepper.launch(lr_multiplier)  # overlaps the dense steps below and the next forward
+    for opt in in_place.values():
         opt.step()
-    for opt in optimizers.values():
+    for opt in in_place.values():
         opt.zero_grad(set_to_none=True)
     all_reduce_moe_loads(model, ctx)
     model.update_route_biases()
