@@ -251,9 +251,10 @@ def test_reference_read_rate_is_measured_on_the_file(tmp_path, monkeypatch):
 def test_offload_bench_reports_every_config_warm_and_cold_with_its_checks(tmp_path):
     from engram_lm.bench.offload import TIERS, VARIANTS, bench_offload
 
-    r = bench_offload(table_gb=0.004, batch=2, prompt_len=16, new_tokens=2, cache_rows=64, repeats=1, workdir=tmp_path)
-    names = {t + v for t in TIERS for v in VARIANTS}
-    assert set(r["warm"]) == names and set(r["cold"]) == {n for n in names if not n.startswith("ram")} | {"ram"}
+    r = bench_offload(table_gb=0.004, batch=2, prompt_len=16, new_tokens=2, cache_rows=64, repeats=1, workdir=tmp_path,
+                      device_config=True)  # the GPU check's `device` config, here on the CPU  # fmt: skip
+    names = {t + v for t in TIERS for v in VARIANTS} | {"device"}
+    assert set(r["warm"]) == names and set(r["cold"]) == {n for n in names if n[:3] not in ("ram", "dev")} | {"ram"}
     for state in ("warm", "cold"):
         for c in r[state].values():
             assert c["prefill_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["rows_per_s"] > 0
@@ -261,7 +262,7 @@ def test_offload_bench_reports_every_config_warm_and_cold_with_its_checks(tmp_pa
     assert r["reference"]["qd32_iops"] > 0 and 0 <= r["cache"]["hit_rate"] <= 1
     k = r["checks"]
     assert set(k["prefetch_vs_without"]) == {f"{s}/{n}" for s in ("cold", "warm") for n in r[s] if "_prefetch" in n}
-    assert k["warm_best_offload"]["name"] in names - {"ram"}
+    assert k["warm_best_offload"]["name"] in names - {"ram", "device"} and "warm_best_offload_vs_device" in k
     assert list(tmp_path.iterdir()) == []  # the table file is gone
 
 
