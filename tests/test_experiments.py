@@ -144,3 +144,13 @@ def test_study_plan_orders_the_important_answers_first_and_needs_long_data():
     assert all(s.train.steps == 1600 for s in plan["allocation-4x"])
     with pytest.raises(ValueError, match="unknown study section"):
         study_plan(sections=("nope",))
+
+
+def test_report_command_writes_the_page_and_refuses_a_missing_folder(tmp_path, capsys):
+    from engram_lm.cli import main
+
+    (tmp_path / "runs").mkdir()
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")]) == 0
+    assert "Not run yet" in (tmp_path / "r.md").read_text()
+    assert main(["experiment", "report", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
