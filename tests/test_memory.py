@@ -263,6 +263,9 @@ def test_offload_bench_reports_every_config_warm_and_cold_with_its_checks(tmp_pa
     k = r["checks"]
     assert set(k["prefetch_vs_without"]) == {f"{s}/{n}" for s in ("cold", "warm") for n in r[s] if "_prefetch" in n}
     assert k["warm_best_offload"]["name"] in names - {"ram", "device"} and "warm_best_offload_vs_device" in k
+    paired = k["paired_warm"]
+    assert "ssd_prefetch / ssd" in paired and "mmap_sync / ram" in paired and "ram / ram" not in paired
+    assert all(v["ci95"][0] <= v["median"] <= v["ci95"][1] and v["turns"] == 1 for v in paired.values())
     assert list(tmp_path.iterdir()) == []  # the table file is gone
 
 

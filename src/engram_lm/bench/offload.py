@@ -250,6 +250,7 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
                 result["warm"][name] = {**entry, "rows_per_s": gathers[name], **_decisions(tables[name])}
         for t in tables.values():
             t.close()
+        result["paired"] = _paired_ratios(samples)
         result["cold"]["ram"] = result["warm"]["ram"]  # the same numbers: listed so every tier has both
     ram = result["warm"]["ram"]
     configs = [{"name": n, **r, "penalty_vs_ram": _penalty(r, ram)} for n, r in result["warm"].items()]
@@ -257,7 +258,28 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
             "cache_rows": cache_rows, "cache_hit_rate": result["cache"]["hit_rate"], "batch": batch,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "torch_threads": torch.get_num_threads(), "device": str(device), **result, "configs": configs,
-            "checks": _checks(result)}  # fmt: skip
+            "checks": {**_checks(result), "paired_warm": result.pop("paired")}}  # fmt: skip
+
+
+def _paired_ratios(samples: dict[str, list[tuple[float, float]]], resamples: int = 2000) -> dict[str, Any]:
+    """Warm turn-by-turn ratios (prefill + decode tok/s), each pair timed seconds apart in the
+    same turn: X_prefetch / X and X / ram, as the median with a bootstrap 95% interval of
+    that median. An interval that excludes 1 is a difference this machine can resolve."""
+    rng = np.random.default_rng(0)
+
+    def summary(a: str, b: str) -> dict[str, Any]:
+        x = np.array([sum(s) for s in samples[a]]) / np.array([sum(s) for s in samples[b]])
+        medians = np.median(rng.choice(x, size=(resamples, len(x))), axis=1)
+        return {"median": float(np.median(x)), "ci95": [float(np.quantile(medians, 0.025)),
+                                                        float(np.quantile(medians, 0.975))], "turns": len(x)}  # fmt: skip
+
+    out = {}
+    for name in samples:
+        if "_prefetch" in name:
+            out[f"{name} / {name.replace('_prefetch', '')}"] = summary(name, name.replace("_prefetch", ""))
+        elif name not in ("ram", "no_engram"):
+            out[f"{name} / ram"] = summary(name, "ram")
+    return out
 
 
 def _penalty(r: dict[str, float], ram: dict[str, float]) -> float:

@@ -63,6 +63,9 @@ def _print_offload(r: dict[str, Any]) -> None:
     print(f"warm, best offloaded config: {w['name']}, {w['penalty_vs_ram']:+.1%} vs ram")
     worst = min(k["prefetch_vs_without"].items(), key=lambda kv: kv[1])
     print(f"prefetch vs the same config without it: worst {worst[0]} at {worst[1]:.3f}x (1.0 = equal)")
+    print("warm, paired turn by turn (median, bootstrap 95% interval; an interval without 1.0 is resolved):")
+    for name, v in k["paired_warm"].items():
+        print(f"  {name:<45}{v['median']:7.3f}  [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
 
 
 def cmd_bench_big_table(args: argparse.Namespace) -> dict[str, Any]:
