@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from engram_lm.bench.offload import _sync
 from engram_lm.config import EngramConfig
 from engram_lm.memory.host_trainable import HostTableStepper, tables_to_host
 from engram_lm.models.accounting import count_params
@@ -73,11 +74,6 @@ def flops_per_token(model: EngramLM, seq: int) -> float:
     return 6 * (counts.active + model.head.weight.numel()) + 12 * cfg.num_layers * cfg.dim * seq
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _run(cfg: ModelConfig, memory: str, batches, device: torch.device, warmup: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = EngramLM(cfg)
@@ -87,7 +83,7 @@ def _run(cfg: ModelConfig, memory: str, batches, device: torch.device, warmup: i
     model.train()
     optimizers = build_optimizers(model, OptimConfig(lr=1e-3))
     stepper = HostTableStepper.for_model(model, optimizers) if memory == "ram" else None  # as `engram train` does
-    in_place = {k: o for k, o in optimizers.items() if not (stepper and k == "table")}
+    in_place = stepper.others(optimizers) if stepper else optimizers
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

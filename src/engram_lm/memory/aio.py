@@ -150,10 +150,9 @@ class BlockReader:
             if bad.any():
                 k = int(np.nonzero(bad)[0][0])
                 res, i = int(events["res"][k]), int(idx[k])
+                self._drain(submitted - done - len(events))  # the buffer outlives no request
                 if res < 0:
-                    self._drain(submitted - done - len(events))
                     raise OSError(-res, f"reading {self.path} at offset {int(offsets[i])}: {os.strerror(-res)}")
-                self._drain(submitted - done - len(events))
                 raise self._short(res, int(want[i]), int(offsets[i]))
             done += len(events)
 

@@ -28,14 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_lm.memory.host import upload
+from engram_lm.memory.prefetch import single_threaded_worker
 from engram_lm.memory.table import MemoryTable
 
 
 STEP_TIMEOUT_S = 600.0
-
-
-def _single_threaded() -> None:
-    torch.set_num_threads(1)  # the compute threads keep their cores (see memory/prefetch.py)
 
 
 class HostTrainableTable(MemoryTable):
@@ -98,9 +95,8 @@ class HostTableStepper:
     def __init__(self, optimizer: torch.optim.Optimizer, tables: list[HostTrainableTable]) -> None:
         self.optimizer, self.tables = optimizer, tables
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-table-step",
-                                            initializer=_single_threaded)  # fmt: skip
+                                            initializer=single_threaded_worker)  # fmt: skip
         self._future: Future | None = None
-        self.launched = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> HostTableStepper | None:
@@ -112,6 +108,10 @@ class HostTableStepper:
         if any(id(p) not in host for g in optimizer.param_groups for p in g["params"]):
             return None  # a device-resident table (OverEncoding) shares the optimizer: step it in place
         return cls(optimizer, tables)
+
+    def others(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers the caller still steps (and schedules) itself: all but this one."""
+        return {k: o for k, o in optimizers.items() if o is not self.optimizer}
 
     def launch(self, lr_multiplier: float) -> None:
         """Start the step at this step's learning rate; the tables wait for it on their next lookup."""
@@ -126,20 +126,21 @@ class HostTableStepper:
         self._future = self._executor.submit(step)
         for table in self.tables:
             table.pending_update = self._future
-        self.launched += 1
 
-    def wait(self) -> None:
-        """Until the last step has landed (before a checkpoint, at the end); re-raises its error."""
+    def _take(self) -> Future | None:
         future, self._future = self._future, None
         for table in self.tables:
             table.pending_update = None
+        return future
+
+    def wait(self) -> None:
+        """Until the last step has landed (before a checkpoint, at the end); re-raises its error."""
+        future = self._take()
         if future is not None:
             future.result(timeout=STEP_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop the worker. Errors surface in `wait` and in the next lookup, not here (the
         training loop waits at its last checkpoint)."""
-        self._future = None
-        for table in self.tables:
-            table.pending_update = None
+        self._take()
         self._executor.shutdown(wait=True)

@@ -35,7 +35,7 @@ class _Pending:
     started: float
 
 
-def _single_threaded() -> None:
+def single_threaded_worker() -> None:
     """The worker's own ops run on one thread. OpenMP's thread count is per calling thread,
     so this leaves the compute threads alone; without it the worker starts a second
     OpenMP team that spins against the compute team on the same cores (measured on 2
@@ -55,7 +55,7 @@ class PrefetchingTable(MemoryTable):
         self.num_rows, self.dim = inner.num_rows, inner.dim
         self.device = torch.device(device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch",
-                                            initializer=_single_threaded)  # fmt: skip
+                                            initializer=single_threaded_worker)  # fmt: skip
         self._pending: _Pending | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.prefetched = self.synchronous = 0

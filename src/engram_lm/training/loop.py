@@ -198,6 +198,7 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
                                                      matrix_optimizer=train_cfg.matrix_optimizer))  # fmt: skip
     fingerprint = model.hasher.layout.fingerprint if model.hasher else None
     stepper = HostTableStepper.for_model(model, optimizers) if memory == "ram" else None
+    stepped_here = stepper.others(optimizers) if stepper else optimizers  # the stepper steps and schedules its own
     start = 0
     if latest is not None:
         state = ckpt_io.read_state(latest)
@@ -236,8 +237,8 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
         t0 = time.perf_counter()
         multiplier = lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
                                    train_cfg.decay_factor)  # fmt: skip
-        set_lr({k: o for k, o in optimizers.items() if not (stepper and k == "table")}, multiplier)  # the stepper sets its own
-        loss_value = _train_step(model, optimizers, dense, replicated, data, train_cfg, step, device, ctx,
+        set_lr(stepped_here, multiplier)
+        loss_value = _train_step(model, stepped_here, dense, replicated, data, train_cfg, step, device, ctx,
                                  stepper=stepper, lr_multiplier=multiplier)  # fmt: skip
         train_time += time.perf_counter() - t0
         done = step + 1
@@ -286,7 +287,8 @@ def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: Trai
                 ctx: DistContext, stepper: HostTableStepper | None = None, lr_multiplier: float = 1.0) -> float:  # fmt: skip
     """One optimizer step over grad_accum micro-batches of this rank's slice; returns the
     global mean loss. The loss is scaled by 1/(accum * P) so summed gradients are means.
-    With a `stepper` the host tables' optimizer steps on a worker while the rest steps here."""
+    With a `stepper` the host tables' optimizer steps on a worker while `optimizers` (the
+    others) step here."""
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step, micro=micro,
@@ -298,12 +300,11 @@ def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: Trai
     all_reduce_dense_grads(replicated, ctx)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(dense, cfg.grad_clip)
-    in_place = {k: o for k, o in optimizers.items() if not (stepper and k == "table")}
     if stepper is not None:
         stepper.launch(lr_multiplier)  # overlaps the dense steps below and the next forward
-    for opt in in_place.values():
+    for opt in optimizers.values():
         opt.step()
-    for opt in in_place.values():
+    for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     all_reduce_moe_loads(model, ctx)
     model.update_route_biases()
