@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep
+from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
 from engram_lm.experiments.duration import duration_specs, gaps
 from engram_lm.experiments.report import build_report
 from engram_lm.experiments.runner import RunSpec, run_specs
@@ -54,10 +54,16 @@ def test_default_allocation_covers_the_whole_interval():
     assert sum(r <= 0.2 for r in DEFAULT_RHOS) >= 2
     specs = allocation_specs(seeds=(0, 1), rhos=(0.0, 1.0), capacity1_rhos=(0.0,))
     assert [(s.tags["rho"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
-        (0.0, "engram", 0), (0.0, "capacity1", 0), (1.0, "moe", 0), (0.0, "engram", 1), (0.0, "capacity1", 1), (1.0, "moe", 1)]
+        (1.0, "moe", 0), (0.0, "engram", 0), (0.0, "capacity1", 0), (1.0, "moe", 1), (0.0, "engram", 1), (0.0, "capacity1", 1)]
     top_k = quickstart_moe()[0].top_k
-    assert specs[0].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
+    assert specs[1].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
     assert specs[0].train.seed == 0 and specs[3].train.seed == 1
+
+
+def test_allocation_trains_coarse_to_fine():
+    # MoE first, then rho 0, then the midpoint, then the quarter points (ties to the smaller rho)
+    assert coarse_to_fine(DEFAULT_RHOS) == [1.0, 0.0, 0.5, 0.2, 0.8, 0.35, 0.65, 0.1, 0.9]
+    assert coarse_to_fine([0.3, 0.3, 0.1]) == [0.3, 0.1] and coarse_to_fine([]) == []
 
 
 def test_mean_standard_error_and_the_call_rule_on_synthetic_numbers():
@@ -105,11 +111,12 @@ def test_a_resumed_study_skips_finished_runs_and_reuses_twins(tmp_path, monkeypa
 def test_allocation_sweep_writes_one_row_per_run_and_the_report_calls_nothing_on_one_seed(tmp_path):
     runs = allocation_sweep(tmp_path / "allocation", rhos=(0.0, 0.5, 1.0), seeds=(0,), steps=2, progress=False,
                             capacity1_rhos=())  # fmt: skip
-    assert [r["rho"] for r in runs] == [0.0, 0.5, 1.0]
+    assert [r["rho"] for r in runs] == [1.0, 0.0, 0.5]  # trained coarse to fine; the CSV is sorted by rho
     with (tmp_path / "allocation" / "allocation.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and list(rows[0])[:7] == ["rho", "seed", "num_routed_experts", "engram_slots", "params_total",
                                                      "params_active", "val_loss"]  # fmt: skip
+    assert [float(r["rho"]) for r in rows] == [0.0, 0.5, 1.0]
     assert rows[2]["engram_slots"] == "0" and int(rows[0]["engram_slots"]) > int(rows[1]["engram_slots"]) > 0
     text = build_report(tmp_path, tmp_path / "docs" / "results.md")
     assert "## Verdicts" in text and "U-shape" in text and "inconclusive at this scale" in text

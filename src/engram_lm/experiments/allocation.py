@@ -39,7 +39,7 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
         train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
     if data is not None:
         train_cfg = train_cfg.with_(data=data)
-    configs = {rho: allocate(base, rho, template_fn()) for rho in sorted(rhos)}  # once: allocation builds models
+    configs = {rho: allocate(base, rho, template_fn()) for rho in coarse_to_fine(rhos)}  # once: allocation builds models
     specs = []
     for seed in seeds:
         for rho, cfg in configs.items():
@@ -53,6 +53,22 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
                         "engram_slots": _slots(cfg)}  # fmt: skip
                 specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, train_cfg.with_(seed=seed), tags))
     return specs
+
+
+def coarse_to_fine(rhos) -> list[float]:
+    """The training order of a seed's sweep: the pure MoE (largest rho), then the smallest rho,
+    then always the point farthest from those already trained (ties: the smaller rho). A sweep
+    stopped part way has the MoE reference and a coarse picture of the whole interval, not a
+    dense corner of it."""
+    left = sorted(set(rhos))
+    if not left:
+        return []
+    order = [left.pop()]
+    while left:
+        pick = max(left, key=lambda r: (round(min(abs(r - o) for o in order), 9), -r))  # round: 0.65-0.5 > 0.5-0.35 in floats
+        order.append(pick)
+        left.remove(pick)
+    return order
 
 
 def _slots(cfg) -> int:
