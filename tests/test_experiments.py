@@ -54,10 +54,10 @@ def test_default_allocation_covers_the_whole_interval():
     assert sum(r <= 0.2 for r in DEFAULT_RHOS) >= 2
     specs = allocation_specs(seeds=(0, 1), rhos=(0.0, 1.0), capacity1_rhos=(0.0,))
     assert [(s.tags["rho"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
-        (1.0, "moe", 0), (0.0, "engram", 0), (0.0, "capacity1", 0), (1.0, "moe", 1), (0.0, "engram", 1), (0.0, "capacity1", 1)]
+        (1.0, "moe", 0), (1.0, "moe", 1), (0.0, "engram", 0), (0.0, "engram", 1), (0.0, "capacity1", 0), (0.0, "capacity1", 1)]
     top_k = quickstart_moe()[0].top_k
-    assert specs[1].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
-    assert specs[0].train.seed == 0 and specs[3].train.seed == 1
+    assert specs[2].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
+    assert specs[2].train.seed == 0 and specs[3].train.seed == 1
 
 
 def test_allocation_trains_coarse_to_fine():

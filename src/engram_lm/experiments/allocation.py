@@ -5,9 +5,12 @@ budget stays in routed experts and the rest becomes Engram slots (models/account
 rho = 0 keeps only the top-k routed experts (all of the sparse budget in memory); rho = 1
 is the pure MoE. The capacity-1 control (same Engram module, one row per hash column) runs
 at a few rhos to show what the memory itself adds over its dense parameters. Every point
-trains with the same data, steps and schedule, once per seed. Writes allocation.csv (one
-row per run: rho, seed, num_routed_experts, engram_slots, params_total, params_active,
-val_loss, variant, epochs) and allocation.png (mean +- standard error per rho).
+trains with the same data, steps and schedule, once per seed. The points train coarse to
+fine (`coarse_to_fine`), each with all its seeds before the next: a sweep stopped part way
+has the MoE reference and a few points across the interval, each with its standard error.
+Writes allocation.csv (one row per run: rho, seed, num_routed_experts, engram_slots,
+params_total, params_active, val_loss, variant, epochs) and allocation.png (mean +- standard
+error per rho).
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
         train_cfg = train_cfg.with_(data=data)
     configs = {rho: allocate(base, rho, template_fn()) for rho in coarse_to_fine(rhos)}  # once: allocation builds models
     specs = []
-    for seed in seeds:
-        for rho, cfg in configs.items():
-            variants = [("engram" if cfg.engram is not None else "moe", cfg)]
-            if cfg.engram is not None and any(abs(rho - r) < 1e-9 for r in capacity1_rhos):
-                variants.append(("capacity1", cfg.with_(engram=cfg.engram.with_(single_slot=True))))
-            for variant, model in variants:
+    for rho, cfg in configs.items():  # coarse to fine, every seed of a point before the next point
+        variants = [("engram" if cfg.engram is not None else "moe", cfg)]
+        if cfg.engram is not None and any(abs(rho - r) < 1e-9 for r in capacity1_rhos):
+            variants.append(("capacity1", cfg.with_(engram=cfg.engram.with_(single_slot=True))))
+        for variant, model in variants:
+            for seed in seeds:
                 name = f"rho-{rho:.2f}" if variant != "capacity1" else f"capacity1-rho-{rho:.2f}"
                 tags = {"experiment": "allocation", "rho": rho, "seed": seed, "variant": variant,
                         "num_routed_experts": model.num_routed_experts,
@@ -56,7 +59,7 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
 
 
 def coarse_to_fine(rhos) -> list[float]:
-    """The training order of a seed's sweep: the pure MoE (largest rho), then the smallest rho,
+    """The training order of a sweep's points: the pure MoE (largest rho), then the smallest rho,
     then always the point farthest from those already trained (ties: the smaller rho). A sweep
     stopped part way has the MoE reference and a coarse picture of the whole interval, not a
     dense corner of it."""
