@@ -6,7 +6,7 @@ import pytest
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
 from engram_lm.experiments.duration import duration_specs, gaps
-from engram_lm.experiments.report import build_report
+from engram_lm.experiments.report import allocation_section, build_report
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.experiments.study import SECTIONS, study_plan
@@ -121,6 +121,31 @@ def test_allocation_sweep_writes_one_row_per_run_and_the_report_calls_nothing_on
     text = build_report(tmp_path, tmp_path / "docs" / "results.md")
     assert "## Verdicts" in text and "U-shape" in text and "inconclusive at this scale" in text
     assert "Not run yet" in text and (tmp_path / "docs" / "figures" / "study-allocation.png").exists()
+
+
+def _fake_allocation(losses: dict[tuple[float, str], list[float]]) -> list[dict]:
+    """Finished allocation runs with given losses per (rho, variant), seeds 0.."""
+    return [{"rho": rho, "variant": variant, "seed": seed, "val_loss": loss, "num_routed_experts": 2, "engram_slots": 10,
+             "params_total": 100, "epochs": 0.2, "data": "/x/gutenberg", "requested": {"train": {"steps": 1600}}}
+            for (rho, variant), values in losses.items() for seed, loss in enumerate(values)]  # fmt: skip
+
+
+def test_allocation_verdicts_on_partial_and_full_sweeps():
+    # only the two ends measured: rho 0 clearly beats the MoE, but there is no interior point to call a shape with
+    ends = {(1.0, "moe"): [4.00, 4.10, 4.05], (0.0, "engram"): [3.90, 4.01, 3.95], (0.0, "capacity1"): [4.02, 4.11, 4.06]}
+    verdicts, lines = allocation_section(_fake_allocation(ends), "t")
+    text = "\n".join(lines)
+    assert verdicts[0][1] == "inconclusive at this scale" and "rhos measured: 0, 1" in verdicts[0][3]
+    assert "Measured 2 of the 9 default rhos; not yet: 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9" in text
+    assert "| 0.00 | 2 | 10 | 3.9533 ± 0.0318 | -0.0967 ± 0.0033 | lower |" in text  # (-0.10 - 0.09 - 0.10) / 3
+    assert verdicts[1][0].startswith("the memory itself helps") and verdicts[1][1] == "reproduced"
+    # an interior optimum called against both ends: reproduced; the same point at an end, beating its neighbour: not
+    u = {**ends, (0.5, "engram"): [3.80, 3.91, 3.85]}
+    assert allocation_section(_fake_allocation(u), "t")[0][0][1] == "reproduced"
+    monotone = {**ends, (0.5, "engram"): [3.95, 4.06, 4.00]}
+    assert allocation_section(_fake_allocation(monotone), "t")[0][0][1] == "not reproduced"
+    left = {(0.0, "engram"): [3.90, 4.01, 3.95], (0.1, "engram"): [3.95, 4.06, 4.00], (0.2, "engram"): [4.0, 4.1, 4.05]}
+    assert allocation_section(_fake_allocation(left), "t")[0][0][1] == "inconclusive at this scale"  # rho 1 not yet
 
 
 def test_duration_milestones_and_gaps():

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engram_lm.experiments.allocation import summarise
+from engram_lm.experiments.allocation import DEFAULT_RHOS, summarise
 from engram_lm.experiments.duration import gaps
 from engram_lm.experiments.stats import Estimate, call, compare, estimate
 from engram_lm.experiments.variants import fit_log_slope, group_by, scaling_rows
@@ -151,29 +151,55 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     rows = summarise(runs)
     steps = runs[0]["requested"]["train"]["steps"]
+    regime = f"{_data(runs)}, {_epochs(runs)} epochs"
     lines = [f"## {title}", "", f"`{_data(runs)}`, {steps} steps ({_epochs(runs)} epochs), {_seeds(runs)} seed(s); "
              f"P_tot {next(r for r in runs if r['variant'] != 'capacity1')['params_total']:,} at every Engram point (rho = 0 keeps only the top-k routed experts).", ""]  # fmt: skip
-    table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}",
-              _fmt(Estimate(r["mean"], r["se"], r["n"]))] for r in rows]  # fmt: skip
-    for r in summarise(runs, ("capacity1",)):
-        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column",
-                      _fmt(Estimate(r["mean"], r["se"], r["n"]))])  # fmt: skip
-    lines += _table(["rho", "routed experts", "Engram slots", "val loss"], table)
-    best = min(rows, key=lambda r: r["mean"])
     by_rho = {r["rho"]: {x["seed"]: x["val_loss"] for x in r["runs"]} for r in rows}
+    moe = by_rho.get(1.0)
+
+    def versus_moe(losses: dict[int, float], rho: float | None = None) -> list[str]:
+        if moe is None or rho == 1.0 or not set(losses) & set(moe):
+            return ["", ""]
+        c = compare(losses, moe)
+        return [_fmt(c.diff, True), _verdict_word(c.verdict)]
+
+    table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}",
+              _fmt(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(by_rho[r["rho"]], r["rho"])] for r in rows]  # fmt: skip
+    verdicts = []
+    for r in summarise(runs, ("capacity1",)):
+        control = {x["seed"]: x["val_loss"] for x in r["runs"]}
+        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column",
+                      _fmt(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(control)])  # fmt: skip
+        real = by_rho.get(r["rho"], {})
+        if not verdicts and set(real) & set(control):  # the lowest rho with both: the most memory
+            c = compare(real, control)
+            verdicts.append([f"the memory itself helps: Engram beats its capacity-1 control at rho {r['rho']:.2f} ({title})",
+                             _claim(c.verdict, "lower"), f"{regime}, {_seeds(r['runs'])} seed(s)",
+                             f"Engram - capacity-1 {_fmt(c.diff, True)}"])  # fmt: skip
+    lines += _table(["rho", "routed experts", "Engram slots", "val loss", "minus MoE (rho 1)", "call"], table)
+    missing = [r for r in DEFAULT_RHOS if not any(abs(r - m) < 1e-9 for m in by_rho)]
+    if missing:
+        lines += ["", f"Measured {len(by_rho)} of the {len(DEFAULT_RHOS)} default rhos; not yet: "
+                      f"{', '.join(f'{m:g}' for m in missing)} (the sweep trains coarse to fine, every seed of a point "
+                      f"before the next; rerun `{STUDY_COMMAND}` to continue)."]  # fmt: skip
+    best = min(rows, key=lambda r: r["mean"])
     ends = [min(by_rho), max(by_rho)]
     interior = best["rho"] not in ends
     calls = [compare(by_rho[best["rho"]], by_rho[e]) for e in ends if e != best["rho"]]
-    if interior and all(c.verdict == "lower" for c in calls):
+    if not {0.0, 1.0} <= set(by_rho) or len(by_rho) < 3:
+        verdict = "inconclusive at this scale"  # the interval's ends and a point between are needed to call a shape
+    elif interior and all(c.verdict == "lower" for c in calls):
         verdict = "reproduced"
     elif not interior and any(c.verdict == "lower" for c in calls) and _neighbour_called(by_rho, best["rho"]):
         verdict = "not reproduced"
     else:
         verdict = "inconclusive at this scale"
-    lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({_fmt(Estimate(best['mean'], best['se'], best['n']))}); "
-                  + "; ".join(f"vs rho = {e:.2f}: {_fmt(c.diff, True)}" for e, c in zip([e for e in ends if e != best['rho']], calls))]  # fmt: skip
-    return [[f"U-shape: an interior rho beats both ends ({title})", verdict, f"{_data(runs)}, {_epochs(runs)} epochs",
-             f"best rho {best['rho']:.2f}"]], lines + [""]  # fmt: skip
+    versus = "; ".join(f"vs rho = {e:.2f}: {_fmt(c.diff, True)}" for e, c in zip([e for e in ends if e != best["rho"]], calls))
+    lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({_fmt(Estimate(best['mean'], best['se'], best['n']))}); {versus}"]
+    measured = ", ".join(f"{r:g}" for r in sorted(by_rho))
+    verdicts.insert(0, [f"U-shape: an interior rho beats both ends ({title})", verdict, f"{regime}, {_seeds(runs)} seed(s)",
+                        f"best rho {best['rho']:.2f}; {versus}; rhos measured: {measured}"])  # fmt: skip
+    return verdicts, lines + [""]
 
 
 def _neighbour_called(by_rho: dict[float, dict[int, float]], best: float) -> bool:
