@@ -55,6 +55,10 @@ def test_default_allocation_covers_the_whole_interval():
     specs = allocation_specs(seeds=(0, 1), rhos=(0.0, 1.0), capacity1_rhos=(0.0,))
     assert [(s.tags["rho"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
         (1.0, "moe", 0), (1.0, "moe", 1), (0.0, "engram", 0), (0.0, "engram", 1), (0.0, "capacity1", 0), (0.0, "capacity1", 1)]
+    order = [(s.tags["rho"], s.tags["variant"]) for s in allocation_specs(seeds=(0,), capacity1_rhos=(0.0, 0.5, 0.8))]
+    assert order[:6] == [(1.0, "moe"), (0.0, "engram"), (0.5, "engram"), (0.0, "capacity1"), (0.5, "capacity1"),
+                         (0.2, "engram")]  # fmt: skip
+    assert order.index((0.8, "capacity1")) == order.index((0.8, "engram")) + 1 and len(order) == len(DEFAULT_RHOS) + 3
     top_k = quickstart_moe()[0].top_k
     assert specs[2].model.num_routed_experts == top_k  # rho = 0: only the top-k routed experts remain
     assert specs[2].train.seed == 0 and specs[3].train.seed == 1

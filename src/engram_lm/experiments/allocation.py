@@ -6,8 +6,9 @@ rho = 0 keeps only the top-k routed experts (all of the sparse budget in memory)
 is the pure MoE. The capacity-1 control (same Engram module, one row per hash column) runs
 at a few rhos to show what the memory itself adds over its dense parameters. Every point
 trains with the same data, steps and schedule, once per seed. The points train coarse to
-fine (`coarse_to_fine`), each with all its seeds before the next: a sweep stopped part way
-has the MoE reference and a few points across the interval, each with its standard error.
+fine (`coarse_to_fine`), each with all its seeds before the next, and the capacity-1 controls
+once the coarse shape (both ends and the midpoint) is in: a sweep stopped part way has the
+MoE reference and a few points across the interval, each with its standard error.
 Writes allocation.csv (one row per run: rho, seed, num_routed_experts, engram_slots,
 params_total, params_active, val_loss, variant, epochs) and allocation.png (mean +- standard
 error per rho).
@@ -43,18 +44,21 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
     if data is not None:
         train_cfg = train_cfg.with_(data=data)
     configs = {rho: allocate(base, rho, template_fn()) for rho in coarse_to_fine(rhos)}  # once: allocation builds models
-    specs = []
-    for rho, cfg in configs.items():  # coarse to fine, every seed of a point before the next point
-        variants = [("engram" if cfg.engram is not None else "moe", cfg)]
+    points, controls = [], []  # (rho, variant, model, slots), in training order
+    for i, (rho, cfg) in enumerate(configs.items()):  # coarse to fine
+        points.append((rho, "engram" if cfg.engram is not None else "moe", cfg, _slots(cfg)))
         if cfg.engram is not None and any(abs(rho - r) < 1e-9 for r in capacity1_rhos):
-            variants.append(("capacity1", cfg.with_(engram=cfg.engram.with_(single_slot=True))))
-        for variant, model in variants:
-            for seed in seeds:
-                name = f"rho-{rho:.2f}" if variant != "capacity1" else f"capacity1-rho-{rho:.2f}"
-                tags = {"experiment": "allocation", "rho": rho, "seed": seed, "variant": variant,
-                        "num_routed_experts": model.num_routed_experts,
-                        "engram_slots": _slots(cfg)}  # fmt: skip
-                specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, train_cfg.with_(seed=seed), tags))
+            controls.append((rho, "capacity1", cfg.with_(engram=cfg.engram.with_(single_slot=True)), _slots(cfg)))
+        if i >= 2:  # the coarse shape (both ends, the midpoint) is in: the controls of the points so far follow
+            points += controls
+            controls = []
+    specs = []
+    for rho, variant, model, slots in points + controls:  # every seed of a point before the next point
+        for seed in seeds:
+            name = f"rho-{rho:.2f}" if variant != "capacity1" else f"capacity1-rho-{rho:.2f}"
+            tags = {"experiment": "allocation", "rho": rho, "seed": seed, "variant": variant,
+                    "num_routed_experts": model.num_routed_experts, "engram_slots": slots}  # fmt: skip
+            specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, train_cfg.with_(seed=seed), tags))
     return specs
 
 
