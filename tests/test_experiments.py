@@ -6,7 +6,7 @@ import pytest
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
 from engram_lm.experiments.duration import duration_specs, gaps
-from engram_lm.experiments.report import allocation_section, build_report
+from engram_lm.experiments.report import allocation_section, build_report, duration_section
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.experiments.study import SECTIONS, study_plan
@@ -166,6 +166,28 @@ def test_duration_milestones_and_gaps():
     g = gaps(fake)
     assert [x["multiple"] for x in g] == [1, 2, 4, 8]
     assert all(x["gap"].mean == pytest.approx(-0.05) for x in g) and g[-1]["epochs"] == pytest.approx(80 * 2048 / 100_000)
+
+
+def test_duration_verdict_says_whether_the_gain_shrank():
+    def runs(engram_gap_at):  # multiple -> Engram minus MoE, the same for every seed but for a small jitter
+        out = []
+        for seed, jitter in ((0, 0.0), (1, 0.002), (2, -0.001)):
+            for variant in ("moe", "engram"):
+                curve = [[10 * m, 4.0 - 0.1 * m + (engram_gap_at[m] + jitter * m if variant == "engram" else 0.0)]
+                         for m in (1, 2, 4, 8)]  # fmt: skip
+                out.append({"variant": variant, "seed": seed, "val_curve": curve, "base_steps": 10, "train_tokens": 10**6,
+                            "data": "/d/novels", "epochs": 0.16,
+                            "requested": {"train": {"batch_size": 16, "seq_len": 128, "grad_accum": 1}}})  # fmt: skip
+        return out
+
+    shrinks = {1: -0.10, 2: -0.08, 4: -0.05, 8: -0.03}
+    verdicts, _ = duration_section(runs(shrinks), "t", "single-epoch")
+    holds = next(v for v in verdicts if v[0].startswith("ours: the gain holds from 1x to 8x"))
+    # per seed, gap(8x) - gap(1x) = 0.07 + 7 * jitter: 0.07, 0.084, 0.063 -> mean 0.0723, SE 0.0062
+    assert holds[1] == "not reproduced" and "+0.0723 ± 0.0062" in holds[3]
+    steady = {1: -0.05, 2: -0.05, 4: -0.05, 8: -0.05}
+    assert next(v for v in duration_section(runs(steady), "t", "x")[0] if v[0].startswith("ours"))[1] == \
+        "inconclusive at this scale"  # fmt: skip
 
 
 def test_study_plan_orders_the_important_answers_first_and_needs_long_data():

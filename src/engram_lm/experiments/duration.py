@@ -70,7 +70,8 @@ def gaps(results: list[dict[str, Any]], variant: str = "engram", baseline: str =
         c = compare(a, b)
         epochs = next(r["epochs"] for r in rows if r["step"] == step)
         out.append({"multiple": mult, "step": step, "epochs": epochs, "gap": c.diff, "verdict": c.verdict,
-                    "variant": estimate(list(a.values())), "baseline": estimate(list(b.values()))})  # fmt: skip
+                    "variant": estimate(list(a.values())), "baseline": estimate(list(b.values())),
+                    "per_seed": {s: a[s] - b[s] for s in sorted(set(a) & set(b))}})  # fmt: skip
     return out
 
 

@@ -80,6 +80,13 @@ def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tup
         verdicts.append([f"Engram beats the iso-parameter MoE ({regime})", verdict,
                          f"{_data(runs)}, {last['epochs']:.2f} epochs, {_seeds(runs)} seed(s)",
                          f"gap {_fmt(first['gap'], True)} at {first['multiple']}x, {_fmt(last['gap'], True)} at {last['multiple']}x"])  # fmt: skip
+        if last is not first and set(first["per_seed"]) & set(last["per_seed"]):
+            change = compare(last["per_seed"], first["per_seed"])  # > 0: the gap closed (the gain shrank)
+            holds = {"higher": "not reproduced", "lower": "reproduced"}.get(change.verdict, "inconclusive at this scale")
+            verdicts.append([f"ours: the gain holds from {first['multiple']}x to {last['multiple']}x tokens ({regime})", holds,
+                             f"{_data(runs)}, {first['epochs']:.2f}-{last['epochs']:.2f} epochs, {_seeds(runs)} seed(s)",
+                             f"gap at {last['multiple']}x minus gap at {first['multiple']}x {_fmt(change.diff, True)} "
+                             "(> 0: the gain shrank)"])  # fmt: skip
     cap = {g["multiple"]: g for g in gaps(runs, "engram", "capacity1")}
     if cap:
         last = cap[max(cap)]
