@@ -65,8 +65,10 @@ def gaps(results: list[dict[str, Any]], variant: str = "engram", baseline: str =
         step = mult * base_steps
         a = {r["seed"]: r["val_loss"] for r in rows if r["variant"] == variant and r["step"] == step}
         b = {r["seed"]: r["val_loss"] for r in rows if r["variant"] == baseline and r["step"] == step}
-        if not set(a) & set(b):
+        shared = set(a) & set(b)  # both columns and the gap over the same seeds
+        if not shared:
             continue
+        a, b = {k: a[k] for k in shared}, {k: b[k] for k in shared}
         c = compare(a, b)
         epochs = next(r["epochs"] for r in rows if r["step"] == step)
         out.append({"multiple": mult, "step": step, "epochs": epochs, "gap": c.diff, "verdict": c.verdict,
