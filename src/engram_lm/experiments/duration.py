@@ -99,7 +99,10 @@ def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
                             capsize=3, label=f"{variant} minus MoE")  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("epochs of the training data (milestones 1x, 2x, 4x, 8x the quickstart's tokens)")
+        ticks = gaps(results, "engram") or gaps(results, "capacity1")
+        ax.set_xticks([x["epochs"] for x in ticks], [f"{x['multiple']}x\n{x['epochs']:.2g} ep" for x in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("tokens: multiples of the quickstart's, and epochs of the data")
         ax.set_ylabel("validation loss gap (negative: better than MoE)")
         ax.set_title(f"Does the gain last? ({results[0]['data'].rstrip('/').split('/')[-1]})")
         ax.grid(alpha=0.3)
