@@ -123,7 +123,9 @@ def plot_allocation(results: list[dict[str, Any]], path: Path) -> None:
                             marker="o", color=color, capsize=3, label=label)  # fmt: skip
         ax.set_xlabel("rho: fraction of the sparse budget kept in routed experts (1 = pure MoE)")
         ax.set_ylabel("validation loss (nats/token), mean ± SE")
-        ax.set_title(f"Sparsity allocation at fixed P_tot = {results[0]['params_total']:,}")
+        p_tot = next((r["params_total"] for r in results if r["variant"] != "capacity1"), None)
+        ax.set_title("Sparsity allocation" + (f" at fixed P_tot = {p_tot:,}" if p_tot else ""))
+        ax.set_xlim(-0.05, 1.05)  # the whole interval, however much of it is measured
         ax.grid(alpha=0.3)
         ax.legend()
 

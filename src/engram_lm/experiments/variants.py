@@ -160,15 +160,24 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
                 continue
             xs = [k[0] for k, _ in points]
             est = [estimate([r["val_loss"] for r in runs]) for _, runs in points]
-            ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o", color=color, capsize=3)
+            slope = f": {fit_log_slope(xs, [e.mean for e in est])[1]:+.3f} per decade" if len(xs) >= 2 else ""
+            ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o", color=color,
+                        capsize=3, label=label + slope)  # fmt: skip
             if len(xs) >= 2:
                 a, b = fit_log_slope(xs, [e.mean for e in est])
-                ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color, label=f"{label}: {b:+.3f} per decade")
+                ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color)
         moe = [r["val_loss"] for r in rows if r["method"] == "moe"]
         if moe:
             e = estimate(moe)
             ax.axhline(e.mean, color="black", ls="--", lw=1, label=f"MoE, no memory: {e}")
         ax.set_xscale("log")
+        sizes = [r["table_params"] for r in rows if r["method"] != "moe"]
+        if sizes:  # ticks at the sweep's budgets, whatever the range measured so far
+            lo, hi = min(sizes) / 1.5, max(sizes) * 1.5
+            ticks = [v for v in SCALING_TABLE_PARAMS if lo <= v <= hi] or sorted(set(sizes))
+            ax.set_xlim(lo, hi)
+            ax.set_xticks(ticks, [f"{v / 1e6:.2g}M" for v in ticks])
+            ax.minorticks_off()
         ax.set_xlabel("memory-table parameters")
         ax.set_ylabel("validation loss, mean ± SE over seeds")
         ax.set_title("Fixed backbone, growing memory")
