@@ -212,3 +212,15 @@ def test_report_command_writes_the_page_and_refuses_a_missing_folder(tmp_path, c
     assert "Not run yet" in (tmp_path / "r.md").read_text()
     assert main(["experiment", "report", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.md")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
+    from engram_lm.cli import main
+
+    spec = study_plan(seeds=1, sections=("table-lr",))["table-lr"][0]
+    (tmp_path / spec.key).mkdir(parents=True)
+    (tmp_path / spec.key / "result.json").write_text(json.dumps({"requested": spec.requested(), "key": spec.key,
+                                                                  "num_branches": 1, "tokens_per_s": 1000.0}))  # fmt: skip
+    assert main(["study", "--seeds", "1", "--sections", "table-lr,ablations", "--out", str(tmp_path), "--plan"]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "table-lr 5 runs, 1 finished" in lines and "ablations 9 runs, 0 finished" in lines

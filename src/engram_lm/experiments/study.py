@@ -27,7 +27,7 @@ from typing import Any
 
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.duration import duration_specs, write_duration
-from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.runner import RunSpec, load_result, run_specs
 from engram_lm.experiments.variants import (
     SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
 )  # fmt: skip
@@ -130,7 +130,8 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
                 ordered.append(s)
                 seen.add(s.key)
     for name, specs in plan.items():
-        print(f"  {name:<18} {len(specs):>3} runs")
+        done = sum(load_result(out, s) is not None for s in specs)
+        print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
     results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run)
     write_outputs(out, results)
     if report is not None:
