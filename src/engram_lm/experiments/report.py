@@ -205,10 +205,11 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
     else:
         verdict = "inconclusive at this scale"
     versus = "; ".join(f"vs rho = {e:.2f}: {_fmt(c.diff, True)}" for e, c in zip([e for e in ends if e != best["rho"]], calls))
-    lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({_fmt(Estimate(best['mean'], best['se'], best['n']))}); {versus}"]
+    lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({_fmt(Estimate(best['mean'], best['se'], best['n']))})"
+                  + (f"; {versus}" if versus else "")]  # fmt: skip
     measured = ", ".join(f"{r:g}" for r in sorted(by_rho))
     verdicts.insert(0, [f"U-shape: an interior rho beats both ends ({title})", verdict, f"{regime}, {_seeds(runs)} seed(s)",
-                        f"best rho {best['rho']:.2f}; {versus}; rhos measured: {measured}"])  # fmt: skip
+                        "; ".join(x for x in (f"best rho {best['rho']:.2f}", versus, f"rhos measured: {measured}") if x)])  # fmt: skip
     return verdicts, lines + [""]
 
 
