@@ -73,7 +73,7 @@ def gaps(results: list[dict[str, Any]], variant: str = "engram", baseline: str =
         epochs = next(r["epochs"] for r in rows if r["step"] == step)
         out.append({"multiple": mult, "step": step, "epochs": epochs, "gap": c.diff, "verdict": c.verdict,
                     "variant": estimate(list(a.values())), "baseline": estimate(list(b.values())),
-                    "per_seed": {s: a[s] - b[s] for s in sorted(set(a) & set(b))}})  # fmt: skip
+                    "per_seed": {s: a[s] - b[s] for s in sorted(shared)}})  # fmt: skip
     return out
 
 
@@ -91,15 +91,15 @@ def write_duration(results: list[dict[str, Any]], out_dir: Path) -> None:
 
 def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
     with saved_figure(path, (6, 4)) as (fig, ax):
-        for variant, color in (("engram", "tab:red"), ("capacity1", "tab:grey")):
-            g = gaps(results, variant)
+        by_variant = {v: gaps(results, v) for v in ("engram", "capacity1")}
+        for (variant, g), color in zip(by_variant.items(), ("tab:red", "tab:grey")):
             if g:
                 ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
                             yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color,
                             capsize=3, label=f"{variant} minus MoE")  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
-        ticks = gaps(results, "engram") or gaps(results, "capacity1")
+        ticks = by_variant["engram"] or by_variant["capacity1"]
         ax.set_xticks([x["epochs"] for x in ticks], [f"{x['multiple']}x\n{x['epochs']:.2g} ep" for x in ticks])
         ax.minorticks_off()
         ax.set_xlabel("tokens: multiples of the quickstart's, and epochs of the data")

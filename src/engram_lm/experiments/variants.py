@@ -160,12 +160,11 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
                 continue
             xs = [k[0] for k, _ in points]
             est = [estimate([r["val_loss"] for r in runs]) for _, runs in points]
-            slope = f": {fit_log_slope(xs, [e.mean for e in est])[1]:+.3f} per decade" if len(xs) >= 2 else ""
+            fit = fit_log_slope(xs, [e.mean for e in est]) if len(xs) >= 2 else None
             ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o", color=color,
-                        capsize=3, label=label + slope)  # fmt: skip
-            if len(xs) >= 2:
-                a, b = fit_log_slope(xs, [e.mean for e in est])
-                ax.plot(xs, [a + b * math.log10(x) for x in xs], color=color)
+                        capsize=3, label=label + (f": {fit[1]:+.3f} per decade" if fit else ""))  # fmt: skip
+            if fit:
+                ax.plot(xs, [fit[0] + fit[1] * math.log10(x) for x in xs], color=color)
         moe = [r["val_loss"] for r in rows if r["method"] == "moe"]
         if moe:
             e = estimate(moe)
