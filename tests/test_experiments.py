@@ -254,3 +254,20 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
            "3.3 epochs | engram_table_wd_0.1 - engram_none -0.1000 ± 0.0058 |" in text  # fmt: skip
     assert "repeated data (dropout_0.1) | inconclusive at this scale |" in text
     assert "ours: a regulariser keeps the tables from memorising repeated data | not measured yet" not in text
+
+
+def test_engram_is_compared_with_the_strongest_overencoding_too():
+    from engram_lm.experiments.report import versus_strongest_overencoding
+
+    model = {"engram": {"embed_per_ngram": 128, "num_heads": 4}}
+    scaling = [{"method": "engram", "seed": s, "val_loss": v, "params_engram": p, "params_active": 9, "epochs": 0.86,
+                "requested": {"model": model}}
+               for p, losses in ((1000, (3.90, 3.95, 3.92)), (4000, (3.80, 3.84, 3.81))) for s, v in enumerate(losses)]  # fmt: skip
+    diagnosis = [{"variant": v, "seed": s, "val_loss": x, "params_engram": 4096, "params_active": 8,
+                  "data": "bible", "epochs": 0.86}
+                 for v, losses in (("overencoding", (4.1, 4.1, 4.1)), ("overencoding_add_mean", (3.85, 3.86, 3.87)))
+                 for s, x in enumerate(losses)]  # fmt: skip
+    (row,) = versus_strongest_overencoding(scaling, diagnosis)
+    # the largest Engram table minus E + mean, per seed: -0.05, -0.02, -0.06 -> -0.0433 ± 0.0120
+    assert row[1] == "reproduced" and "-0.0433 ± 0.0120 at 4,000 vs 4,096 table params, 9 vs 8 active" in row[3]
+    assert versus_strongest_overencoding(scaling, diagnosis[:3]) == []  # no E + mean runs: no row
