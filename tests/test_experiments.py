@@ -10,7 +10,7 @@ from engram_lm.experiments.report import CLAIMS, allocation_section, build_repor
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.experiments.study import SECTIONS, study_plan
-from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs
+from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs, scaling_specs
 from engram_lm.hashing.layout import build_layout
 from engram_lm.models.accounting import allocate, count_config
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe, tiny
@@ -25,6 +25,12 @@ def test_scaling_points_have_equal_table_parameters_and_one_backbone():
         assert cfgs["engram"].overencoding is None and cfgs["overencoding"].engram is None
         base = {k: v for k, v in cfgs["engram"].to_dict().items() if k not in ("engram", "overencoding")}
         assert base == {k: v for k, v in cfgs["overencoding"].to_dict().items() if k not in ("engram", "overencoding")}
+        # the strongest OverEncoding differs from the paper form in how it combines, nothing else
+        paper, strong = cfgs["overencoding"].overencoding.to_dict(), cfgs["overencoding_add_mean"].overencoding.to_dict()
+        assert {k for k in paper if paper[k] != strong[k]} == {"combine"} and strong["combine"] == "add_mean"
+    specs = scaling_specs(budgets=SCALING_TABLE_PARAMS[:1], seeds=(0,))
+    lr = {s.tags["method"]: s.train.table_lr_mult for s in specs}
+    assert lr == {"moe": 5.0, "engram": 5.0, "overencoding": 1.0, "overencoding_add_mean": 1.0}
 
 
 def test_each_ablation_changes_one_thing():
@@ -209,7 +215,7 @@ def test_study_plan_orders_the_important_answers_first_and_needs_long_data():
     plan = study_plan(seeds=2, long_data="/data/novels")
     assert list(plan) == list(SECTIONS)
     sanity = plan["sanity"]
-    assert {s.tags["method"] for s in sanity} == {"moe", "overencoding", "engram"}
+    assert {s.tags["method"] for s in sanity} == {"moe", "overencoding", "overencoding_add_mean", "engram"}
     assert all(s.train.data == "/data/novels" for s in plan["duration"])
     assert {s.model.num_branches for s in plan["mhc"]} == {4}
     assert all(s.train.steps == 1600 for s in plan["allocation-4x"])

@@ -58,9 +58,9 @@ def cmd_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_scaling(r: dict[str, Any]) -> None:
-    print(f"{'method':<14}{'table params':>14}  val loss (mean ± SE)")
+    print(f"{'method':<22}{'table params':>14}  val loss (mean ± SE)")
     for row in sorted(r["rows"], key=lambda x: (x["method"], x["table_params"])):
-        print(f"{row['method']:<14}{row['table_params']:>14,}  {_pm(row)}")
+        print(f"{row['method']:<22}{row['table_params']:>14,}  {_pm(row)}")
     print(f"written: {r['csv']}")
 
 

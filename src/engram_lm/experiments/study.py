@@ -65,9 +65,10 @@ def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
     from engram_lm.experiments.variants import scaling_configs
 
     moe, train_cfg = quickstart_moe()
-    oe = scaling_configs(max(SCALING_TABLE_PARAMS))["overencoding"]
-    variants = {"overencoding_add_mean": (oe.with_(overencoding=oe.overencoding.with_(combine="add_mean")), 1.0),
-                "overencoding_lr5x": (oe, 5.0), "overencoding": (oe, 1.0), "moe": (moe, train_cfg.table_lr_mult)}  # fmt: skip
+    configs = scaling_configs(max(SCALING_TABLE_PARAMS))
+    oe = configs["overencoding"]
+    variants = {"overencoding_add_mean": (configs["overencoding_add_mean"], 1.0), "overencoding_lr5x": (oe, 5.0),
+                "overencoding": (oe, 1.0), "moe": (moe, train_cfg.table_lr_mult)}  # fmt: skip
     specs = []
     for seed in seeds:
         for name, (model, mult) in variants.items():
