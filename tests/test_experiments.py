@@ -277,3 +277,17 @@ def test_engram_is_compared_with_the_strongest_overencoding_too():
     # the largest Engram table minus E + mean, per seed: -0.05, -0.02, -0.06 -> -0.0433 ± 0.0120
     assert row[1] == "reproduced" and "-0.0433 ± 0.0120 at 4,000 vs 4,096 table params, 9 vs 8 active" in row[3]
     assert versus_strongest_overencoding(scaling, diagnosis[:3]) == []  # no E + mean runs: no row
+
+
+def test_table_lr_rows_say_whether_the_papers_5x_beats_each_other_multiplier(tmp_path):
+    losses = {0.5: [3.95, 3.99, 3.96], 1.0: [3.80, 3.86, 3.82], 5.0: [3.85, 3.90, 3.86]}
+    for mult, values in losses.items():
+        for seed, loss in enumerate(values):
+            folder = tmp_path / "runs" / "table-lr" / f"mult-{mult}" / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({"table_lr_mult": mult, "seed": seed, "val_loss": loss,
+                                                            "data": "bible", "epochs": 0.86}))  # fmt: skip
+    text = build_report(tmp_path / "runs", tmp_path / "results.md")
+    # 0.5x - 5x: +0.10, +0.09, +0.10 -> 5x is better; 1x - 5x: -0.05, -0.04, -0.04 -> 1x is better
+    assert "| table lr: the paper's 5x beats 0.5x | reproduced |" in text
+    assert "| table lr: the paper's 5x beats 1x | not reproduced | bible, 0.86 epochs | 1.0 - 5.0 -0.0433 ± 0.0033 |" in text
