@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "folder (--out, $ENGRAM_CACHE_DIR); nothing already saved was changed", file=sys.stderr)  # fmt: skip
         return 2
     except Exception as exc:
-        if type(exc).__name__ == "TrainingInterrupted":
+        if type(exc).__name__ in ("TrainingInterrupted", "StudyStopped"):
             print(f"engram {args.command}: {exc}", file=sys.stderr)
             return 130
         if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):

@@ -100,12 +100,18 @@ def _print_duration(r: dict[str, Any]) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.study import SECTIONS, run_study
+    from engram_lm.experiments.study import SECTIONS, run_study, run_study_in_workers
 
     sections = args.sections.split(",") if args.sections else SECTIONS
+    report = None if args.plan or not args.report else Path(args.report)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give 1 or more (one per free CPU core, or 1 on a GPU)")
+    if args.workers > 1 and not args.plan:
+        return run_study_in_workers(Path(args.out), workers=args.workers, seeds=args.seeds, long_data=args.long_data,
+                                    sections=args.sections.split(",") if args.sections else None, device=args.device,
+                                    report=report)  # fmt: skip
     return run_study(Path(args.out), seeds=args.seeds, long_data=args.long_data, sections=sections,
-                     device=args.device, progress=not args.quiet, dry_run=args.plan,
-                     report=None if args.plan else Path(args.report))  # fmt: skip
+                     device=args.device, progress=not args.quiet, dry_run=args.plan, report=report)  # fmt: skip
 
 
 def _print_study(r: dict[str, Any]) -> None:
@@ -235,7 +241,9 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--long-data", help="a corpus that does not repeat within 8x the quickstart (a folder of text)")
     p.add_argument("--sections", help="comma-separated subset, in plan order (default: all)")
     p.add_argument("--out", default="results/study")
-    p.add_argument("--report", default="docs/results.md")
+    p.add_argument("--report", default="docs/results.md", help="the page to write at the end ('' to skip)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="N processes of one thread each on the same --out (CPU: one per free core); logs in OUT/worker-K.log")
     p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, train nothing")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true")

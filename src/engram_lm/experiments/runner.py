@@ -119,7 +119,7 @@ def run_specs(
     unique = {_request_key(s.requested()): s for s in reversed(todo)}  # twins train once
     seconds, basis = estimate_seconds([s for k, s in unique.items() if k not in by_request], list(finished.values()))
     _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train, "
-         f"~{_hms(seconds)} estimated ({basis})")  # fmt: skip
+         f"~{hms(seconds)} estimated ({basis})")  # fmt: skip
     if dry_run:
         return list(finished.values())
     started = time.time()
@@ -136,7 +136,7 @@ def run_specs(
             finished[spec.key] = load_result(root, spec)
             continue
         _say(f"[{i + 1}/{len(todo)}] {spec.key} ({spec.train.steps} steps, {spec.tokens:,} tokens); "
-             f"elapsed {_hms(time.time() - started)}")  # fmt: skip
+             f"elapsed {hms(time.time() - started)}")  # fmt: skip
         t0 = time.time()
         try:
             result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
@@ -197,6 +197,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

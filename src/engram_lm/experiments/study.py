@@ -22,12 +22,13 @@ folders under --out; a folder with result.json is finished and reused.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.duration import duration_specs, write_duration
-from engram_lm.experiments.runner import RunSpec, load_result, run_specs
+from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
 from engram_lm.experiments.variants import (
     SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
 )  # fmt: skip
@@ -140,6 +141,39 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
 
         build_report(out, Path(report))
     return {"planned": len(ordered), "finished": len(results), "sections": {k: len(v) for k, v in plan.items()}}
+
+
+def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: str | None = None,
+                         sections: tuple[str, ...] | list[str] | None = None, device: str | None = None,
+                         report: Path | None = None, every_s: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    """The study in `workers` processes of one thread each (experiments/workers.py), then
+    the section outputs and the report from whatever finished. Raises StudyStopped after
+    writing them when a SIGINT/SIGTERM stopped the workers."""
+    from engram_lm.experiments.workers import StudyStopped, run_workers, worker_command, worker_env
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = tuple(sections) if sections else SECTIONS
+    run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True)  # plan + estimate
+    print(f"{workers} workers of one thread each: on {workers} free cores the wall time is about 1/{workers} of that")
+    specs = list({s.key: s for v in study_plan(seeds=seeds, long_data=long_data, sections=chosen).values() for s in v}.values())
+    started = time.monotonic()
+
+    def progress() -> str:
+        done = sum(load_result(out, s) is not None for s in specs)
+        return f"[{hms(time.monotonic() - started)}] {done} of {len(specs)} planned runs finished"
+
+    cmd = worker_command(seeds=seeds, out=out, long_data=long_data, sections=sections, device=device)
+    logs = [out / f"worker-{k + 1}.log" for k in range(workers)]
+    codes, stopped = run_workers([cmd] * workers, logs, progress=progress, every_s=every_s, env=worker_env())
+    summary = run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True, report=report)
+    if stopped:
+        raise StudyStopped(f"stopped; every worker saved a checkpoint of its run and {summary['finished']} runs are "
+                           "finished; rerun the same command to continue")  # fmt: skip
+    failed = [f"worker {k + 1} (exit code {c}, log {log})" for k, (c, log) in enumerate(zip(codes, logs)) if c != 0]
+    if failed:
+        raise ValueError(f"{', '.join(failed)} failed; read the log, fix the cause and rerun the same command")
+    return summary
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
