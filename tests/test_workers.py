@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from engram_lm.cli import main
 from engram_lm.experiments.workers import run_workers, worker_command, worker_env
 
@@ -69,3 +71,12 @@ def test_a_sigterm_to_the_parent_reaches_every_worker(tmp_path):
 def test_study_refuses_zero_workers(capsys):
     assert main(["study", "--workers", "0", "--out", "x"]) == 2  # refused before anything is planned or written
     assert "--workers 0: give 1 or more" in capsys.readouterr().err
+
+
+def test_workers_are_stopped_when_the_parent_fails(tmp_path):
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):  # the second worker cannot start: the first must not be left running
+        run_workers([[sys.executable, "-c", CHILD], ["/no/such/program"]], logs, stagger_s=0.5)
+    assert time.monotonic() - started < 15  # it waited for the first worker, which would sleep 30 s unless stopped
+    assert "not stopped" not in logs[0].read_text()

@@ -76,6 +76,11 @@ def run_workers(commands: list[list[str]], logs: list[Path], *, progress: Callab
             if progress is not None and time.monotonic() - last >= every_s:
                 print(progress(), flush=True)
                 last = time.monotonic()
+    except BaseException:  # this process failed: do not leave workers training unattended
+        forward(signal.SIGTERM, None)
+        for p in procs:
+            p.wait()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
