@@ -291,3 +291,16 @@ def test_table_lr_rows_say_whether_the_papers_5x_beats_each_other_multiplier(tmp
     # 0.5x - 5x: +0.10, +0.09, +0.10 -> 5x is better; 1x - 5x: -0.05, -0.04, -0.04 -> 1x is better
     assert "| table lr: the paper's 5x beats 0.5x | reproduced |" in text
     assert "| table lr: the paper's 5x beats 1x | not reproduced | bible, 0.86 epochs | 1.0 - 5.0 -0.0433 ± 0.0033 |" in text
+
+
+def test_engram_minus_overencoding_per_budget_pairs_shared_seeds():
+    from engram_lm.experiments.report import _engram_minus_overencoding
+
+    runs = [{"method": m, "budget": 1000, "seed": s, "val_loss": v}
+            for m, losses in (("engram", (3.80, 3.85, 3.82)), ("overencoding", (4.00, 4.04, 4.03)),
+                              ("overencoding_add_mean", (3.84, 3.86)))
+            for s, v in enumerate(losses)]  # fmt: skip
+    lines = _engram_minus_overencoding(runs + [{"method": "moe", "seed": 0, "val_loss": 3.9}])
+    # paper form: -0.20, -0.19, -0.21 -> -0.2000 ± 0.0058 (lower); E + mean over seeds 0-1 only: -0.04, -0.01
+    assert "| 1,000 | -0.2000 ± 0.0058 (lower) | -0.0250 ± 0.0150 (inconclusive) |" in lines
+    assert _engram_minus_overencoding([{"method": "moe", "seed": 0, "val_loss": 3.9}]) == []

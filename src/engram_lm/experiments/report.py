@@ -133,6 +133,7 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
         table.append(["moe (no memory)", "0", "0", f"{moe_active:,}",
                       _fmt(estimate(list(moe.values()))), "", ""])  # fmt: skip
     lines += _table(["method", "table params", "slots", "active params", "val loss", "minus MoE", "call"], table)
+    lines += _engram_minus_overencoding(runs)
     verdicts = []
     slopes = {m: s for m in ("engram", "overencoding", "overencoding_add_mean")
               if (s := _slopes([r for r in rows if r["method"] == m]))}  # fmt: skip
@@ -166,6 +167,24 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
             verdicts.append(["Engram beats OverEncoding at equal table parameters (largest)", _claim(c.verdict, "lower"),
                              f"{_data(runs)}, {_epochs(runs)} epochs", f"Engram - OverEncoding {_fmt(c.diff, True)}{weak}"])  # fmt: skip
     return verdicts, lines + [""]
+
+
+def _engram_minus_overencoding(runs: list[dict[str, Any]]) -> list[str]:
+    """Per table budget: Engram minus each OverEncoding form, over the seeds both have."""
+    table = []
+    for budget in sorted({r["budget"] for r in runs if "budget" in r}):
+        engram = _losses(runs, method="engram", budget=budget)
+        cells = []
+        for method in ("overencoding", "overencoding_add_mean"):
+            other = _losses(runs, method=method, budget=budget)
+            c = compare(engram, other) if set(engram) & set(other) else None
+            cells.append(f"{_fmt(c.diff, True)} ({_verdict_word(c.verdict)})" if c else "")
+        if any(cells):
+            table.append([f"{budget:,}", *cells])
+    if not table:
+        return []
+    return ["", "Engram minus OverEncoding at each table budget (negative: Engram is better), paired over shared seeds:", "",
+            *_table(["table budget", "minus OverEncoding (paper form)", "minus OverEncoding (E + mean)"], table)]  # fmt: skip
 
 
 def _slopes(rows: list[dict[str, Any]]) -> dict[int, float]:
