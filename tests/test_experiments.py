@@ -6,7 +6,8 @@ import pytest
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
 from engram_lm.experiments.duration import duration_specs, gaps
-from engram_lm.experiments.report import CLAIMS, allocation_section, build_report, duration_section, missing_claims
+from engram_lm.experiments.report import CLAIMS, build_report, missing_claims
+from engram_lm.experiments.sections import allocation_section, duration_section
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.experiments.study import SECTIONS, study_plan
@@ -294,13 +295,13 @@ def test_table_lr_rows_say_whether_the_papers_5x_beats_each_other_multiplier(tmp
 
 
 def test_engram_minus_overencoding_per_budget_pairs_shared_seeds():
-    from engram_lm.experiments.report import _engram_minus_overencoding
+    from engram_lm.experiments.sections import engram_minus_overencoding
 
     runs = [{"method": m, "budget": 1000, "seed": s, "val_loss": v}
             for m, losses in (("engram", (3.80, 3.85, 3.82)), ("overencoding", (4.00, 4.04, 4.03)),
                               ("overencoding_add_mean", (3.84, 3.86)))
             for s, v in enumerate(losses)]  # fmt: skip
-    lines = _engram_minus_overencoding(runs + [{"method": "moe", "seed": 0, "val_loss": 3.9}])
+    lines = engram_minus_overencoding(runs + [{"method": "moe", "seed": 0, "val_loss": 3.9}])
     # paper form: -0.20, -0.19, -0.21 -> -0.2000 ± 0.0058 (lower); E + mean over seeds 0-1 only: -0.04, -0.01
     assert "| 1,000 | -0.2000 ± 0.0058 (lower) | -0.0250 ± 0.0150 (inconclusive) |" in lines
-    assert _engram_minus_overencoding([{"method": "moe", "seed": 0, "val_loss": 3.9}]) == []
+    assert engram_minus_overencoding([{"method": "moe", "seed": 0, "val_loss": 3.9}]) == []
