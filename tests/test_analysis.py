@@ -121,3 +121,39 @@ def test_sensitivity_probes_and_zeroing():
     result = sensitivity(model, tok)
     assert result["factual"]["items"] == len(facts) and result["copy"]["items"] == 64
     assert result["copy"]["with_engram"]["mean_logprob"] != result["copy"]["engram_zeroed"]["mean_logprob"]
+
+
+def test_class_sensitivity_counts_each_class_and_zeroing_is_exact_for_a_silent_module():
+    import numpy as np
+
+    from engram_lm.analysis.sensitivity import class_sensitivity
+    from engram_lm.analysis.token_classes import BigramContinuations, token_classes
+
+    g = torch.Generator().manual_seed(1)
+    train = np.tile(np.array([3, 4, 5, 6, 7]), 20)
+    stats = BigramContinuations(train, vocab_size=64)
+    prefix = torch.tensor([[3, 4, 5, 6, 7, 20, 21, 22, 20, 21, 22]]).repeat(2, 1)
+    windows = [torch.cat([prefix, torch.randint(1, 64, (2, 6), generator=g)], 1)]
+    want = {k: sum(int(token_classes(w, stats)[k].sum()) for w in windows[0]) for k in ("copyable", "recallable")}
+    silent = class_sensitivity(_model(zero_output=True), windows, stats)
+    assert {k: silent[k]["tokens"] for k in want} == want and silent["all"]["tokens"] == 2 * 16
+    assert want["copyable"] >= 2 and want["recallable"] >= 6  # "20 21 -> 22" repeats in each window; "3 4 5 6 7" is training's
+    for k in ("copyable", "recallable", "all"):  # Engram's output is zero at initialisation: zeroing changes nothing
+        assert silent[k]["retained_accuracy"] == 1.0 or silent[k]["accuracy_with_engram"] == 0.0
+        assert silent[k]["loss_engram_zeroed"] == pytest.approx(silent[k]["loss_with_engram"], abs=1e-12)
+    live = class_sensitivity(_model(), windows, stats)
+    assert live["all"]["loss_engram_zeroed"] != pytest.approx(live["all"]["loss_with_engram"], abs=1e-6)
+
+
+def test_sensitivity_command_scores_token_classes_of_a_trained_run(tmp_path, capsys):
+    import json
+
+    from engram_lm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--steps", "4", "--quiet"]) == 0
+    out = tmp_path / "s.json"
+    assert main(["analyze", "sensitivity", "--checkpoint", str(run), "--token-classes", "--out", str(out)]) == 0
+    classes = json.loads(out.read_text())["token_classes"]
+    assert set(classes) == {"copyable", "recallable", "all"} and classes["all"]["tokens"] == 2 * 8 * 64
+    assert "recallable" in capsys.readouterr().out

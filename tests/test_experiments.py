@@ -119,6 +119,49 @@ def test_a_resumed_study_skips_finished_runs_and_reuses_twins(tmp_path, monkeypa
         run_specs(tmp_path, changed, progress=False)
 
 
+def test_a_run_kept_for_analysis_trains_itself_keeps_its_checkpoint_and_is_analysed_once(tmp_path):
+    from dataclasses import replace
+
+    a, _, twin = _tiny_specs()
+    seen = []
+
+    def analyse(spec, run_dir):
+        seen.append(spec.key)
+        assert (run_dir / "checkpoints").is_dir()  # the model is still there to analyse
+        return {"answer": 42}
+
+    run_specs(tmp_path, [a], progress=False)
+    kept = replace(twin, keep_checkpoint=True)
+    (result,) = run_specs(tmp_path, [kept], progress=False, analyse=analyse)
+    assert "reused_from" not in result and result["analysis"] == {"answer": 42} and seen == [kept.key]
+    assert (tmp_path / kept.key / "checkpoints").is_dir() and not (tmp_path / a.key / "checkpoints").exists()
+    saved = json.loads((tmp_path / kept.key / "result.json").read_text())
+    assert saved["analysis"] == {"answer": 42}
+    run_specs(tmp_path, [kept], progress=False, analyse=analyse)
+    assert seen == [kept.key]  # analysed once
+    del saved["analysis"]  # finished without its analysis (killed in between): analysed when the study resumes
+    (tmp_path / kept.key / "result.json").write_text(json.dumps(saved))
+    (again,) = run_specs(tmp_path, [kept], progress=False, analyse=analyse)
+    assert seen == [kept.key, kept.key] and again["analysis"] == {"answer": 42}
+
+
+def test_sensitivity_section_calls_whether_recall_keeps_less_than_copying():
+    from engram_lm.experiments.sections import sensitivity_section
+
+    def run(seed, kept_recall, kept_copy):
+        classes = {c: {"tokens": 100, "accuracy_with_engram": 0.5, "accuracy_engram_zeroed": 0.5 * k, "retained_accuracy": k,
+                       "loss_with_engram": 3.0, "loss_engram_zeroed": 3.5}
+                   for c, k in (("recallable", kept_recall), ("copyable", kept_copy), ("all", 0.7))}  # fmt: skip
+        return {"seed": seed, "data": "bible", "epochs": 0.86,
+                "analysis": {"class_options": {"n": 2, "min_count": 5, "min_share": 0.5}, "classes": classes}}
+
+    verdicts, lines = sensitivity_section([run(0, 0.40, 0.90), run(1, 0.45, 0.85), run(2, 0.42, 0.88)])
+    # recall minus copy per seed: -0.50, -0.40, -0.46 -> -0.4533 ± 0.0291
+    assert verdicts[0][1] == "reproduced" and "difference -0.4533 ± 0.0291" in verdicts[0][3]
+    assert "| recallable | 100 | 0.5000 ± 0.0000 | 0.2117 ± 0.0073 | 0.4233 ± 0.0145 |" in "\n".join(lines)
+    assert sensitivity_section([])[0] == [] and sensitivity_section([{"seed": 0}])[0] == []  # trained, not analysed
+
+
 def test_allocation_sweep_writes_one_row_per_run_and_the_report_calls_nothing_on_one_seed(tmp_path):
     runs = allocation_sweep(tmp_path / "allocation", rhos=(0.0, 0.5, 1.0), seeds=(0,), steps=2, progress=False,
                             capacity1_rhos=())  # fmt: skip
@@ -305,3 +348,19 @@ def test_engram_minus_overencoding_per_budget_pairs_shared_seeds():
     # paper form: -0.20, -0.19, -0.21 -> -0.2000 ± 0.0058 (lower); E + mean over seeds 0-1 only: -0.04, -0.01
     assert "| 1,000 | -0.2000 ± 0.0058 (lower) | -0.0250 ± 0.0150 (inconclusive) |" in lines
     assert engram_minus_overencoding([{"method": "moe", "seed": 0, "val_loss": 3.9}]) == []
+
+
+def test_sensitivity_analysis_of_a_trained_run_scores_both_classes(tmp_path):
+    from dataclasses import replace
+
+    from engram_lm.experiments.sensitivity import CLASS_OPTIONS, analyse_run, sensitivity_specs
+
+    assert all(s.keep_checkpoint and s.tags["experiment"] == "sensitivity" for s in sensitivity_specs(seeds=(0, 1)))
+    spec = replace(_tiny_specs()[0], keep_checkpoint=True)
+    (result,) = run_specs(tmp_path, [spec], progress=False, analyse=analyse_run)
+    a = result["analysis"]
+    assert a["class_options"] == CLASS_OPTIONS and a["checkpoint"].startswith("step-")
+    t = spec.train
+    assert a["classes"]["all"]["tokens"] == t.eval_batches * t.batch_size * t.seq_len
+    assert a["classes"]["copyable"]["tokens"] > 0 and a["classes"]["recallable"]["tokens"] > 0
+    assert a["classes"]["copyable"]["tokens"] + a["classes"]["recallable"]["tokens"] < a["classes"]["all"]["tokens"]

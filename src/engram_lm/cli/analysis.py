@@ -165,6 +165,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     model, state = load_trained(args.checkpoint)
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     result = {"checkpoint": state["path"], **sensitivity(model, tokenizer)}
+    if args.token_classes:
+        from engram_lm.experiments.sensitivity import token_class_analysis
+        from engram_lm.training.config import TrainConfig
+
+        config = Path(state["path"]).parent.parent / "config.json"  # run/checkpoints/step-N -> run/config.json
+        if not config.is_file():
+            raise ValueError(f"--token-classes needs the run's config.json (its data and evaluation windows); "
+                             f"{config} is missing: pass a checkpoint inside a run folder made by `engram train`")  # fmt: skip
+        train_cfg = TrainConfig.from_dict(json.loads(config.read_text())["requested"]["train"])
+        result["token_classes"] = token_class_analysis(train_cfg, Path(state["path"]))["classes"]
     Path(args.out).write_text(json.dumps(result, indent=2))
     return result
 
@@ -175,6 +185,9 @@ def _print_sensitivity(r: dict[str, Any]) -> None:
         print(f"{name:<8} accuracy {p['with_engram']['accuracy']:.3f} -> {p['engram_zeroed']['accuracy']:.3f} "
               f"with Engram zeroed (retained {p['retained_accuracy']:.1%}); log-prob "
               f"{p['with_engram']['mean_logprob']:.3f} -> {p['engram_zeroed']['mean_logprob']:.3f}")  # fmt: skip
+    for name, c in r.get("token_classes", {}).items():
+        print(f"{name:<10} {c['tokens']:>6} next tokens: accuracy {c['accuracy_with_engram']:.3f} -> "
+              f"{c['accuracy_engram_zeroed']:.3f} with Engram zeroed (kept {c['retained_accuracy']:.1%})")  # fmt: skip
 
 
 def cmd_logit_lens(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,6 +274,8 @@ def add_analysis_commands(sub) -> None:
     a = ana.add_parser("sensitivity", help="factual recall vs in-context copying with Engram zeroed")
     a.add_argument("--checkpoint", required=True, help="ideally trained with --data bible+facts")
     a.add_argument("--out", default="sensitivity.json")
+    a.add_argument("--token-classes", action="store_true",
+                   help="also score copyable vs recallable next tokens on the run's evaluation windows (docs/experiments.md)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(run=cmd_sensitivity, show=_print_sensitivity)
     for name, run, show, helptext in (("logit-lens", cmd_logit_lens, _print_logit_lens, "KL of early exits to the final prediction"),

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engram_lm.models.config import ModelConfig
 from engram_lm.training.config import TrainConfig
@@ -35,6 +35,7 @@ class RunSpec:
     model: ModelConfig
     train: TrainConfig
     tags: dict[str, Any] = field(default_factory=dict)
+    keep_checkpoint: bool = False  # an analysis reads the trained model: keep it, and never reuse a twin's result
 
     @property
     def tokens(self) -> int:
@@ -101,8 +102,12 @@ def run_specs(
     progress: bool = True,
     keep_checkpoints: bool = False,
     dry_run: bool = False,
+    analyse: Callable[[RunSpec, Path], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train what is not finished (in order); return the results of all finished specs."""
+    """Train what is not finished (in order); return the results of all finished specs.
+    `analyse(spec, run_dir)` runs on the kept checkpoint of every `keep_checkpoint` spec once
+    it has trained (or, found finished without it, before training starts); what it returns
+    is stored as the result's "analysis"."""
     from engram_lm.training.data import prepare_data
     from engram_lm.training.loop import train
 
@@ -116,15 +121,19 @@ def run_specs(
     by_request = _all_results(root)  # any finished run under root, also of sections not planned now
     by_request.update({_request_key(r["requested"]): r for r in finished.values()})
     todo = [s for s in specs if s.key not in finished]
-    unique = {_request_key(s.requested()): s for s in reversed(todo)}  # twins train once
-    seconds, basis = estimate_seconds([s for k, s in unique.items() if k not in by_request], list(finished.values()))
+    unique = {_request_key(s.requested()): s for s in reversed(todo) if not s.keep_checkpoint}  # twins train once
+    to_train = [s for k, s in unique.items() if k not in by_request] + [s for s in todo if s.keep_checkpoint]
+    seconds, basis = estimate_seconds(to_train, list(finished.values()))
     _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train, "
          f"~{hms(seconds)} estimated ({basis})")  # fmt: skip
     if dry_run:
         return list(finished.values())
+    for spec in specs:
+        if spec.key in finished:
+            finished[spec.key] = _analysed(root, spec, finished[spec.key], analyse)
     started = time.time()
     for i, spec in enumerate(todo):
-        twin = by_request.get(_request_key(spec.requested()))
+        twin = None if spec.keep_checkpoint else by_request.get(_request_key(spec.requested()))
         if twin is not None:  # the same training already ran under another name: reuse it
             record = {**twin, **spec.tags, "reused_from": twin.get("reused_from", twin["key"])}
             record["key"] = spec.key
@@ -150,10 +159,21 @@ def run_specs(
                   "tokens_per_s": result.tokens_per_s, "wall_s": round(time.time() - t0, 1),
                   "data": spec.train.data, "key": spec.key, "requested": spec.requested()}  # fmt: skip
         write_json(root / spec.key / "result.json", record)
-        if not keep_checkpoints:
+        record = _analysed(root, spec, record, analyse)
+        if not (keep_checkpoints or spec.keep_checkpoint):
             shutil.rmtree(root / spec.key / "checkpoints", ignore_errors=True)
         finished[spec.key] = by_request[_request_key(record["requested"])] = record
     return [finished[s.key] for s in specs if s.key in finished]
+
+
+def _analysed(root: Path, spec: RunSpec, record: dict[str, Any],
+              analyse: Callable[[RunSpec, Path], dict[str, Any]] | None) -> dict[str, Any]:  # fmt: skip
+    """The record with its analysis, computed and saved now if it lacks one and can have one."""
+    if analyse is None or not spec.keep_checkpoint or "analysis" in record or not (root / spec.key / "checkpoints").is_dir():
+        return record
+    record = {**record, "analysis": analyse(spec, root / spec.key)}
+    write_json(root / spec.key / "result.json", record)
+    return record
 
 
 def sweep(out_dir: Path, specs: list[RunSpec], write, *, progress: bool = True, device: str | None = None) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ Sections, in the order that answers the most important questions first:
   duration      MoE vs iso-parameter MoE+Engram vs capacity-1, 8x the quickstart's tokens,
                 on data that does not repeat (--long-data)
   scaling       fixed backbone, Engram vs OverEncoding at equal table parameters
+  sensitivity   the quickstart MoE+Engram per seed, its checkpoint kept: with Engram zeroed,
+                how much accuracy is kept on copyable vs recallable next tokens
   allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
   regularisation  table weight decay / dropout on rows vs none, 4x on the built-in corpus
                 (it repeats: ~3.3 epochs)
@@ -29,13 +31,14 @@ from typing import Any
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.duration import duration_specs, write_duration
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
+from engram_lm.experiments.sensitivity import analyse_run, sensitivity_specs
 from engram_lm.experiments.variants import (
     SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
 )  # fmt: skip
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
-SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "allocation-4x", "regularisation", "duration-repeated", "mhc",
-            "allocation", "table-lr", "ablations")  # fmt: skip
+SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
+            "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
@@ -104,6 +107,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "oe-diagnosis": lambda: oe_diagnosis_specs(seeds=seed_list, prefix="oe-diagnosis/"),
         "duration": lambda: duration_specs(data=long_data, seeds=seed_list, prefix="duration/"),
         "scaling": lambda: scaling,
+        "sensitivity": lambda: sensitivity_specs(seeds=seed_list, prefix="sensitivity/"),
         "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),
         "regularisation": lambda: regularisation_specs(seeds=seed_list, steps=quick, prefix="regularisation/"),
         "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
@@ -134,7 +138,7 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
     for name, specs in plan.items():
         done = sum(load_result(out, s) is not None for s in specs)
         print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
-    results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run)
+    results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run, analyse=analyse_run)
     write_outputs(out, results)
     if report is not None:
         from engram_lm.experiments.report import build_report
