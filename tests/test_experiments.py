@@ -301,7 +301,7 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
     # table_wd_0.1 - none per seed: -0.10, -0.09, -0.11 -> -0.1000 ± 0.0058; dropout: -0.01, +0.02, -0.01 -> inconclusive
     assert "| ours: a regulariser keeps the tables from memorising repeated data (table_wd_0.1) | reproduced | bible, " \
-           "3.3 epochs | engram_table_wd_0.1 - engram_none -0.1000 ± 0.0058 |" in text  # fmt: skip
+           "3.3 epochs, 3 seed(s) | engram_table_wd_0.1 - engram_none -0.1000 ± 0.0058 |" in text  # fmt: skip
     assert "repeated data (dropout_0.1) | inconclusive at this scale |" in text
     assert "ours: a regulariser keeps the tables from memorising repeated data | not measured yet" not in text
 
@@ -334,7 +334,7 @@ def test_table_lr_rows_say_whether_the_papers_5x_beats_each_other_multiplier(tmp
     text = build_report(tmp_path / "runs", tmp_path / "results.md")
     # 0.5x - 5x: +0.10, +0.09, +0.10 -> 5x is better; 1x - 5x: -0.05, -0.04, -0.04 -> 1x is better
     assert "| table lr: the paper's 5x beats 0.5x | reproduced |" in text
-    assert "| table lr: the paper's 5x beats 1x | not reproduced | bible, 0.86 epochs | 1.0 - 5.0 -0.0433 ± 0.0033 |" in text
+    assert "| table lr: the paper's 5x beats 1x | not reproduced | bible, 0.86 epochs, 3 seed(s) | 1.0 - 5.0 -0.0433 ± 0.0033 |" in text
 
 
 def test_engram_minus_overencoding_per_budget_pairs_shared_seeds():

@@ -117,17 +117,17 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
         if "engram" in slopes and other in slopes:
             c = compare(slopes["engram"], slopes[other])
             verdicts.append([f"memory scaling: Engram's loss falls more steeply than {name}", claim_verdict(c.verdict, "lower"),
-                             f"{data_name(runs)}, {epochs_range(runs)} epochs", f"slope difference {fmt_estimate(c.diff, True)} per decade"])  # fmt: skip
+                             f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)", f"slope difference {fmt_estimate(c.diff, True)} per decade"])  # fmt: skip
     if "engram" in slopes:
         e_slope = estimate(list(slopes["engram"].values()))
         verdicts.append(["memory scaling: Engram's loss falls log-linearly with table size", claim_verdict(call(e_slope), "lower"),
-                         f"{data_name(runs)}, {epochs_range(runs)} epochs", f"Engram slope {fmt_estimate(e_slope, True)} per decade"])  # fmt: skip
+                         f"{data_name(runs)}, {epochs_range(runs)} epochs, {e_slope.n} seed(s)", f"Engram slope {fmt_estimate(e_slope, True)} per decade"])  # fmt: skip
     top = max((r["table_params"] for r in rows if r["method"] == "overencoding"), default=None)
     if top is not None and moe:
         oe = {r["seed"]: r["val_loss"] for r in rows if r["method"] == "overencoding" and r["table_params"] == top}
         c = compare(oe, moe)
         verdicts.append(["sanity: OverEncoding (largest table) beats no memory, as its paper reports",
-                         claim_verdict(c.verdict, "lower"), f"{data_name(runs)}, {epochs_range(runs)} epochs",
+                         claim_verdict(c.verdict, "lower"), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                          f"OverEncoding - MoE {fmt_estimate(c.diff, True)} at {top:,} table params"])  # fmt: skip
         if c.verdict != "lower":
             lines += ["", f"**The OverEncoding baseline does not beat the no-memory MoE at its largest size here "
@@ -138,7 +138,7 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
             c = compare(eng, oe)
             weak = "" if compare(oe, moe).verdict == "lower" else "; this OverEncoding loses to no memory (see the sanity row)"
             verdicts.append(["Engram beats OverEncoding at equal table parameters (largest)", claim_verdict(c.verdict, "lower"),
-                             f"{data_name(runs)}, {epochs_range(runs)} epochs", f"Engram - OverEncoding {fmt_estimate(c.diff, True)}{weak}"])  # fmt: skip
+                             f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)", f"Engram - OverEncoding {fmt_estimate(c.diff, True)}{weak}"])  # fmt: skip
     return verdicts, lines + [""]
 
 
@@ -278,7 +278,7 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
         c = compare(losses, ref) if ref and value != reference else None
         table.append([value, fmt_estimate(estimate(list(losses.values()))), fmt_estimate(c.diff, True) if c else "", _verdict_word(c.verdict) if c else ""])
         if c is not None and value in claims:
-            verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs",
+            verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                              f"{value} - {reference} {fmt_estimate(c.diff, True)}"])  # fmt: skip
     return verdicts, lines + md_table([key, "val loss", f"minus {reference}", "call"], table) + [""]
 
