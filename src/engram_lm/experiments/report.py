@@ -134,7 +134,7 @@ def build_report(root: Path, out: Path) -> str:
     if not any(v[0].startswith("zeroing Engram") for v in verdicts):  # the earlier probe, until the section has run
         verdicts.append(["zeroing Engram hurts factual recall more than copying", "inconclusive at this scale",
                          "bible+facts, 1 seed", "see docs/analysis-single-seed.md: the model recalls 0.4% of facts and "
-                         "copies nothing, with or without Engram"])  # fmt: skip
+                         "copies nothing, with or without Engram; the token-level test (section `sensitivity`) has not run yet"])  # fmt: skip
     verdicts += versus_strongest_overencoding(sections.get("scaling", []), sections.get("oe-diagnosis", []))
     verdicts += missing_claims(verdicts, sections)
     done = sum(1 for v in sections.values() for r in v if "reused_from" not in r)  # a reused twin is not a new run
