@@ -244,9 +244,9 @@ def sensitivity_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], li
              "output zeroed at inference. The paper's probe (factual QA vs reading comprehension: 29-44% vs 81-93% "
              "kept) needs a model that knows facts; at this scale it is asked of next tokens instead. *Copyable*: the "
              f"last {options['n']} tokens occurred earlier in the window and were followed there by the target (the "
-             f"answer is in the context). *Recallable*: not copyable, and the training data follows the last two tokens "
-             f"with the target in at least {options['min_share']:.0%} of at least {options['min_count']} occurrences (the "
-             "answer is an n-gram statistic of the training data, what the table can hold).", ""]  # fmt: skip
+             f"answer is in the context). *Recallable*: the training data follows the last two tokens with the target in "
+             f"at least {options['min_share']:.0%} of at least {options['min_count']} occurrences (the answer is an "
+             "n-gram statistic of the training data, what the table can hold). A token that is both belongs to neither.", ""]  # fmt: skip
 
     def est(c: str, field: str) -> Estimate:
         return estimate([x[field] for x in per_class[c]])
