@@ -108,7 +108,7 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--workers {args.workers}: give 1 or more (one per free CPU core, or 1 on a GPU)")
     if args.workers > 1 and not args.plan:
         return run_study_in_workers(Path(args.out), workers=args.workers, seeds=args.seeds, long_data=args.long_data,
-                                    sections=args.sections.split(",") if args.sections else None, device=args.device,
+                                    sections=sections if args.sections else None, device=args.device,
                                     report=report)  # fmt: skip
     return run_study(Path(args.out), seeds=args.seeds, long_data=args.long_data, sections=sections,
                      device=args.device, progress=not args.quiet, dry_run=args.plan, report=report)  # fmt: skip

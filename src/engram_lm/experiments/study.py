@@ -122,6 +122,11 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
     return plan
 
 
+def planned_runs(plan: dict[str, list[RunSpec]]) -> list[RunSpec]:
+    """Every run of the plan once, in plan order ("sanity" repeats three scaling runs)."""
+    return list({s.key: s for specs in plan.values() for s in specs}.values())
+
+
 def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sections=SECTIONS, device: str | None = None,
               progress: bool = True, dry_run: bool = False, report: Path | None = None) -> dict[str, Any]:  # fmt: skip
     out = Path(out)
@@ -129,12 +134,7 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
     skipped = [s for s in sections if s not in plan]
     if skipped:
         print(f"skipped (pass --long-data FOLDER, a corpus that does not repeat within 8x the quickstart): {skipped}")
-    ordered, seen = [], set()
-    for specs in plan.values():  # "sanity" repeats three scaling runs: train them once
-        for s in specs:
-            if s.key not in seen:
-                ordered.append(s)
-                seen.add(s.key)
+    ordered = planned_runs(plan)
     for name, specs in plan.items():
         done = sum(load_result(out, s) is not None for s in specs)
         print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
@@ -160,7 +160,7 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
     chosen = tuple(sections) if sections else SECTIONS
     run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True)  # plan + estimate
     print(f"{workers} workers of one thread each: on {workers} free cores the wall time is about 1/{workers} of that")
-    specs = list({s.key: s for v in study_plan(seeds=seeds, long_data=long_data, sections=chosen).values() for s in v}.values())
+    specs = planned_runs(study_plan(seeds=seeds, long_data=long_data, sections=chosen))
     started = time.monotonic()
 
     def progress() -> str:
