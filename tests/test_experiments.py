@@ -9,7 +9,7 @@ from engram_lm.experiments.duration import duration_specs, gaps
 from engram_lm.experiments.report import CLAIMS, build_report, missing_claims
 from engram_lm.experiments.sections import allocation_section, duration_section
 from engram_lm.experiments.runner import RunSpec, run_specs
-from engram_lm.experiments.stats import compare, estimate
+from engram_lm.experiments.stats import compare, estimate, optimum
 from engram_lm.experiments.study import SECTIONS, study_plan
 from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs, scaling_specs
 from engram_lm.hashing.layout import build_layout
@@ -90,6 +90,20 @@ def test_mean_standard_error_and_the_call_rule_on_synthetic_numbers():
     assert compare({0: 1.0}, {0: 2.0}).verdict == "inconclusive"  # one seed is never enough
     with pytest.raises(ValueError, match="share no seed"):
         compare({0: 1.0}, {1: 1.0})
+
+
+def test_optimum_and_its_uncertainty_on_synthetic_numbers():
+    points = {0.0: {0: 3.90, 1: 4.01, 2: 3.95}, 0.5: {0: 3.91, 1: 4.00, 2: 3.97}, 1.0: {0: 4.00, 1: 4.10, 2: 4.05}}
+    opt = optimum(points)
+    # means 3.9533 / 3.96 / 4.05; rho 0.5 - rho 0 per seed: +0.01, -0.01, +0.02 -> 0.0067 ± 0.0088, not called;
+    # rho 1 - rho 0: +0.10, +0.09, +0.10, called higher
+    assert opt.best == 0.0 and opt.tied == (0.0, 0.5)
+    assert opt.per_seed == {0: 0.0, 1: 0.5, 2: 0.0}
+    # a point that shares no seed with the best cannot be excluded; one seed never excludes anything
+    assert optimum({**points, 0.2: {3: 5.0}}).tied == (0.0, 0.2, 0.5)
+    assert optimum({0.0: {0: 3.9}, 1.0: {0: 4.9}}).tied == (0.0, 1.0)
+    with pytest.raises(ValueError, match="no points"):
+        optimum({})
 
 
 def _tiny_specs(steps=2):
@@ -203,6 +217,7 @@ def test_allocation_verdicts_on_partial_and_full_sweeps():
     verdicts, lines = allocation_section(_fake_allocation(ends), "t")
     text = "\n".join(lines)
     assert verdicts[0][1] == "inconclusive at this scale" and "rhos measured: 0, 1" in verdicts[0][3]
+    assert "(the optimum's uncertainty): 0;" in verdicts[0][3] and "each seed's own lowest rho: 0, 0, 0." in text
     assert "Measured 2 of the 9 default rhos; not yet: 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9" in text
     assert "| 0.00 | 2 | 10 | 3.9533 ± 0.0318 | -0.0967 ± 0.0033 | lower |" in text  # (-0.10 - 0.09 - 0.10) / 3
     assert verdicts[1][0].startswith("the memory itself helps") and verdicts[1][1] == "reproduced"

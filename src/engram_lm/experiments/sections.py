@@ -14,7 +14,7 @@ from typing import Any
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, summarise
 from engram_lm.experiments.duration import gaps
-from engram_lm.experiments.stats import Estimate, call, compare, estimate
+from engram_lm.experiments.stats import Estimate, call, compare, estimate, optimum
 from engram_lm.experiments.variants import fit_log_slope, group_by, scaling_rows
 
 STUDY_COMMAND = "engram study --seeds 3 --long-data ../shared/data/gutenberg-novels --out results/study"
@@ -217,11 +217,14 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
     else:
         verdict = "inconclusive at this scale"
     versus = "; ".join(f"vs rho = {e:.2f}: {fmt_estimate(c.diff, True)}" for e, c in zip([e for e in ends if e != best["rho"]], calls))
+    opt = optimum(by_rho)
+    tied = f"rhos not called worse than it (the optimum's uncertainty): {', '.join(f'{r:g}' for r in opt.tied)}"
     lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({fmt_estimate(Estimate(best['mean'], best['se'], best['n']))})"
-                  + (f"; {versus}" if versus else "")]  # fmt: skip
+                  + (f"; {versus}" if versus else "") + f"; {tied}; each seed's own lowest rho: "
+                  + ", ".join(f"{r:g}" for r in opt.per_seed.values()) + "."]  # fmt: skip
     measured = ", ".join(f"{r:g}" for r in sorted(by_rho))
     verdicts.insert(0, [f"U-shape: an interior rho beats both ends ({title})", verdict, f"{regime}, {_seeds(runs)} seed(s)",
-                        "; ".join(x for x in (f"best rho {best['rho']:.2f}", versus, f"rhos measured: {measured}") if x)])  # fmt: skip
+                        "; ".join(x for x in (f"best rho {best['rho']:.2f}", versus, tied, f"rhos measured: {measured}") if x)])  # fmt: skip
     return verdicts, lines + [""]
 
 

@@ -61,3 +61,28 @@ def call(diff: Estimate) -> str:
     if diff.n < 2 or math.isnan(diff.se) or abs(diff.mean) <= CALL_THRESHOLD_SE * diff.se:
         return "inconclusive"
     return "lower" if diff.mean < 0 else "higher"
+
+
+@dataclass(frozen=True, slots=True)
+class Optimum:
+    best: float  # the point of lowest mean value
+    tied: tuple[float, ...]  # the points not called higher than it (itself included): its uncertainty
+    per_seed: dict[int, float]  # each seed's own lowest point, over the points that seed has
+
+
+def optimum(points: dict[float, dict[int, float]]) -> Optimum:
+    """Where a sweep {point: {seed: value}} is lowest, and how sure that is: every point
+    not called higher than the best (paired, 2 SE) could be the optimum too."""
+    if not points:
+        raise ValueError("no points to choose an optimum from")
+    means = {p: estimate(list(v.values())).mean for p, v in points.items()}
+    best = min(means, key=means.get)
+    tied = tuple(sorted(p for p in points if not _excluded(points[p], points[best])))
+    seeds = sorted({s for v in points.values() for s in v})
+    per_seed = {s: min((p for p in points if s in points[p]), key=lambda p: points[p][s]) for s in seeds}
+    return Optimum(best, tied, per_seed)
+
+
+def _excluded(candidate: dict[int, float], best: dict[int, float]) -> bool:
+    """Called higher than the best on their shared seeds (no shared seed: cannot be excluded)."""
+    return bool(set(candidate) & set(best)) and compare(candidate, best).verdict == "higher"
