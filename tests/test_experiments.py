@@ -321,6 +321,36 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     assert "ours: a regulariser keeps the tables from memorising repeated data | not measured yet" not in text
 
 
+def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):
+    losses = {"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.81, 3.84, 3.83],
+              "engram_dropout_0.3": [3.86, 3.90, 3.89]}  # fmt: skip
+    for variant, values in losses.items():
+        for seed, loss in enumerate(values):
+            folder = tmp_path / "runs" / "regularisation-cost" / variant / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({"variant": variant, "seed": seed, "val_loss": loss,
+                                                            "data": "bible", "epochs": 0.86}))  # fmt: skip
+    text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
+    assert "## What each regulariser costs where nothing repeats" in text
+    # table_wd_0.1 - none per seed: +0.01, -0.01, +0.01 -> inconclusive; dropout_0.3: +0.06, +0.05, +0.07 -> +0.0600 ± 0.0058
+    assert "| ours: a regulariser hurts single-epoch training (table_wd_0.1; then it cannot be the default) | " \
+           "inconclusive at this scale | bible, 0.86 epochs, 3 seed(s) |" in text  # fmt: skip
+    assert "| ours: a regulariser hurts single-epoch training (dropout_0.3; then it cannot be the default) | reproduced | " \
+           "bible, 0.86 epochs, 3 seed(s) | engram_dropout_0.3 - engram_none +0.0600 ± 0.0058 |" in text  # fmt: skip
+
+
+def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
+    plan = study_plan(seeds=1, sections=("regularisation", "regularisation-cost"))
+    repeated, single = plan["regularisation"], plan["regularisation-cost"]
+    assert [s.tags["variant"] for s in single] == [s.tags["variant"] for s in repeated if s.tags["variant"] != "moe"]
+    assert {s.train.steps for s in single} == {400} and {s.train.steps for s in repeated} == {1600}
+    assert {s.train.data for s in single} == {"bible"}
+    # the regulariser itself is what differs from "none": dropout in the model, weight decay in the table optimizer
+    by = {s.tags["variant"]: s for s in single}
+    assert by["engram_dropout_0.3"].model.engram.dropout == 0.3 and by["engram_none"].model.engram.dropout == 0.0
+    assert by["engram_table_wd_1.0"].train.table_weight_decay == 1.0 and by["engram_none"].train.table_weight_decay == 0.0
+
+
 def test_engram_is_compared_with_the_strongest_overencoding_too():
     from engram_lm.experiments.report import versus_strongest_overencoding
 

@@ -13,6 +13,8 @@ Sections, in the order that answers the most important questions first:
   allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
   regularisation  table weight decay / dropout on rows vs none, 4x on the built-in corpus
                 (it repeats: ~3.3 epochs)
+  regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
+                each costs where nothing repeats, the test for making one the default
   duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs)
   mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
   allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
@@ -38,26 +40,31 @@ from engram_lm.experiments.variants import (
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
+            "regularisation-cost", "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
                 "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3}}  # fmt: skip
 
 
-def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "") -> list[RunSpec]:
-    """MoE and Engram with each regulariser, trained 4x the quickstart on repeating data."""
+def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
+                         experiment: str = "regularisation", with_moe: bool = True) -> list[RunSpec]:  # fmt: skip
+    """Engram with each regulariser (and the MoE, `with_moe`), trained `steps` on `data`:
+    4x the quickstart on the built-in corpus repeats it (~3.3 epochs); the quickstart's
+    400 steps do not (0.86 epochs)."""
     moe, train_cfg = quickstart_moe()
     engram, _ = quickstart_engram()
     train_cfg = train_cfg.with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
     specs = []
     for seed in seeds:
         t = train_cfg.with_(seed=seed)
-        specs.append(RunSpec(f"{prefix}moe/seed-{seed}", moe, t, {"experiment": "regularisation", "variant": "moe", "seed": seed}))
+        if with_moe:
+            tags = {"experiment": experiment, "variant": "moe", "seed": seed}
+            specs.append(RunSpec(f"{prefix}moe/seed-{seed}", moe, t, tags))
         for name, change in REGULARISERS.items():
             model = engram.with_(engram=engram.engram.with_(dropout=change.get("dropout", 0.0)))
             tr = t.with_(table_weight_decay=change.get("table_weight_decay", 0.0))
-            tags = {"experiment": "regularisation", "variant": f"engram_{name}", "seed": seed}
+            tags = {"experiment": experiment, "variant": f"engram_{name}", "seed": seed}
             specs.append(RunSpec(f"{prefix}engram_{name}/seed-{seed}", model, tr, tags))
     return specs
 
@@ -110,6 +117,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "sensitivity": lambda: sensitivity_specs(seeds=seed_list, prefix="sensitivity/"),
         "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),
         "regularisation": lambda: regularisation_specs(seeds=seed_list, steps=quick, prefix="regularisation/"),
+        "regularisation-cost": lambda: regularisation_specs(seeds=seed_list, steps=quick // 4, with_moe=False,
+                                                            experiment="regularisation-cost", prefix="regularisation-cost/"),
         "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
         "mhc": lambda: duration_specs(data=long_data, seeds=seed_list, branches=4, variants=("moe", "engram"), prefix="mhc/"),
         "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
