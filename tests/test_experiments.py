@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -304,15 +305,20 @@ def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
     assert "table-lr 5 runs, 1 finished" in lines and "ablations 9 runs, 0 finished" in lines
 
 
+def _write_variant_results(section: Path, losses: dict[str, list[float]], epochs: float) -> None:
+    """Finished runs on the built-in corpus: one result.json per (variant, seed 0..)."""
+    for variant, values in losses.items():
+        for seed, loss in enumerate(values):
+            folder = section / variant / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({"variant": variant, "seed": seed, "val_loss": loss,
+                                                            "data": "bible", "epochs": epochs}))  # fmt: skip
+
+
 def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     losses = {"moe": [3.30, 3.35, 3.32], "engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.40, 3.47, 3.41],
               "engram_dropout_0.1": [3.49, 3.58, 3.51]}  # fmt: skip
-    for variant, values in losses.items():
-        for seed, loss in enumerate(values):
-            folder = tmp_path / "runs" / "regularisation" / variant / f"seed-{seed}"
-            folder.mkdir(parents=True)
-            (folder / "result.json").write_text(json.dumps({"variant": variant, "seed": seed, "val_loss": loss,
-                                                            "data": "bible", "epochs": 3.3}))  # fmt: skip
+    _write_variant_results(tmp_path / "runs" / "regularisation", losses, epochs=3.3)
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
     # table_wd_0.1 - none per seed: -0.10, -0.09, -0.11 -> -0.1000 ± 0.0058; dropout: -0.01, +0.02, -0.01 -> inconclusive
     assert "| ours: a regulariser keeps the tables from memorising repeated data (table_wd_0.1) | reproduced | bible, " \
@@ -324,12 +330,7 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
 def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):
     losses = {"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.81, 3.84, 3.83],
               "engram_dropout_0.3": [3.86, 3.90, 3.89]}  # fmt: skip
-    for variant, values in losses.items():
-        for seed, loss in enumerate(values):
-            folder = tmp_path / "runs" / "regularisation-cost" / variant / f"seed-{seed}"
-            folder.mkdir(parents=True)
-            (folder / "result.json").write_text(json.dumps({"variant": variant, "seed": seed, "val_loss": loss,
-                                                            "data": "bible", "epochs": 0.86}))  # fmt: skip
+    _write_variant_results(tmp_path / "runs" / "regularisation-cost", losses, epochs=0.86)
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
     assert "## What each regulariser costs where nothing repeats" in text
     # table_wd_0.1 - none per seed: +0.01, -0.01, +0.01 -> inconclusive; dropout_0.3: +0.06, +0.05, +0.07 -> +0.0600 ± 0.0058
