@@ -338,6 +338,29 @@ def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_t
            "inconclusive at this scale | bible, 0.86 epochs, 3 seed(s) |" in text  # fmt: skip
     assert "| ours: a regulariser hurts single-epoch training (dropout_0.3; then it cannot be the default) | reproduced | " \
            "bible, 0.86 epochs, 3 seed(s) | engram_dropout_0.3 - engram_none +0.0600 ± 0.0058 |" in text  # fmt: skip
+    assert "costs nothing single-epoch" not in text  # no repeated-data runs yet: nothing to decide
+
+
+def test_the_default_regulariser_row_joins_the_repeated_gain_and_the_single_epoch_cost():
+    from engram_lm.experiments.sections import regulariser_default
+
+    def runs(losses, epochs):
+        return [{"variant": v, "seed": s, "val_loss": x, "data": "bible", "epochs": epochs}
+                for v, values in losses.items() for s, x in enumerate(values)]  # fmt: skip
+
+    # repeated data: table_wd_0.1 -0.1000 ± 0.0058 and dropout_0.3 -0.0500 ± 0.0000, both called; wd is the best
+    repeated = runs({"moe": [3.30, 3.35, 3.32], "engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.40, 3.47, 3.41],
+                     "engram_dropout_0.3": [3.45, 3.51, 3.47]}, 3.3)  # fmt: skip
+    free = runs({"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.81, 3.84, 3.83]}, 0.86)
+    (row,) = regulariser_default(repeated, free)
+    assert row[1] == "reproduced: no cost measured at this scale"
+    assert row[3] == ("engram_table_wd_0.1: -0.1000 ± 0.0058 on repeated data, +0.0033 ± 0.0067 single-epoch "
+                      "(each minus engram_none)")  # +0.01, -0.01, +0.01
+    costly = runs({"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.86, 3.90, 3.89]}, 0.86)
+    assert regulariser_default(repeated, costly)[0][1] == "not reproduced: it costs"
+    assert regulariser_default(repeated, []) == []  # the single-epoch runs have not finished
+    useless = runs({"engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.51, 3.55, 3.53]}, 3.3)
+    assert regulariser_default(useless, free) == []  # nothing helps: the default stays off
 
 
 def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
