@@ -434,3 +434,13 @@ def test_sensitivity_analysis_of_a_trained_run_scores_both_classes(tmp_path):
     assert a["classes"]["all"]["tokens"] == t.eval_batches * t.batch_size * t.seq_len
     assert a["classes"]["copyable"]["tokens"] > 0 and a["classes"]["recallable"]["tokens"] > 0
     assert a["classes"]["copyable"]["tokens"] + a["classes"]["recallable"]["tokens"] < a["classes"]["all"]["tokens"]
+
+
+def test_every_study_figure_is_captioned_with_its_regime():
+    from engram_lm.plotting import regime_caption
+
+    runs = [{"data": "/x/gutenberg-novels/", "epochs": 0.2054, "seed": s} for s in range(3)]
+    assert regime_caption(runs) == "gutenberg-novels, 0.21 epochs, 3 seed(s)"
+    mixed = [{"data": "bible", "epochs": e, "seed": 0} for e in (0.86, 3.3)]
+    assert regime_caption(mixed) == "bible, 0.86-3.3 epochs, 1 seed(s)"
+    assert regime_caption(mixed, up_to=True) == "bible, up to 3.3 epochs, 1 seed(s)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -21,3 +22,13 @@ def saved_figure(path: Path, figsize: tuple[float, float] = (6, 4)):
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def regime_caption(runs: list[dict[str, Any]], up_to: bool = False) -> str:
+    """"data, E epochs, K seed(s)" of finished runs: every figure says which regime it shows
+    (`up_to`: E is where runs evaluated along the way ended)."""
+    data = {Path(str(r.get("data", "?"))).name for r in runs}
+    epochs = sorted({round(r["epochs"], 2) for r in runs if "epochs" in r})
+    span = "" if not epochs else f"{epochs[-1]:g}" if len(epochs) == 1 or up_to else f"{epochs[0]:g}-{epochs[-1]:g}"
+    seeds = len({r.get("seed") for r in runs})
+    return ", ".join(x for x in (" + ".join(sorted(data)), f"{'up to ' if up_to else ''}{span} epochs" if span else "", f"{seeds} seed(s)") if x)

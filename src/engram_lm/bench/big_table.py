@@ -11,7 +11,6 @@ peak is reset after the file is written where the kernel allows it).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time

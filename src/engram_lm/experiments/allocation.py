@@ -22,7 +22,7 @@ from typing import Any
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import estimate
 from engram_lm.models.accounting import allocate
-from engram_lm.plotting import saved_figure
+from engram_lm.plotting import regime_caption, saved_figure
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe
 from engram_lm.training.run import run_metadata, write_json
 
@@ -124,7 +124,8 @@ def plot_allocation(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("rho: fraction of the sparse budget kept in routed experts (1 = pure MoE)")
         ax.set_ylabel("validation loss (nats/token), mean ± SE")
         p_tot = next((r["params_total"] for r in results if r["variant"] != "capacity1"), None)
-        ax.set_title("Sparsity allocation" + (f" at fixed P_tot = {p_tot:,}" if p_tot else ""))
+        ax.set_title("Sparsity allocation" + (f" at fixed P_tot = {p_tot:,}" if p_tot else "")
+                     + f"\n{regime_caption(results)}", fontsize=10)  # fmt: skip
         ax.set_xlim(-0.05, 1.05)  # the whole interval, however much of it is measured
         ax.grid(alpha=0.3)
         ax.legend()

@@ -18,7 +18,7 @@ from typing import Any
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
-from engram_lm.plotting import saved_figure
+from engram_lm.plotting import regime_caption, saved_figure
 from engram_lm.recipes import QUICKSTART_RHO, quickstart_engram_template, quickstart_moe
 from engram_lm.training.run import run_metadata, write_json
 
@@ -104,6 +104,6 @@ def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("tokens: multiples of the quickstart's, and epochs of the data")
         ax.set_ylabel("validation loss gap (negative: better than MoE)")
-        ax.set_title(f"Does the gain last? ({results[0]['data'].rstrip('/').split('/')[-1]})")
+        ax.set_title(f"Does the gain last?\n{regime_caption(results, up_to=True)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()

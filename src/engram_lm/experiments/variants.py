@@ -30,7 +30,7 @@ from engram_lm.hashing.layout import build_layout
 from engram_lm.models.accounting import engram_with_rows
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.overencoding import OVERENCODING_TABLE_LR_MULT, overencoding_for_budget
-from engram_lm.plotting import saved_figure
+from engram_lm.plotting import regime_caption, saved_figure
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.run import run_metadata, write_json
@@ -127,7 +127,7 @@ def write_scaling(results: list[dict[str, Any]], out_dir: Path) -> None:
     rows = scaling_rows(results)
     write_csv(out_dir / "scaling.csv", rows, SCALING_FIELDS)
     write_json(out_dir / "scaling.json", {"runs": results, **run_metadata()})
-    _plot_scaling(rows, out_dir / "scaling.png")
+    _plot_scaling(rows, out_dir / "scaling.png", regime_caption(results))
 
 
 def ablation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
@@ -157,7 +157,7 @@ def fit_log_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def _plot_scaling(rows: list[dict], path: Path) -> None:
+def _plot_scaling(rows: list[dict], path: Path, caption: str) -> None:
     with saved_figure(path, (6, 4)) as (fig, ax):
         for method, color, label in (("engram", "tab:red", "Engram"), ("overencoding", "tab:blue", "OverEncoding"),
                                      ("overencoding_add_mean", "tab:green", "OverEncoding, E + mean")):  # fmt: skip
@@ -185,7 +185,7 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
             ax.minorticks_off()
         ax.set_xlabel("memory-table parameters")
         ax.set_ylabel("validation loss, mean ± SE over seeds")
-        ax.set_title("Fixed backbone, growing memory")
+        ax.set_title(f"Fixed backbone, growing memory\n{caption}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
@@ -200,3 +200,4 @@ def _plot_ablations(results: list[dict], path: Path) -> None:
         lo = min(e.mean for e in est)
         ax.set_xlim(lo - 0.05, max(e.mean for e in est) + 0.05)
         ax.set_xlabel("validation loss, mean ± SE over seeds")
+        ax.set_title(f"Ablations\n{regime_caption(results)}", fontsize=10)
