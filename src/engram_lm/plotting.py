@@ -29,6 +29,9 @@ def regime_caption(runs: list[dict[str, Any]], up_to: bool = False) -> str:
     (`up_to`: E is where runs evaluated along the way ended)."""
     data = {Path(str(r.get("data", "?"))).name for r in runs}
     epochs = sorted({round(r["epochs"], 2) for r in runs if "epochs" in r})
-    span = "" if not epochs else f"{epochs[-1]:g}" if len(epochs) == 1 or up_to else f"{epochs[0]:g}-{epochs[-1]:g}"
-    seeds = len({r.get("seed") for r in runs})
-    return ", ".join(x for x in (" + ".join(sorted(data)), f"{'up to ' if up_to else ''}{span} epochs" if span else "", f"{seeds} seed(s)") if x)
+    parts = [" + ".join(sorted(data))]
+    if epochs:
+        span = f"{epochs[-1]:g}" if len(epochs) == 1 or up_to else f"{epochs[0]:g}-{epochs[-1]:g}"
+        parts.append(f"{'up to ' if up_to else ''}{span} epochs")
+    parts.append(f"{len({r.get('seed') for r in runs})} seed(s)")
+    return ", ".join(parts)

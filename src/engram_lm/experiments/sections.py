@@ -304,14 +304,15 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     gains = {}
     for (variant,), g in group_by(repeated, "variant").items():
         losses = {r["seed"]: r["val_loss"] for r in g}
-        if variant.startswith("engram_") and variant != "engram_none" and set(losses) & set(none):
+        if variant not in ("moe", "engram_none") and set(losses) & set(none):
             c = compare(losses, none)
             if c.verdict == "lower":
-                gains[variant] = c
+                gains[variant] = (c, losses)
     claim = "ours: the best regulariser on repeated data costs nothing single-epoch (then it becomes the default)"
     if not gains:
         return []  # the per-regulariser rows say that none helps; the default stays off
-    best = min(gains, key=lambda v: gains[v].diff.mean)
+    best = min(gains, key=lambda v: gains[v][0].diff.mean)
+    gain, best_losses = gains[best]
     cost_runs, cost_none = _losses(single, variant=best), _losses(single, variant="engram_none")
     if not set(cost_runs) & set(cost_none):
         return []
@@ -320,9 +321,9 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
                "inconclusive": "reproduced: no cost measured at this scale"}[cost.verdict]  # fmt: skip
     moe = _losses(repeated, variant="moe")
     versus_moe = ""
-    if set(moe) & set(_losses(repeated, variant=best)):
-        c = compare(_losses(repeated, variant=best), moe)
+    if set(moe) & set(best_losses):
+        c = compare(best_losses, moe)
         versus_moe = f"; {best} - moe on repeated data {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
     return [[claim, verdict, f"{data_name(repeated)}, {epochs_range(repeated)} vs {epochs_range(single)} epochs, "
-             f"{cost.diff.n} seed(s)", f"{best}: {fmt_estimate(gains[best].diff, True)} on repeated data, "
+             f"{cost.diff.n} seed(s)", f"{best}: {fmt_estimate(gain.diff, True)} on repeated data, "
              f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}"]]  # fmt: skip
