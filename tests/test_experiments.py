@@ -444,3 +444,21 @@ def test_every_study_figure_is_captioned_with_its_regime():
     mixed = [{"data": "bible", "epochs": e, "seed": 0} for e in (0.86, 3.3)]
     assert regime_caption(mixed) == "bible, 0.86-3.3 epochs, 1 seed(s)"
     assert regime_caption(mixed, up_to=True) == "bible, up to 3.3 epochs, 1 seed(s)"
+
+
+def test_log_linear_scaling_is_told_apart_from_a_curve_that_saturates():
+    from engram_lm.experiments.sections import log_linearity
+
+    def rows(loss):  # five table sizes half a decade apart: d = log10(size / 1e5) = 0, 0.5, ..., 2
+        return [{"seed": s, "table_params": 10 ** (5 + d / 2), "val_loss": loss(s, d / 2)} for s in range(3) for d in range(5)]
+
+    # straight lines, slopes -0.02, -0.03, -0.04 per decade: both halves -0.0300 ± 0.0058, no bend
+    shape = log_linearity(rows(lambda s, d: 4.0 - (0.02 + 0.01 * s) * d))
+    assert shape.verdict == "reproduced" and shape.shape == "no bend called"
+    assert "smaller half -0.0300 ± 0.0058, larger half -0.0300 ± 0.0058" in shape.text()
+    # falls at -0.04/-0.05/-0.06 per decade up to d = 1, flat after: the larger half is flatter by +0.0500 ± 0.0058
+    shape = log_linearity(rows(lambda s, d: 4.0 + 0.01 * s - (0.04 + 0.01 * s) * min(d, 1.0)))
+    assert shape.verdict == "not reproduced" and shape.shape == "flattens"
+    assert "larger half +0.0000 ± 0.0000 per decade (larger minus smaller +0.0500 ± 0.0058: flattens)" in shape.text()
+    # two sizes cannot show a bend
+    assert log_linearity([r for r in rows(lambda s, d: 4.0 - d) if r["table_params"] <= 10 ** 5.5]) is None

@@ -9,12 +9,13 @@ inconclusive at this scale against the direction a claim expects.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, summarise
 from engram_lm.experiments.duration import gaps
-from engram_lm.experiments.stats import Estimate, call, compare, estimate, optimum
+from engram_lm.experiments.stats import Comparison, Estimate, call, compare, estimate, optimum
 from engram_lm.experiments.variants import fit_log_slope, group_by, scaling_rows
 
 STUDY_COMMAND = "engram study --seeds 3 --long-data ../shared/data/gutenberg-novels --out results/study"
@@ -118,10 +119,22 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
             c = compare(slopes["engram"], slopes[other])
             verdicts.append([f"memory scaling: Engram's loss falls more steeply than {name}", claim_verdict(c.verdict, "lower"),
                              f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)", f"slope difference {fmt_estimate(c.diff, True)} per decade"])  # fmt: skip
+    shapes = {m: h for m in slopes if (h := log_linearity([r for r in rows if r["method"] == m]))}
+    if shapes:
+        lines += ["", "Log-linear or saturating? The same slope on the smaller and on the larger half of the table sizes "
+                  "(the middle size in both), fitted per seed: a log-linear curve has equal halves; a larger half called "
+                  "flatter means the loss saturates within this range at this token budget.", "",
+                  *md_table(["method", "slope, smaller half", "slope, larger half", "larger minus smaller", "shape"],
+                            [[m, fmt_estimate(h.smaller, True), fmt_estimate(h.larger, True), fmt_estimate(h.bend.diff, True),
+                              h.shape] for m, h in shapes.items()])]  # fmt: skip
     if "engram" in slopes:
         e_slope = estimate(list(slopes["engram"].values()))
-        verdicts.append(["memory scaling: Engram's loss falls log-linearly with table size", claim_verdict(call(e_slope), "lower"),
-                         f"{data_name(runs)}, {epochs_range(runs)} epochs, {e_slope.n} seed(s)", f"Engram slope {fmt_estimate(e_slope, True)} per decade"])  # fmt: skip
+        shape = shapes.get("engram")
+        verdicts.append(["memory scaling: Engram's loss falls log-linearly with table size",
+                         shape.verdict if shape else "inconclusive at this scale",
+                         f"{data_name(runs)}, {epochs_range(runs)} epochs, {e_slope.n} seed(s)",
+                         f"Engram slope {fmt_estimate(e_slope, True)} per decade over the range; "
+                         + (shape.text() if shape else "linearity needs 3 or more table sizes")])  # fmt: skip
     top = max((r["table_params"] for r in rows if r["method"] == "overencoding"), default=None)
     if top is not None and moe:
         oe = {r["seed"]: r["val_loss"] for r in rows if r["method"] == "overencoding" and r["table_params"] == top}
@@ -166,6 +179,47 @@ def _slopes(rows: list[dict[str, Any]]) -> dict[int, float]:
         if len(g) >= 2:
             out[seed] = fit_log_slope([r["table_params"] for r in g], [r["val_loss"] for r in g])[1]
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Linearity:
+    verdict: str  # reproduced / not reproduced / inconclusive at this scale
+    smaller: Estimate  # slope per decade on the smaller half of the table sizes
+    larger: Estimate  # ... on the larger half
+    bend: Comparison  # larger minus smaller: "higher" means the curve flattens
+
+    @property
+    def shape(self) -> str:
+        return {"higher": "flattens", "lower": "steepens"}.get(self.bend.verdict, "no bend called")
+
+    def text(self) -> str:
+        return (f"smaller half {fmt_estimate(self.smaller, True)}, larger half {fmt_estimate(self.larger, True)} per decade "
+                f"(larger minus smaller {fmt_estimate(self.bend.diff, True)}: {self.shape})")
+
+
+def log_linearity(rows: list[dict[str, Any]]) -> Linearity | None:
+    """Does the loss fall log-linearly with table parameters, or flatten? Per seed, the
+    slope per decade on the smaller and on the larger half of the sizes (sharing the middle
+    one when their number is odd). Not reproduced when the larger half is called flatter
+    (saturation) or the loss is called to rise; reproduced when both halves are called
+    falling; otherwise inconclusive. None below 3 sizes, where curvature cannot be seen."""
+    lower, upper = {}, {}
+    for (seed,), g in group_by(rows, "seed").items():
+        g = sorted(g, key=lambda r: r["table_params"])
+        if len(g) >= 3:
+            half = (len(g) + 1) // 2
+            lower[seed] = fit_log_slope([r["table_params"] for r in g[:half]], [r["val_loss"] for r in g[:half]])[1]
+            upper[seed] = fit_log_slope([r["table_params"] for r in g[-half:]], [r["val_loss"] for r in g[-half:]])[1]
+    if not lower:
+        return None
+    smaller, larger, bend = estimate(list(lower.values())), estimate(list(upper.values())), compare(upper, lower)
+    if bend.verdict == "higher" or call(estimate(list(_slopes(rows).values()))) == "higher":
+        verdict = "not reproduced"
+    elif call(smaller) == "lower" and call(larger) == "lower":
+        verdict = "reproduced"
+    else:
+        verdict = "inconclusive at this scale"
+    return Linearity(verdict, smaller, larger, bend)
 
 
 def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[list[str]], list[str]]:
