@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engram_lm.cli import main
-from engram_lm.experiments.workers import run_workers, worker_command, worker_env
+from engram_lm.experiments.workers import report_command, run_workers, worker_command, worker_env
 
 CHILD = """
 import signal, sys, time
@@ -34,6 +34,20 @@ def test_worker_command_is_the_same_study_without_a_report():
     assert args[args.index("--sections") + 1] == "allocation-4x,scaling" and "--workers" not in args
     assert "--device" not in args and "--long-data" not in worker_command(seeds=1, out=Path("o"), long_data=None,
                                                                           sections=None, device=None)  # fmt: skip
+
+
+def test_the_page_is_written_by_a_fresh_interpreter_from_the_finished_runs(tmp_path):
+    import json
+    import subprocess
+
+    for seed, loss in enumerate((3.80, 3.86, 3.82)):
+        folder = tmp_path / "study" / "table-lr" / "mult-1.0" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"key": f"table-lr/mult-1.0/seed-{seed}", "table_lr_mult": 1.0,
+                                                        "seed": seed, "val_loss": loss, "data": "bible", "epochs": 0.86}))  # fmt: skip
+    done = subprocess.run(report_command(tmp_path / "study", tmp_path / "page.md"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| 1.0 | 3.8267 ± 0.0176 |  |  |" in (tmp_path / "page.md").read_text()  # mean and SE of the three
 
 
 def test_worker_env_gives_one_thread_unless_chosen():

@@ -26,6 +26,7 @@ folders under --out; a folder with result.json is finished and reused.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
     """The study in `workers` processes of one thread each (experiments/workers.py), then
     the section outputs and the report from whatever finished. Raises StudyStopped after
     writing them when a SIGINT/SIGTERM stopped the workers."""
-    from engram_lm.experiments.workers import StudyStopped, run_workers, worker_command, worker_env
+    from engram_lm.experiments.workers import StudyStopped, report_command, run_workers, worker_command, worker_env
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,10 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
     cmd = worker_command(seeds=seeds, out=out, long_data=long_data, sections=sections, device=device)
     logs = [out / f"worker-{k + 1}.log" for k in range(workers)]
     codes, stopped = run_workers([cmd] * workers, logs, progress=progress, every_s=every_s, env=worker_env())
-    summary = run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True, report=report)
+    summary = run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True)
+    if report is not None and subprocess.run(report_command(out, report)).returncode != 0:
+        raise ValueError(f"writing {report} failed (its error is above); every finished run is kept: fix the cause "
+                         f"and run `engram experiment report --runs {out} --out {report}`")  # fmt: skip
     if stopped:
         raise StudyStopped(f"stopped; every worker saved a checkpoint of its run and {summary['finished']} runs are "
                            "finished; rerun the same command to continue")  # fmt: skip

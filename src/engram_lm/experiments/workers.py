@@ -6,7 +6,9 @@ without a scheduler: each run folder is locked by its trainer and a worker skips
 that another holds (runner.py). Worker K writes its output to <out>/worker-K.log. This
 process prints a progress line every `every_s` seconds, forwards SIGINT/SIGTERM to the
 workers as SIGTERM (each saves a checkpoint at the end of its current step) and waits for
-them; it never trains or writes results itself.
+them; it never trains. The page is then written by a fresh interpreter (`report_command`):
+code edited during hours of training is read whole, never half as imported at the start
+and half as it is now.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def worker_command(*, seeds: int, out: Path, long_data: str | None, sections: Se
     if device:
         cmd += ["--device", device]
     return cmd
+
+
+def report_command(out: Path, report: Path) -> list[str]:
+    """`engram experiment report` for the study in `out`: section outputs, then the page."""
+    return [sys.executable, "-m", "engram_lm", "experiment", "report", "--runs", str(out), "--out", str(report)]
 
 
 def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
