@@ -283,6 +283,20 @@ def test_study_plan_orders_the_important_answers_first_and_needs_long_data():
         study_plan(sections=("nope",))
 
 
+def test_scaling_at_4x_reuses_the_allocation_moe_and_spans_the_table_budgets():
+    from engram_lm.experiments.runner import _request_key
+
+    assert "scaling-4x" not in study_plan(seeds=1, long_data=None)
+    plan = study_plan(seeds=3, long_data="/data/novels", sections=("allocation-4x", "scaling-4x"))
+    runs = plan["scaling-4x"]
+    assert all(s.train.steps == 1600 and s.train.data == "/data/novels" for s in runs)
+    engram = [s for s in runs if s.tags["method"] == "engram"]
+    assert sorted({s.tags["budget"] for s in engram}) == [2**19, 2**21, 2**23] and len(engram) == 9
+    moe = {_request_key(s.requested()) for s in runs if s.tags["method"] == "moe"}
+    pure_moe = {_request_key(s.requested()) for s in plan["allocation-4x"] if s.tags.get("rho") == 1.0}
+    assert len(moe) == 3 and moe == pure_moe  # trained once, by allocation-4x
+
+
 def test_report_command_writes_the_page_and_refuses_a_missing_folder(tmp_path, capsys):
     from engram_lm.cli import main
 

@@ -86,15 +86,20 @@ def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tup
     return verdicts, lines + [""]
 
 
-def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+SCALING_INTRO = ("OverEncoding as its paper defines it (docs/model.md), tables at the base learning rate; Engram at 5x; "
+                 "`overencoding_add_mean` keeps the token embedding at full scale (E + mean of the n-gram vectors), the "
+                 "variant that beats no memory in the diagnosis below, also at the base learning rate.")  # fmt: skip
+
+
+def scaling_section(runs: list[dict[str, Any]], title: str = "Memory scaling: Engram vs OverEncoding at equal table parameters",
+                    intro: str = SCALING_INTRO, claim: str = "memory scaling") -> tuple[list[list[str]], list[str]]:  # fmt: skip
+    """`claim` opens every verdict row ("memory scaling: Engram's loss falls ...")."""
     if not runs:
-        return [], ["## Memory scaling", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
+        return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     rows = scaling_rows(runs)
-    lines = ["## Memory scaling: Engram vs OverEncoding at equal table parameters", "",
+    lines = [f"## {title}", "",
              f"Fixed quickstart MoE backbone, {runs[0]['requested']['train']['steps']} steps on `{data_name(runs)}` ({epochs_range(runs)} epochs), {_seeds(runs)} seed(s). "
-             "OverEncoding as its paper defines it (docs/model.md), tables at the base learning rate; Engram at 5x; "
-             "`overencoding_add_mean` keeps the token embedding at full scale (E + mean of the n-gram vectors), the "
-             "variant that beats no memory in the diagnosis below, also at the base learning rate.", ""]  # fmt: skip
+             + intro, ""]  # fmt: skip
     moe = _losses(runs, method="moe")
     table = []
     for (method, budget), g in sorted(group_by([r for r in rows if r["method"] != "moe"], "method", "table_params").items()):
@@ -117,7 +122,7 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
     for other, name in (("overencoding", "OverEncoding's"), ("overencoding_add_mean", "the strongest OverEncoding's (E + mean)")):
         if "engram" in slopes and other in slopes:
             c = compare(slopes["engram"], slopes[other])
-            verdicts.append([f"memory scaling: Engram's loss falls more steeply than {name}", claim_verdict(c.verdict, "lower"),
+            verdicts.append([f"{claim}: Engram's loss falls more steeply than {name}", claim_verdict(c.verdict, "lower"),
                              f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)", f"slope difference {fmt_estimate(c.diff, True)} per decade"])  # fmt: skip
     shapes = {m: h for m in slopes if (h := log_linearity([r for r in rows if r["method"] == m]))}
     if shapes:
@@ -130,7 +135,7 @@ def scaling_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[s
     if "engram" in slopes:
         e_slope = estimate(list(slopes["engram"].values()))
         shape = shapes.get("engram")
-        verdicts.append(["memory scaling: Engram's loss falls log-linearly with table size",
+        verdicts.append([f"{claim}: Engram's loss falls log-linearly with table size",
                          shape.verdict if shape else "inconclusive at this scale",
                          f"{data_name(runs)}, {epochs_range(runs)} epochs, {e_slope.n} seed(s)",
                          f"Engram slope {fmt_estimate(e_slope, True)} per decade over the range; "

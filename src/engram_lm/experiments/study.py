@@ -15,6 +15,9 @@ Sections, in the order that answers the most important questions first:
                 (it repeats: ~3.3 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default
+  scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
+                tokens on --long-data: does the shape seen at 0.86 epochs of the built-in corpus
+                (log-linear or flattening) hold with more tokens? (the MoE is allocation-4x's rho 1)
   duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs)
   mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
   allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
@@ -41,8 +44,8 @@ from engram_lm.experiments.variants import (
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-cost", "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
-NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc")
+            "regularisation-cost", "scaling-4x", "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
+NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
                 "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3}}  # fmt: skip
@@ -125,6 +128,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
         "table-lr": lambda: table_lr_specs(seeds=seed_list, prefix="table-lr/"),
         "ablations": lambda: ablation_specs(seeds=seed_list, prefix="ablations/"),
+        "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
+                                            methods=("engram",), prefix="scaling-4x/"),
     }
     for name in SECTIONS:
         if name in sections and not (name in NEEDS_LONG_DATA and long_data is None):
@@ -199,6 +204,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
         return [r for r in results if r["key"].startswith(prefix + "/")]
 
     write_scaling(section("scaling"), out / "scaling")
+    write_scaling(section("scaling-4x"), out / "scaling-4x")
     write_allocation(section("allocation"), out / "allocation")
     write_allocation(section("allocation-4x"), out / "allocation-4x")
     write_ablations(section("ablations"), out / "ablations")

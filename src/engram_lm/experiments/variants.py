@@ -63,9 +63,10 @@ def scaling_configs(table_params: int) -> dict[str, ModelConfig]:
 
 
 def scaling_specs(*, budgets=SCALING_TABLE_PARAMS, seeds=(0,), steps: int | None = None, data: str | None = None,
-                  prefix: str = "") -> list[RunSpec]:  # fmt: skip
-    """Per seed: the MoE, then both memories from the largest budget down (the sanity
-    check that matters most, OverEncoding at its largest size vs no memory, comes first)."""
+                  prefix: str = "", methods: tuple[str, ...] | None = None) -> list[RunSpec]:  # fmt: skip
+    """Per seed: the MoE, then the memories (`methods`, default all) from the largest budget
+    down (the sanity check that matters most, OverEncoding at its largest size vs no memory,
+    comes first)."""
     base, _ = quickstart_moe()
     specs = []
     for seed in seeds:
@@ -73,6 +74,8 @@ def scaling_specs(*, budgets=SCALING_TABLE_PARAMS, seeds=(0,), steps: int | None
         specs.append(RunSpec(f"{prefix}moe/seed-{seed}", base, train_cfg, {"experiment": "scaling", "method": "moe", "seed": seed}))
         for budget in sorted(budgets, reverse=True):
             for method, cfg in scaling_configs(budget).items():
+                if methods is not None and method not in methods:
+                    continue
                 t = train_cfg.with_(table_lr_mult=OVERENCODING_TABLE_LR_MULT) if cfg.overencoding else train_cfg
                 tags = {"experiment": "scaling", "method": method, "budget": budget, "seed": seed}
                 specs.append(RunSpec(f"{prefix}{method}/budget-{budget}/seed-{seed}", cfg, t, tags))
