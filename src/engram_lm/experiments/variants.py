@@ -170,10 +170,9 @@ def _plot_scaling(rows: list[dict], path: Path, caption: str) -> None:
             xs = [k[0] for k, _ in points]
             est = [estimate([r["val_loss"] for r in runs]) for _, runs in points]
             fit = fit_log_slope(xs, [e.mean for e in est]) if len(xs) >= 2 else None
-            ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o", color=color,
-                        capsize=3, label=label + (f": {fit[1]:+.3f} per decade" if fit else ""))  # fmt: skip
-            if fit:
-                ax.plot(xs, [fit[0] + fit[1] * math.log10(x) for x in xs], color=color)
+            # the measured means joined point to point: a straight fit drawn over them would hide a bend
+            ax.errorbar(xs, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], fmt="o-", color=color,
+                        capsize=3, label=label + (f": {fit[1]:+.3f} per decade fitted" if fit else ""))  # fmt: skip
         moe = [r["val_loss"] for r in rows if r["method"] == "moe"]
         if moe:
             e = estimate(moe)
