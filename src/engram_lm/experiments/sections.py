@@ -244,12 +244,12 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
         c = compare(losses, moe)
         return [fmt_estimate(c.diff, True), _verdict_word(c.verdict)]
 
-    table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}",
+    table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}", r["n"],
               fmt_estimate(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(by_rho[r["rho"]], r["rho"])] for r in rows]  # fmt: skip
     verdicts = []
     for r in summarise(runs, ("capacity1",)):
         control = {x["seed"]: x["val_loss"] for x in r["runs"]}
-        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column",
+        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column", r["n"],
                       fmt_estimate(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(control)])  # fmt: skip
         real = by_rho.get(r["rho"], {})
         if not verdicts and set(real) & set(control):  # the lowest rho with both: the most memory
@@ -257,7 +257,7 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
             verdicts.append([f"the memory itself helps: Engram beats its capacity-1 control at rho {r['rho']:.2f} ({title})",
                              claim_verdict(c.verdict, "lower"), f"{regime}, {_seeds(r['runs'])} seed(s)",
                              f"Engram - capacity-1 {fmt_estimate(c.diff, True)}"])  # fmt: skip
-    lines += md_table(["rho", "routed experts", "Engram slots", "val loss", "minus MoE (rho 1)", "call"], table)
+    lines += md_table(["rho", "routed experts", "Engram slots", "seeds", "val loss", "minus MoE (rho 1)", "call"], table)
     missing = [r for r in DEFAULT_RHOS if not any(abs(r - m) < 1e-9 for m in by_rho)]
     if missing:
         lines += ["", f"Measured {len(by_rho)} of the {len(DEFAULT_RHOS)} default rhos; not yet: "
