@@ -40,7 +40,7 @@ class EngramConfig:
     zero_init_output: bool = False  # zero value projection: the module adds exactly 0 at init
     # --- controls and regularisers (experiments; the paper uses neither) ---
     single_slot: bool = False  # capacity-1 control: one row per hash column, every n-gram reads it
-    dropout: float = 0.0  # dropout on the retrieved rows e_t while training
+    dropout: float = 0.0  # element-wise dropout on the retrieved vectors e_t while training
 
     def __post_init__(self) -> None:
         for name in ("table_sizes", "layer_ids"):

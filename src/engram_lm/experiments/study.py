@@ -11,7 +11,7 @@ Sections, in the order that answers the most important questions first:
   sensitivity   the quickstart MoE+Engram per seed, its checkpoint kept: with Engram zeroed,
                 how much accuracy is kept on copyable vs recallable next tokens
   allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
-  regularisation  table weight decay / dropout on rows vs none, 4x on the built-in corpus
+  regularisation  table weight decay / dropout on the retrieved vectors vs none, 4x on the built-in corpus
                 (it repeats: ~3.3 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default
