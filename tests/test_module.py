@@ -140,3 +140,30 @@ def test_v41_layout_matches_folded_gate_formula():
     gate = torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
     want = gate.unsqueeze(-1) * value.unsqueeze(2)
     assert torch.allclose(engram(h, rows), want, atol=1e-5)
+
+
+def test_row_dropout_drops_whole_rows_and_rescales_the_rest():
+    from engram_lm.engram.module import drop_rows
+
+    torch.manual_seed(0)
+    e = torch.randn(4, 50, 6, 8)  # (B, T, H, d)
+    out = drop_rows(e, 0.3, training=True)
+    zero = (out == 0).all(-1)  # a dropped row is zero in every coordinate
+    kept = ~zero
+    assert torch.allclose(out[kept], e[kept] / 0.7)  # the others are scaled by 1 / (1 - p)
+    assert ((out == 0) == zero.unsqueeze(-1)).all()  # never a partly dropped row
+    assert 0.25 < zero.float().mean().item() < 0.35  # 1,200 rows at p = 0.3
+    assert drop_rows(e, 0.3, training=False) is e and drop_rows(e, 0.0, training=True) is e
+
+
+def test_row_dropout_is_off_at_inference_and_changes_training_outputs():
+    ids, h = torch.randint(0, 64, (2, 6)), torch.randn(2, 6, 1, 16)
+    plain, hasher = make(zero_init_conv=False)
+    dropped, _ = make(zero_init_conv=False, row_dropout=0.5)  # same seed: the same weights
+    rows = rows_for(hasher, ids)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(h, rows), dropped(h, rows))
+    dropped.train()
+    assert not torch.allclose(plain(h, rows), dropped(h, rows))
+    with pytest.raises(ValueError, match="row_dropout"):
+        make(row_dropout=1.0)

@@ -1,9 +1,7 @@
 import json
-import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

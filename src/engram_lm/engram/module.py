@@ -63,8 +63,11 @@ class Engram(nn.Module):
         Returns Y with the shape of h."""
         h_BTMD = self._as_branches(h, rows_BTH)
         M, D = self.config.num_branches, self.config.hidden_size
-        e_BTE = self.memory(rows_BTH).flatten(start_dim=-2)
-        if self.config.dropout > 0:  # regulariser against memorising repeated data
+        e_BTHd = self.memory(rows_BTH)
+        if self.config.row_dropout > 0:  # regulariser against memorising repeated data
+            e_BTHd = drop_rows(e_BTHd, self.config.row_dropout, self.training)
+        e_BTE = e_BTHd.flatten(start_dim=-2)
+        if self.config.dropout > 0:  # the same, element-wise
             e_BTE = nn.functional.dropout(e_BTE, self.config.dropout, self.training)
         kv_BTXD = self.key_value(e_BTE).unflatten(-1, (M + 1, D))
         k_BTMD, v_BTD = kv_BTXD[..., :M, :], kv_BTXD[..., M, :]
@@ -95,3 +98,15 @@ class Engram(nn.Module):
                 f"{rows_BTH.dtype} {tuple(rows_BTH.shape)}; hash with NgramHasher(global_rows=True)"
             )
         return h
+
+
+def drop_rows(e: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Whole-row dropout on retrieved rows e (..., H, d): while training, each row (one hash
+    column's vector at one position) is zeroed with probability p, as a whole, and the kept
+    ones are scaled by 1 / (1 - p); the identity otherwise. In the spirit of embedding
+    dropout (Gal & Ghahramani 2016; AWD-LSTM, Merity et al. 2018), which drops a word's
+    whole vector (there: per word type and sequence; here: per position and column), so the
+    model cannot lean on any single table entry."""
+    if not training or p == 0:
+        return e
+    return e * nn.functional.dropout(e.new_ones(*e.shape[:-1], 1), p, True)
