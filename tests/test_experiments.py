@@ -389,6 +389,7 @@ def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
     assert by["engram_dropout_0.3"].model.engram.dropout == 0.3 and by["engram_none"].model.engram.dropout == 0.0
     assert by["engram_table_wd_1.0"].train.table_weight_decay == 1.0 and by["engram_none"].train.table_weight_decay == 0.0
     assert by["engram_row_dropout_0.3"].model.engram.row_dropout == 0.3 and by["engram_row_dropout_0.3"].model.engram.dropout == 0.0
+    assert by["engram_output_dropout_0.1"].model.engram.output_dropout == 0.1 and by["engram_none"].model.engram.output_dropout == 0.0
 
 
 def test_engram_is_compared_with_the_strongest_overencoding_too():

@@ -167,3 +167,18 @@ def test_row_dropout_is_off_at_inference_and_changes_training_outputs():
     assert not torch.allclose(plain(h, rows), dropped(h, rows))
     with pytest.raises(ValueError, match="row_dropout"):
         make(row_dropout=1.0)
+
+
+def test_output_dropout_is_off_at_inference_and_zeroes_output_coordinates_in_training():
+    ids, h = torch.randint(0, 64, (2, 6)), torch.randn(2, 6, 1, 16)
+    plain, hasher = make(zero_init_conv=False)
+    dropped, _ = make(zero_init_conv=False, output_dropout=0.5)
+    rows = rows_for(hasher, ids)
+    plain.eval(), dropped.eval()
+    y = plain(h, rows)
+    assert torch.equal(y, dropped(h, rows))
+    dropped.train()
+    torch.manual_seed(1)
+    out = dropped(h, rows)
+    zeroed = out == 0
+    assert zeroed.any() and torch.allclose(out[~zeroed], 2 * y[~zeroed], atol=1e-6)  # the rest scaled by 1 / (1 - p)

@@ -42,6 +42,7 @@ class EngramConfig:
     single_slot: bool = False  # capacity-1 control: one row per hash column, every n-gram reads it
     dropout: float = 0.0  # element-wise dropout on the retrieved vectors e_t while training
     row_dropout: float = 0.0  # drops whole retrieved rows (one per hash column) while training: embedding dropout
+    output_dropout: float = 0.0  # element-wise dropout on the module's output Y while training
 
     def __post_init__(self) -> None:
         for name in ("table_sizes", "layer_ids"):
@@ -84,6 +85,7 @@ class EngramConfig:
         _check(self.kernel_size >= 1, "kernel_size", self.kernel_size, "use >= 1")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "use a probability in [0, 1)")
         _check(0.0 <= self.row_dropout < 1.0, "row_dropout", self.row_dropout, "use a probability in [0, 1)")
+        _check(0.0 <= self.output_dropout < 1.0, "output_dropout", self.output_dropout, "use a probability in [0, 1)")
 
     @property
     def head_dim(self) -> int:

@@ -79,6 +79,8 @@ class Engram(nn.Module):
             alpha_BTM = alpha_BTM * token_mask_BT.unsqueeze(-1).to(alpha_BTM.dtype)
         u_BTMD = alpha_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
         y_BTMD = u_BTMD + self.short_conv(u_BTMD, conv_state) if self.short_conv is not None else u_BTMD
+        if self.config.output_dropout > 0:  # the same, on what the residual stream receives
+            y_BTMD = nn.functional.dropout(y_BTMD, self.config.output_dropout, self.training)
         return y_BTMD if h.dim() == 4 else y_BTMD.squeeze(2)
 
     def _as_branches(self, h: torch.Tensor, rows_BTH: torch.Tensor) -> torch.Tensor:

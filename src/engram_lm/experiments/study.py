@@ -12,7 +12,8 @@ Sections, in the order that answers the most important questions first:
                 how much accuracy is kept on copyable vs recallable next tokens
   allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
   regularisation  table weight decay, dropout on the retrieved vectors (element-wise or
-                whole rows) vs none, 4x on the built-in corpus (it repeats: ~3.3 epochs)
+                whole rows) or on the module's output vs none, 4x on the built-in corpus
+                (it repeats: ~3.3 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
@@ -49,7 +50,8 @@ NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
                 "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3},
-                "row_dropout_0.1": {"row_dropout": 0.1}, "row_dropout_0.3": {"row_dropout": 0.3}}  # fmt: skip
+                "row_dropout_0.1": {"row_dropout": 0.1}, "row_dropout_0.3": {"row_dropout": 0.3},
+                "output_dropout_0.1": {"output_dropout": 0.1}, "output_dropout_0.3": {"output_dropout": 0.3}}  # fmt: skip
 
 
 def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
@@ -67,8 +69,8 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
             tags = {"experiment": experiment, "variant": "moe", "seed": seed}
             specs.append(RunSpec(f"{prefix}moe/seed-{seed}", moe, t, tags))
         for name, change in REGULARISERS.items():
-            model = engram.with_(engram=engram.engram.with_(dropout=change.get("dropout", 0.0),
-                                                            row_dropout=change.get("row_dropout", 0.0)))
+            dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
+            model = engram.with_(engram=engram.engram.with_(**dropouts))
             tr = t.with_(table_weight_decay=change.get("table_weight_decay", 0.0))
             tags = {"experiment": experiment, "variant": f"engram_{name}", "seed": seed}
             specs.append(RunSpec(f"{prefix}engram_{name}/seed-{seed}", model, tr, tags))
