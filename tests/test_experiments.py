@@ -382,6 +382,10 @@ def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
     plan = study_plan(seeds=1, sections=("regularisation", "regularisation-cost"))
     repeated, single = plan["regularisation"], plan["regularisation-cost"]
     assert [s.tags["variant"] for s in single] == [s.tags["variant"] for s in repeated if s.tags["variant"] != "moe"]
+    # every seed of a variant before the next, baselines first: a stopped study has whole comparisons
+    two = study_plan(seeds=2, sections=("regularisation",))["regularisation"]
+    assert [(s.tags["variant"], s.tags["seed"]) for s in two[:6]] == [
+        ("moe", 0), ("moe", 1), ("engram_none", 0), ("engram_none", 1), ("engram_table_wd_0.1", 0), ("engram_table_wd_0.1", 1)]
     assert {s.train.steps for s in single} == {400} and {s.train.steps for s in repeated} == {1600}
     assert {s.train.data for s in single} == {"bible"}
     # the regulariser itself is what differs from "none": dropout in the model, weight decay in the table optimizer

@@ -58,23 +58,19 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
                          experiment: str = "regularisation", with_moe: bool = True) -> list[RunSpec]:  # fmt: skip
     """Engram with each regulariser (and the MoE, `with_moe`), trained `steps` on `data`:
     4x the quickstart on the built-in corpus repeats it (~3.3 epochs); the quickstart's
-    400 steps do not (0.86 epochs)."""
+    400 steps do not (0.86 epochs). Every seed of a variant before the next variant, the
+    baselines first: a stopped study has whole comparisons, not one seed of everything."""
     moe, train_cfg = quickstart_moe()
     engram, _ = quickstart_engram()
     train_cfg = train_cfg.with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
-    specs = []
-    for seed in seeds:
-        t = train_cfg.with_(seed=seed)
-        if with_moe:
-            tags = {"experiment": experiment, "variant": "moe", "seed": seed}
-            specs.append(RunSpec(f"{prefix}moe/seed-{seed}", moe, t, tags))
-        for name, change in REGULARISERS.items():
-            dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
-            model = engram.with_(engram=engram.engram.with_(**dropouts))
-            tr = t.with_(table_weight_decay=change.get("table_weight_decay", 0.0))
-            tags = {"experiment": experiment, "variant": f"engram_{name}", "seed": seed}
-            specs.append(RunSpec(f"{prefix}engram_{name}/seed-{seed}", model, tr, tags))
-    return specs
+    variants = {"moe": (moe, train_cfg)} if with_moe else {}
+    for name, change in REGULARISERS.items():
+        dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
+        model = engram.with_(engram=engram.engram.with_(**dropouts))
+        variants[f"engram_{name}"] = (model, train_cfg.with_(table_weight_decay=change.get("table_weight_decay", 0.0)))
+    return [RunSpec(f"{prefix}{variant}/seed-{seed}", model, t.with_(seed=seed),
+                    {"experiment": experiment, "variant": variant, "seed": seed})
+            for variant, (model, t) in variants.items() for seed in seeds]  # fmt: skip
 
 
 def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
