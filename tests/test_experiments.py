@@ -482,3 +482,18 @@ def test_log_linear_scaling_is_told_apart_from_a_curve_that_saturates():
     assert "larger half +0.0000 ± 0.0000 per decade (larger minus smaller +0.0500 ± 0.0058: flattens)" in shape.text()
     # two sizes cannot show a bend
     assert log_linearity([r for r in rows(lambda s, d: 4.0 - d) if r["table_params"] <= 10 ** 5.5]) is None
+
+
+def test_section_outputs_do_not_depend_on_the_order_the_runs_arrive_in(tmp_path):
+    from engram_lm.experiments.study import write_outputs
+
+    model = {"engram": {"embed_per_ngram": 128, "num_heads": 4}}
+    runs = [{"key": f"scaling/engram/budget-{p}/seed-{s}", "method": "engram", "params_engram": p, "params_active": 9,
+             "seed": s, "val_loss": 3.9 - p / 1e5 + s / 100, "epochs": 0.86, "data": "bible", "requested": {"model": model}}
+            for s in (0, 1) for p in (1000, 4000)]  # fmt: skip
+    write_outputs(tmp_path / "a", runs)  # plan order: seed-major
+    write_outputs(tmp_path / "b", list(reversed(runs)))  # another order (the report reads folders sorted)
+    first = (tmp_path / "a" / "scaling" / "scaling.csv").read_text()
+    assert first == (tmp_path / "b" / "scaling" / "scaling.csv").read_text()
+    assert [tuple(line.split(",")[2:5:2]) for line in first.splitlines()[1:]] == [  # by folder: budget, then seed
+        ("1000", "0"), ("1000", "1"), ("4000", "0"), ("4000", "1")]

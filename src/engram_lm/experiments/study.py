@@ -199,9 +199,11 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
-    """Per section: CSV (one row per run or milestone), JSON and the figure."""
+    """Per section: CSV (one row per run or milestone), JSON and the figure, rows in the
+    order of their run folders, whoever calls (the plan or `experiment report`): the same
+    runs always write the same files."""
     def section(prefix: str) -> list[dict[str, Any]]:
-        return [r for r in results if r["key"].startswith(prefix + "/")]
+        return sorted((r for r in results if r["key"].startswith(prefix + "/")), key=lambda r: r["key"])
 
     write_scaling(section("scaling"), out / "scaling")
     write_scaling(section("scaling-4x"), out / "scaling-4x")
