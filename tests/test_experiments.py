@@ -497,3 +497,12 @@ def test_section_outputs_do_not_depend_on_the_order_the_runs_arrive_in(tmp_path)
     assert first == (tmp_path / "b" / "scaling" / "scaling.csv").read_text()
     assert [tuple(line.split(",")[2:5:2]) for line in first.splitlines()[1:]] == [  # by folder: budget, then seed
         ("1000", "0"), ("1000", "1"), ("4000", "0"), ("4000", "1")]
+
+
+def test_the_verdict_tally_counts_each_verdict():
+    from engram_lm.experiments.report import tally
+
+    rows = [["a", "reproduced"], ["b", "not reproduced"], ["c", "not reproduced: it costs"], ["d", "reproduced"],
+            ["e", "inconclusive at this scale"], ["f", "not measured yet"], ["g", "see the M = 4 rows"]]  # fmt: skip
+    assert tally(rows) == ("7 rows: 2 reproduced, 2 not reproduced, 1 inconclusive at this scale, 1 not measured yet, "
+                           "1 answered in words (read the row).")  # fmt: skip

@@ -85,6 +85,17 @@ def missing_claims(verdicts: list[list[str]], sections: dict[str, list[dict[str,
     return rows
 
 
+def tally(verdicts: list[list[str]]) -> str:
+    """One line over the verdict table: how many rows each verdict has."""
+    counts: dict[str, int] = {}
+    for row in verdicts:
+        word = next((w for w in ("not reproduced", "reproduced", "inconclusive", "not measured yet") if row[1].startswith(w)), "other")
+        counts[word] = counts.get(word, 0) + 1
+    order = ("reproduced", "not reproduced", "inconclusive", "not measured yet", "other")
+    names = {"inconclusive": "inconclusive at this scale", "other": "answered in words (read the row)"}
+    return f"{len(verdicts)} rows: " + ", ".join(f"{counts[w]} {names.get(w, w)}" for w in order if w in counts) + "."
+
+
 def build_report(root: Path, out: Path) -> str:
     root, out = Path(root), Path(out)
     sections = load_results(root)
@@ -167,7 +178,7 @@ def build_report(root: Path, out: Path) -> str:
             "no tuning on the evaluation windows. Every table gives the epochs of its data: the built-in Bible (~1M tokens) "
             "repeats after ~1.2x the quickstart's tokens, the Gutenberg folder (~15M) does not repeat within 8x.", "",
             "## Verdicts", ""]  # fmt: skip
-    head += md_table(["claim", "verdict", "regime", "numbers"], verdicts) if verdicts else ["No study run has finished yet."]
+    head += [tally(verdicts), ""] + md_table(["claim", "verdict", "regime", "numbers"], verdicts) if verdicts else ["No study run has finished yet."]
     text = "\n".join(head + [""] + body + ["Single-seed analysis pictures of the previous round: docs/analysis-single-seed.md.", ""])
     out.write_text(text)
     return text
