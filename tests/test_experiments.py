@@ -341,6 +341,24 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     assert "ours: a regulariser keeps the tables from memorising repeated data | not measured yet" not in text
 
 
+def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path):
+    from engram_lm.experiments.report import train_loss_end
+
+    losses = {"moe": [3.30, 3.35, 3.32], "engram_none": [3.50, 3.56, 3.52]}
+    section = tmp_path / "runs" / "regularisation"
+    _write_variant_results(section, losses, epochs=3.3)
+    for seed in range(3):  # 20 logged steps; the last tenth (2 of them) average to 3.0
+        logged = [{"step": 10 * i, "loss": 5.0 - 0.1 * i} for i in range(18)] + [{"step": 180, "loss": 2.9},
+                  {"step": 180, "val_loss": 3.3}, {"step": 190, "loss": 3.1}]  # fmt: skip
+        (section / "moe" / f"seed-{seed}" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logged) + "\n")
+    assert train_loss_end(section / "moe" / "seed-0" / "metrics.jsonl") == pytest.approx(3.0)
+    text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
+    assert "| variant | val loss | train loss | val - train | minus engram_none | call |" in text
+    # gaps 0.30, 0.35, 0.32 -> +0.3233 ± 0.0145; engram_none has no training log: its cells stay empty
+    assert "| moe | 3.3233 ± 0.0145 | 3.0000 ± 0.0000 | +0.3233 ± 0.0145 | -0.2033 ± 0.0033 | lower |" in text
+    assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  |" in text
+
+
 def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):
     losses = {"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.81, 3.84, 3.83],
               "engram_dropout_0.3": [3.86, 3.90, 3.89]}  # fmt: skip

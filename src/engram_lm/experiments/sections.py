@@ -328,8 +328,9 @@ def sensitivity_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], li
 
 
 def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: Any, intro: str,
-                  claims: dict[Any, str], expect: str = "higher") -> tuple[list[list[str]], list[str]]:  # fmt: skip
-    """A table of variants against a reference variant (ablations, regularisers, table lr)."""
+                  claims: dict[Any, str], expect: str = "higher", train_columns: bool = False) -> tuple[list[list[str]], list[str]]:  # fmt: skip
+    """A table of variants against a reference variant (ablations, regularisers, table lr);
+    `train_columns` adds each variant's end-of-run training loss and val - train gap."""
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     ref = _losses(runs, **{key: reference})
@@ -339,10 +340,15 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
         losses = {r["seed"]: r["val_loss"] for r in g}
         c = compare(losses, ref) if ref and value != reference else None
         table.append([value, fmt_estimate(estimate(list(losses.values()))), fmt_estimate(c.diff, True) if c else "", _verdict_word(c.verdict) if c else ""])
+        if train_columns:
+            trained = [r for r in g if r.get("train_loss_end") is not None]
+            table[-1][2:2] = [fmt_estimate(estimate([r["train_loss_end"] for r in trained])) if trained else "",
+                              fmt_estimate(estimate([r["val_loss"] - r["train_loss_end"] for r in trained]), True) if trained else ""]  # fmt: skip
         if c is not None and value in claims:
             verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                              f"{value} - {reference} {fmt_estimate(c.diff, True)}"])  # fmt: skip
-    return verdicts, lines + md_table([key, "val loss", f"minus {reference}", "call"], table) + [""]
+    header = [key, "val loss", *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call"]
+    return verdicts, lines + md_table(header, table) + [""]
 
 
 def _verdict_word(verdict: str) -> str:
