@@ -107,6 +107,23 @@ def test_optimum_and_its_uncertainty_on_synthetic_numbers():
         optimum({})
 
 
+def test_the_best_point_is_chosen_on_other_seeds_and_scored_on_the_held_out_one():
+    from engram_lm.experiments.sections import u_shape
+    from engram_lm.experiments.stats import held_out_best
+
+    points = {0.0: {0: 4.00, 1: 4.00, 2: 4.00}, 0.1: {0: 3.98, 1: 4.015, 2: 4.00}, 0.2: {0: 4.01, 1: 4.02, 2: 3.98},
+              0.5: {0: 4.03}, 1.0: {0: 4.10, 1: 4.11, 2: 4.09}}  # fmt: skip
+    c, chosen = held_out_best(points, [0.1, 0.2, 0.5], against=0.0)
+    # held out 0: others' means 0.1 -> 4.0075, 0.2 -> 4.00 (0.5 has no other seed) -> 0.2, scores 4.01 - 4.00
+    # held out 1: 0.1 -> 3.99, 0.2 -> 3.995 -> 0.1, scores +0.015; held out 2: 0.1 -> 3.9975, 0.2 -> 4.015 -> 0.1, 0.00
+    assert chosen == {0: 0.2, 1: 0.1, 2: 0.1}
+    assert (round(c.diff.mean, 4), round(c.diff.se, 4), c.verdict) == (0.0083, 0.0044, "inconclusive")
+    # the lowest mean (0.1, 3.9983) minus rho 0 on the same seeds looks lower (-0.0017); held out it is not
+    verdict, numbers = u_shape(points)
+    assert verdict == "inconclusive at this scale" and "minus rho 0 +0.0083 ± 0.0044" in numbers
+    assert held_out_best({0.0: {0: 4.0}, 0.1: {0: 3.9}}, [0.1], 0.0) == (None, {})  # one seed: nothing held out
+
+
 def _tiny_specs(steps=2):
     model, train = tiny()
     train = train.with_(steps=steps, eval_every=steps)

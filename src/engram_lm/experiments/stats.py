@@ -86,3 +86,24 @@ def optimum(points: dict[float, dict[int, float]]) -> Optimum:
 def _excluded(candidate: dict[int, float], best: dict[int, float]) -> bool:
     """Called higher than the best on their shared seeds (no shared seed: cannot be excluded)."""
     return bool(set(candidate) & set(best)) and compare(candidate, best).verdict == "higher"
+
+
+def held_out_best(points: dict[float, dict[int, float]], candidates: list[float],
+                  against: float) -> tuple[Comparison | None, dict[int, float]]:  # fmt: skip
+    """The best of `candidates` against the point `against`, free of the bias of picking the
+    lowest of several noisy points and testing it on the seeds that picked it: for each seed,
+    the candidate with the lowest mean over the *other* seeds is chosen and scored on the
+    held-out seed (its value minus `against`'s). Returns the comparison of those differences
+    (None below 2) and each seed's chosen candidate."""
+    diffs, chosen = [], {}
+    for seed in sorted(points.get(against, {})):
+        pool = [c for c in candidates if seed in points[c] and set(points[c]) - {seed}]
+        if not pool:
+            continue
+        best = min(pool, key=lambda c: estimate([v for s, v in points[c].items() if s != seed]).mean)
+        chosen[seed] = best
+        diffs.append(points[best][seed] - points[against][seed])
+    if len(diffs) < 2:
+        return None, chosen
+    diff = estimate(diffs)
+    return Comparison(diff, call(diff)), chosen
