@@ -370,10 +370,28 @@ def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path)
         (section / "moe" / f"seed-{seed}" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logged) + "\n")
     assert train_loss_end(section / "moe" / "seed-0" / "metrics.jsonl") == pytest.approx(3.0)
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
-    assert "| variant | val loss | train loss | val - train | minus engram_none | call |" in text
-    # gaps 0.30, 0.35, 0.32 -> +0.3233 ± 0.0145; engram_none has no training log: its cells stay empty
-    assert "| moe | 3.3233 ± 0.0145 | 3.0000 ± 0.0000 | +0.3233 ± 0.0145 | -0.2033 ± 0.0033 | lower |" in text
-    assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  |" in text
+    assert "| variant | val loss | train loss | val - train | minus engram_none | call | minus moe | call |" in text
+    # gaps 0.30, 0.35, 0.32 -> +0.3233 ± 0.0145; engram_none has no training log: its cells stay empty;
+    # none - moe per seed: 0.20, 0.21, 0.20 -> +0.2033 ± 0.0033
+    assert "| moe | 3.3233 ± 0.0145 | 3.0000 ± 0.0000 | +0.3233 ± 0.0145 | -0.2033 ± 0.0033 | lower |  |  |" in text
+    assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  | +0.2033 ± 0.0033 | higher |" in text
+
+
+def test_validation_curves_average_seeds_per_step_against_epochs(tmp_path):
+    from engram_lm.experiments.curves import mean_curves, write_curves
+
+    runs = [{"variant": "moe", "seed": s, "epochs": 2.0, "val_curve": [[100, 4.0 + s], [200, 3.0 + s]]} for s in (0, 1)]
+    runs += [{"variant": "engram_none", "seed": 0, "epochs": 2.0, "val_curve": [[100, 3.5], [200, 3.6]]},
+             {"variant": "engram_none", "seed": 1, "epochs": 1.0, "val_curve": [[100, 3.7]]}]  # a shorter run
+    curves = mean_curves(runs)
+    # step 100 of 200 is half of the 2.0 epochs; moe at step 200: 3.0 and 4.0 -> 3.5 ± 0.5
+    assert [(e, m.mean, m.se) for e, m in curves["moe"]] == [(1.0, 4.5, 0.5), (2.0, 3.5, 0.5)]
+    # the shorter run has no step 200: only steps every seed evaluated are drawn
+    assert [(e, round(m.mean, 6), m.n) for e, m in curves["engram_none"]] == [(1.0, 3.6, 2)]
+    write_curves([{**r, "data": "bible"} for r in runs], tmp_path, "t")
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    assert lines[0] == "variant,seed,step,epochs,val_loss" and lines[1] == "moe,0,100,1.0,4.0" and len(lines) == 8
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):

@@ -29,7 +29,8 @@ TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last te
 REGULARISED = [name for name in REGULARISERS if name != "none"]
 FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc": "duration.png",
            "allocation": "allocation.png", "allocation-4x": "allocation.png", "scaling": "scaling.png",
-           "ablations": "ablations.png", "scaling-4x": "scaling.png"}  # fmt: skip
+           "ablations": "ablations.png", "scaling-4x": "scaling.png", "regularisation": "curves.png",
+           "regularisation-cost": "curves.png"}  # fmt: skip
 # Every claim the verdict table must answer, with the section that answers it: a claim whose
 # section has not produced its row yet is listed as "not measured yet", never left out.
 CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
@@ -149,9 +150,11 @@ def build_report(root: Path, out: Path) -> str:
         ("regularisation", lambda r: keyed_section(
             r, "Keeping the tables from memorising repeated data", "variant", "engram_none",
             "MoE+Engram with each regulariser, `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s); "
-            "a negative difference means the regulariser helps. " + TRAIN_LOSS_NOTE,
+            "a negative difference from engram_none means the regulariser helps, one from moe that Engram with it beats "
+            "the MoE on repeated data (without it, Engram loses there). The figure shows when each curve turns. "
+            + TRAIN_LOSS_NOTE,
             {f"engram_{name}": f"ours: a regulariser keeps the tables from memorising repeated data ({name})"
-             for name in REGULARISED}, expect="lower", train_columns=True)),
+             for name in REGULARISED}, expect="lower", train_columns=True, versus="moe")),
         ("regularisation-cost", lambda r: keyed_section(
             r, "What each regulariser costs where nothing repeats", "variant", "engram_none",
             "MoE+Engram with each regulariser at the quickstart budget, `{data}` ({epochs} epochs: single-epoch), "

@@ -336,12 +336,15 @@ def sensitivity_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], li
 
 
 def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: Any, intro: str,
-                  claims: dict[Any, str], expect: str = "higher", train_columns: bool = False) -> tuple[list[list[str]], list[str]]:  # fmt: skip
+                  claims: dict[Any, str], expect: str = "higher", train_columns: bool = False,
+                  versus: Any = None) -> tuple[list[list[str]], list[str]]:  # fmt: skip
     """A table of variants against a reference variant (ablations, regularisers, table lr);
-    `train_columns` adds each variant's end-of-run training loss and val - train gap."""
+    `train_columns` adds each variant's end-of-run training loss and val - train gap, `versus`
+    a second reference (each variant minus it, with its call; no verdict rows)."""
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     ref = _losses(runs, **{key: reference})
+    second = _losses(runs, **{key: versus}) if versus is not None else {}
     lines = [f"## {title}", "", intro.format(data=data_name(runs), epochs=epochs_range(runs), seeds=_seeds(runs)), ""]
     table, verdicts = [], []
     for (value,), g in group_by(runs, key).items():
@@ -352,10 +355,14 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
             trained = [r for r in g if r.get("train_loss_end") is not None]
             table[-1][2:2] = [fmt_estimate(estimate([r["train_loss_end"] for r in trained])) if trained else "",
                               fmt_estimate(estimate([r["val_loss"] - r["train_loss_end"] for r in trained]), True) if trained else ""]  # fmt: skip
+        if versus is not None:
+            c2 = compare(losses, second) if value != versus and set(losses) & set(second) else None
+            table[-1] += [fmt_estimate(c2.diff, True) if c2 else "", _verdict_word(c2.verdict) if c2 else ""]
         if c is not None and value in claims:
             verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                              f"{value} - {reference} {fmt_estimate(c.diff, True)}"])  # fmt: skip
-    header = [key, "val loss", *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call"]
+    header = [key, "val loss", *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call",
+              *([f"minus {versus}", "call"] if versus is not None else [])]  # fmt: skip
     return verdicts, lines + md_table(header, table) + [""]
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
+from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import duration_specs, write_duration
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
 from engram_lm.experiments.sensitivity import analyse_run, sensitivity_specs
@@ -212,3 +213,5 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     write_ablations(section("ablations"), out / "ablations")
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
+    write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
+    write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")

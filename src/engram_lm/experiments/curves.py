@@ -1,0 +1,81 @@
+"""Validation curves of a section's variants against epochs of their data: where a memory
+starts to memorise repeated data, its curve turns up while the MoE's keeps falling.
+
+`mean_curves` is pure (mean ± SE over seeds at each evaluated step); `write_curves` writes
+the section's curves.csv (one row per run and evaluation) and curves.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engram_lm.experiments.runner import write_csv
+from engram_lm.experiments.stats import Estimate, estimate
+from engram_lm.experiments.variants import group_by
+
+CSV_FIELDS = ["variant", "seed", "step", "epochs", "val_loss"]
+
+
+def curve_rows(runs: list[dict[str, Any]], key: str = "variant") -> list[dict[str, Any]]:
+    """One row per (run, evaluation); a run's epochs at step s are its final epochs * s / its last step
+    (steps consume a fixed number of tokens each)."""
+    rows = []
+    for r in runs:
+        curve = r.get("val_curve") or []
+        last = curve[-1][0] if curve else 0
+        for step, loss in curve:
+            rows.append({"variant": r[key], "seed": r["seed"], "step": step, "epochs": r["epochs"] * step / last,
+                         "val_loss": loss})  # fmt: skip
+    return rows
+
+
+def mean_curves(runs: list[dict[str, Any]], key: str = "variant") -> dict[Any, list[tuple[float, Estimate]]]:
+    """variant -> [(epochs, val loss over seeds)] at the steps every seed of it evaluated."""
+    out = {}
+    for (value,), g in group_by(curve_rows(runs, key), "variant").items():
+        seeds = {r["seed"] for r in g}
+        by_step = group_by(g, "step")
+        out[value] = [(rs[0]["epochs"], estimate([r["val_loss"] for r in rs]))
+                      for (step,), rs in sorted(by_step.items()) if {r["seed"] for r in rs} == seeds]  # fmt: skip
+    return out
+
+
+def write_curves(runs: list[dict[str, Any]], out_dir: Path, title: str, key: str = "variant") -> None:
+    runs = [r for r in runs if r.get("val_curve")]
+    if not runs:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "curves.csv", curve_rows(runs, key), CSV_FIELDS)
+    plot_curves(runs, out_dir / "curves.png", title, key)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "variant") -> None:
+    import matplotlib
+
+    from engram_lm.plotting import regime_caption, saved_figure
+
+    curves = mean_curves(runs, key)
+    colors = matplotlib.colormaps["tab10"]
+    with saved_figure(path, (7, 4.5)) as (fig, ax):
+        for i, (value, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):
+            x = [e for e, _ in points]
+            mean = [m.mean for _, m in points]
+            se = [0.0 if m.n < 2 else m.se for _, m in points]
+            style = {"color": "black", "ls": "--"} if value == "moe" else {"color": colors(i % 10)}
+            ax.plot(x, mean, label=str(value), lw=1.2, **style)
+            ax.fill_between(x, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.15,
+                            color=style["color"])  # fmt: skip
+        if max(e for pts in curves.values() for e, _ in pts) > 1:
+            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+            ax.text(1.0, 0.98, " data repeats from here", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        x_max = max(e for pts in curves.values() for e, _ in pts)
+        late = [m.mean for pts in curves.values() for e, m in pts if e >= 0.25 * x_max]
+        if late:  # the differences lie late in training: the first quarter's steep fall would flatten them
+            pad = 0.1 * (max(late) - min(late)) + 1e-3
+            ax.set_ylim(min(late) - pad, max(late) + pad)
+        ax.set_xlabel("epochs of the training data (y axis zoomed on the last three quarters)")
+        ax.set_ylabel("validation loss (mean ± SE over seeds)")
+        ax.set_title(f"{title}\n{regime_caption(runs, up_to=True)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
