@@ -235,7 +235,7 @@ def test_allocation_verdicts_on_partial_and_full_sweeps():
     verdicts, lines = allocation_section(_fake_allocation(ends), "t")
     text = "\n".join(lines)
     assert verdicts[0][1] == "inconclusive at this scale" and "rhos measured: 0, 1" in verdicts[0][3]
-    assert "(the optimum's uncertainty): 0;" in verdicts[0][3] and "each seed's own lowest rho: 0, 0, 0." in text
+    assert "so if anything too narrow): 0;" in verdicts[0][3] and "each seed's own lowest rho: 0, 0, 0." in text
     assert "Measured 2 of the 9 default rhos; not yet: 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9" in text
     assert "| 0.00 | 2 | 10 | 3 | 3.9533 ± 0.0318 | -0.0967 ± 0.0033 | lower |" in text  # 3 seeds: (-0.10 - 0.09 - 0.10) / 3
     assert verdicts[1][0].startswith("the memory itself helps") and verdicts[1][1] == "reproduced"

@@ -269,7 +269,8 @@ def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[lis
     verdict, shape = u_shape(by_rho)
     versus = "; ".join(f"vs rho = {e:.2f}: {fmt_estimate(c.diff, True)}" for e, c in zip(ends, calls))
     opt = optimum(by_rho)
-    tied = f"rhos not called worse than it (the optimum's uncertainty): {', '.join(f'{r:g}' for r in opt.tied)}"
+    tied = (f"rhos not called worse than it (the optimum's uncertainty; measured against the lowest of several noisy "
+            f"means, so if anything too narrow): {', '.join(f'{r:g}' for r in opt.tied)}")  # fmt: skip
     lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({fmt_estimate(Estimate(best['mean'], best['se'], best['n']))})"
                   + (f"; {versus}" if versus else "") + f"; {tied}; each seed's own lowest rho: "
                   + ", ".join(f"{r:g}" for r in opt.per_seed.values()) + "."]  # fmt: skip
