@@ -368,17 +368,21 @@ def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path)
         logged = [{"step": 10 * i, "loss": 5.0 - 0.1 * i} for i in range(18)] + [{"step": 180, "loss": 2.9},
                   {"step": 180, "val_loss": 3.3}, {"step": 190, "loss": 3.1}]  # fmt: skip
         (section / "moe" / f"seed-{seed}" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logged) + "\n")
+        result = section / "moe" / f"seed-{seed}" / "result.json"  # lowest half-way (1.65 of 3.3 epochs), then +0.2
+        record = json.loads(result.read_text())
+        result.write_text(json.dumps({**record, "val_curve": [[100, record["val_loss"] - 0.2], [200, record["val_loss"]]]}))
     assert train_loss_end(section / "moe" / "seed-0" / "metrics.jsonl") == pytest.approx(3.0)
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
-    assert "| variant | val loss | train loss | val - train | minus engram_none | call | minus moe | call |" in text
+    assert ("| variant | val loss | lowest val at (epochs) | rise since | train loss | val - train | minus engram_none | "
+            "call | minus moe | call |") in text  # fmt: skip
     # gaps 0.30, 0.35, 0.32 -> +0.3233 ± 0.0145; engram_none has no training log: its cells stay empty;
     # none - moe per seed: 0.20, 0.21, 0.20 -> +0.2033 ± 0.0033
-    assert "| moe | 3.3233 ± 0.0145 | 3.0000 ± 0.0000 | +0.3233 ± 0.0145 | -0.2033 ± 0.0033 | lower |  |  |" in text
-    assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  | +0.2033 ± 0.0033 | higher |" in text
+    assert "| moe | 3.3233 ± 0.0145 | 1.65 ± 0.00 | +0.2000 ± 0.0000 | 3.0000 ± 0.0000 | +0.3233 ± 0.0145 | -0.2033 ± 0.0033 | lower |  |  |" in text
+    assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  |  |  | +0.2033 ± 0.0033 | higher |" in text
 
 
 def test_validation_curves_average_seeds_per_step_against_epochs(tmp_path):
-    from engram_lm.experiments.curves import mean_curves, write_curves
+    from engram_lm.experiments.curves import mean_curves, turn, write_curves
 
     runs = [{"variant": "moe", "seed": s, "epochs": 2.0, "val_curve": [[100, 4.0 + s], [200, 3.0 + s]]} for s in (0, 1)]
     runs += [{"variant": "engram_none", "seed": 0, "epochs": 2.0, "val_curve": [[100, 3.5], [200, 3.6]]},
@@ -392,6 +396,8 @@ def test_validation_curves_average_seeds_per_step_against_epochs(tmp_path):
     lines = (tmp_path / "curves.csv").read_text().splitlines()
     assert lines[0] == "variant,seed,step,epochs,val_loss" and lines[1] == "moe,0,100,1.0,4.0" and len(lines) == 8
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # engram_none seed 0 was lowest at step 100 of 200 (1.0 of 2.0 epochs) and rose 0.1 after; moe still falls
+    assert turn(runs[2]) == (1.0, pytest.approx(0.1)) and turn(runs[0]) == (2.0, 0.0) and turn({"epochs": 1}) is None
 
 
 def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):

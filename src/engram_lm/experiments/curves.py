@@ -30,6 +30,17 @@ def curve_rows(runs: list[dict[str, Any]], key: str = "variant") -> list[dict[st
     return rows
 
 
+def turn(run: dict[str, Any]) -> tuple[float, float] | None:
+    """(epochs at the lowest validation loss along the run, final loss minus that lowest): where
+    a run started to overfit and by how much it rose since; (final epochs, 0) for one still falling."""
+    curve = run.get("val_curve") or []
+    if not curve:
+        return None
+    last = curve[-1][0]
+    step, low = min(curve, key=lambda point: point[1])
+    return run["epochs"] * step / last, curve[-1][1] - low
+
+
 def mean_curves(runs: list[dict[str, Any]], key: str = "variant") -> dict[Any, list[tuple[float, Estimate]]]:
     """variant -> [(epochs, val loss over seeds)] at the steps every seed of it evaluated."""
     out = {}

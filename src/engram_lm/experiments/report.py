@@ -151,10 +151,13 @@ def build_report(root: Path, out: Path) -> str:
             r, "Keeping the tables from memorising repeated data", "variant", "engram_none",
             "MoE+Engram with each regulariser, `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s); "
             "a negative difference from engram_none means the regulariser helps, one from moe that Engram with it beats "
-            "the MoE on repeated data (without it, Engram loses there). The figure shows when each curve turns. "
+            "the MoE on repeated data (without it, Engram loses there). *Lowest val at* is where along the run "
+            "(in epochs) the validation loss was lowest, *rise since* how far it climbed after that (0 while it still "
+            "falls): the direct measure of memorisation; the figure shows the curves. "
             + TRAIN_LOSS_NOTE,
             {f"engram_{name}": f"ours: a regulariser keeps the tables from memorising repeated data ({name})"
-             for name in REGULARISED}, expect="lower", train_columns=True, versus="moe")),
+             for name in REGULARISED}, expect="lower", train_columns=True, versus="moe",
+            turn_columns=True)),
         ("regularisation-cost", lambda r: keyed_section(
             r, "What each regulariser costs where nothing repeats", "variant", "engram_none",
             "MoE+Engram with each regulariser at the quickstart budget, `{data}` ({epochs} epochs: single-epoch), "
