@@ -151,7 +151,7 @@ def build_report(root: Path, out: Path) -> str:
             r, "Keeping the tables from memorising repeated data", "variant", "engram_none",
             "MoE+Engram with each regulariser, `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s); "
             "a negative difference from engram_none means the regulariser helps, one from moe that Engram with it beats "
-            "the MoE on repeated data (without it, Engram loses there). *Lowest val at* is where along the run "
+            "the MoE on repeated data. *Lowest val at* is where along the run "
             "(in epochs) the validation loss was lowest, *rise since* how far it climbed after that (0 while it still "
             "falls): the direct measure of memorisation; the figure shows the curves. "
             + TRAIN_LOSS_NOTE,

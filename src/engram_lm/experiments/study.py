@@ -13,7 +13,7 @@ Sections, in the order that answers the most important questions first:
   allocation-4x the rho sweep at 4x the quickstart's tokens on --long-data
   regularisation  table weight decay, dropout on the retrieved vectors (element-wise or
                 whole rows) or on the module's output vs none, 4x on the built-in corpus
-                (it repeats: ~3.3 epochs)
+                (it repeats: 3.45 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
@@ -58,7 +58,7 @@ REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_
 def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
                          experiment: str = "regularisation", with_moe: bool = True) -> list[RunSpec]:  # fmt: skip
     """Engram with each regulariser (and the MoE, `with_moe`), trained `steps` on `data`:
-    4x the quickstart on the built-in corpus repeats it (~3.3 epochs); the quickstart's
+    4x the quickstart on the built-in corpus repeats it (3.45 epochs); the quickstart's
     400 steps do not (0.86 epochs). Every seed of a variant before the next variant, the
     baselines first: a stopped study has whole comparisons, not one seed of everything."""
     moe, train_cfg = quickstart_moe()
