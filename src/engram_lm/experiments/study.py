@@ -1,6 +1,8 @@
 """`engram study`: every experiment of the evidence, in one resumable plan, then the report.
 
-Sections, in the order that answers the most important questions first:
+Sections, in the order that answers the most important questions first (after the
+regularisers, the short quickstart-budget sections that answer paper claims come before the
+long runs):
   sanity        the no-memory MoE, OverEncoding and Engram at the largest table budget
                 (seed 0 of the scaling sweep): does the baseline beat no memory?
   oe-diagnosis  OverEncoding at its largest size, paper form vs the token embedding kept at
@@ -16,14 +18,14 @@ Sections, in the order that answers the most important questions first:
                 (it repeats: 3.45 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default
+  ablations     one piece removed at a time, at the quickstart budget
+  table-lr      Engram table learning-rate multiplier 0.5x .. 10x at the quickstart budget
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
                 tokens on --long-data: does the shape seen at 0.86 epochs of the built-in corpus
                 (log-linear or flattening) hold with more tokens? (the MoE is allocation-4x's rho 1)
   duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs)
   mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
   allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
-  table-lr      Engram table learning-rate multiplier 0.5x .. 10x at the quickstart budget
-  ablations     one piece removed at a time, at the quickstart budget
 Sections that need --long-data are skipped without it (and the plan says so). Runs are
 folders under --out; a folder with result.json is finished and reused.
 """
@@ -46,7 +48,7 @@ from engram_lm.experiments.variants import (
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-cost", "scaling-4x", "duration-repeated", "mhc", "allocation", "table-lr", "ablations")  # fmt: skip
+            "regularisation-cost", "ablations", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
