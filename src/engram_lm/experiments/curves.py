@@ -1,5 +1,6 @@
 """Validation curves of a section's variants against epochs of their data: where a memory
-starts to memorise repeated data, its curve turns up while the MoE's keeps falling.
+starts to memorise repeated data, its curve flattens while the MoE's keeps falling, and
+falls behind it (`falls_behind`).
 
 `mean_curves` is pure (mean ± SE over seeds at each evaluated step); `write_curves` writes
 the section's curves.csv (one row per run and evaluation) and curves.png.
@@ -30,15 +31,20 @@ def curve_rows(runs: list[dict[str, Any]], key: str = "variant") -> list[dict[st
     return rows
 
 
-def turn(run: dict[str, Any]) -> tuple[float, float] | None:
-    """(epochs at the lowest validation loss along the run, final loss minus that lowest): where
-    a run started to overfit and by how much it rose since; (final epochs, 0) for one still falling."""
+def falls_behind(run: dict[str, Any], reference: dict[str, Any]) -> float | None:
+    """Epochs from which `run`'s validation loss stays above `reference`'s (the same seed, at the
+    steps both evaluated) to the end of the run; None when it ends at or below it. With a
+    step-decay schedule a memorising curve plateaus rather than rises, so the lowest point
+    is no test; where it falls behind a model without tables is."""
+    ref = dict((step, loss) for step, loss in reference.get("val_curve") or [])
     curve = run.get("val_curve") or []
-    if not curve:
+    behind = [(step, loss > ref[step]) for step, loss in curve if step in ref]
+    if not behind or not behind[-1][1]:
         return None
-    last = curve[-1][0]
-    step, low = min(curve, key=lambda point: point[1])
-    return run["epochs"] * step / last, curve[-1][1] - low
+    k = len(behind)
+    while k > 0 and behind[k - 1][1]:
+        k -= 1
+    return run["epochs"] * behind[k][0] / curve[-1][0]
 
 
 def mean_curves(runs: list[dict[str, Any]], key: str = "variant") -> dict[Any, list[tuple[float, Estimate]]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, summarise
-from engram_lm.experiments.curves import turn
+from engram_lm.experiments.curves import falls_behind
 from engram_lm.experiments.duration import gaps
 from engram_lm.experiments.stats import Comparison, Estimate, call, compare, estimate, held_out_best, optimum
 from engram_lm.experiments.variants import fit_log_slope, group_by, scaling_rows
@@ -339,15 +339,16 @@ def sensitivity_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], li
 
 def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: Any, intro: str,
                   claims: dict[Any, str], expect: str = "higher", train_columns: bool = False,
-                  versus: Any = None, turn_columns: bool = False) -> tuple[list[list[str]], list[str]]:  # fmt: skip
+                  versus: Any = None) -> tuple[list[list[str]], list[str]]:  # fmt: skip
     """A table of variants against a reference variant (ablations, regularisers, table lr);
     `train_columns` adds each variant's end-of-run training loss and val - train gap, `versus`
-    a second reference (each variant minus it, with its call; no verdict rows), `turn_columns`
-    where along the run its validation loss was lowest and how far it rose after that."""
+    a second reference: each variant minus it, with its call (no verdict rows), and from
+    which epoch on the variant's validation curve stays above it (curves.falls_behind)."""
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     ref = _losses(runs, **{key: reference})
     second = _losses(runs, **{key: versus}) if versus is not None else {}
+    second_runs = {r["seed"]: r for r in runs if versus is not None and r.get(key) == versus}
     lines = [f"## {title}", "", intro.format(data=data_name(runs), epochs=epochs_range(runs), seeds=_seeds(runs)), ""]
     table, verdicts = [], []
     for (value,), g in group_by(runs, key).items():
@@ -358,20 +359,29 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
             trained = [r for r in g if r.get("train_loss_end") is not None]
             table[-1][2:2] = [fmt_estimate(estimate([r["train_loss_end"] for r in trained])) if trained else "",
                               fmt_estimate(estimate([r["val_loss"] - r["train_loss_end"] for r in trained]), True) if trained else ""]  # fmt: skip
-        if turn_columns:
-            turns = [t for r in g if (t := turn(r)) is not None]
-            table[-1][2:2] = [fmt_estimate(estimate([e for e, _ in turns]), False, 2) if turns else "",
-                              fmt_estimate(estimate([rise for _, rise in turns]), True) if turns else ""]  # fmt: skip
         if versus is not None:
             c2 = compare(losses, second) if value != versus and set(losses) & set(second) else None
-            table[-1] += [fmt_estimate(c2.diff, True) if c2 else "", _verdict_word(c2.verdict) if c2 else ""]
+            table[-1] += [fmt_estimate(c2.diff, True) if c2 else "", _verdict_word(c2.verdict) if c2 else "",
+                          _behind(g, second_runs) if c2 else ""]  # fmt: skip
         if c is not None and value in claims:
             verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                              f"{value} - {reference} {fmt_estimate(c.diff, True)}"])  # fmt: skip
-    header = [key, "val loss", *(["lowest val at (epochs)", "rise since"] if turn_columns else []),
-              *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call",
-              *([f"minus {versus}", "call"] if versus is not None else [])]  # fmt: skip
+    header = [key, "val loss", *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call",
+              *([f"minus {versus}", "call", f"above {versus} from (epochs)"] if versus is not None else [])]  # fmt: skip
     return verdicts, lines + md_table(header, table) + [""]
+
+
+def _behind(runs: list[dict[str, Any]], reference: dict[int, dict[str, Any]]) -> str:
+    """Over seeds: from which epoch on each run's validation curve stays above the reference's
+    (same seed); "never" when no seed's does, "k of n seeds" when some do."""
+    paired = [falls_behind(r, reference[r["seed"]]) for r in runs if r["seed"] in reference and r.get("val_curve")]
+    crossed = [e for e in paired if e is not None]
+    if not paired:
+        return ""
+    if not crossed:
+        return "never"
+    text = fmt_estimate(estimate(crossed), False, 2)
+    return text if len(crossed) == len(paired) else f"{text} ({len(crossed)} of {len(paired)} seeds; the others never)"
 
 
 def _verdict_word(verdict: str) -> str:
