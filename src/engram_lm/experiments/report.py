@@ -15,7 +15,7 @@ from typing import Any
 
 from engram_lm.experiments.sections import (
     STUDY_COMMAND, allocation_section, claim_verdict, data_name, duration_section, epochs_range, fmt_estimate,
-    keyed_section, md_table, regulariser_default, scaling_section, sensitivity_section,
+    keyed_section, md_table, regulariser_default, repeated_gain, scaling_section, sensitivity_section,
 )  # fmt: skip
 from engram_lm.experiments.stats import compare
 from engram_lm.experiments.study import REGULARISERS
@@ -194,6 +194,7 @@ def build_report(root: Path, out: Path) -> str:
                          "bible+facts, 1 seed", "see docs/analysis-single-seed.md: the model recalls 0.4% of facts and "
                          "copies nothing, with or without Engram; the token-level test (section `sensitivity`) has not run yet"])  # fmt: skip
     verdicts += versus_strongest_overencoding(sections.get("scaling", []), sections.get("oe-diagnosis", []))
+    verdicts += repeated_gain(sections.get("regularisation", []))
     verdicts += regulariser_default(sections.get("regularisation", []), sections.get("regularisation-cost", []))
     verdicts += missing_claims(verdicts, sections)
     done = sum(1 for v in sections.values() for r in v if "reused_from" not in r)  # a reused twin is not a new run

@@ -394,6 +394,22 @@ def claim_verdict(verdict: str, expected: str) -> str:
     return "reproduced" if verdict == expected else "not reproduced"
 
 
+def repeated_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
+    """The regularisation section's baselines answer "Engram beats the iso-parameter MoE
+    (repeated data)" at its budget: Engram without a regulariser minus the MoE, and from
+    which epoch on its validation curve stays above the MoE's."""
+    none, moe = _losses(repeated, variant="engram_none"), _losses(repeated, variant="moe")
+    if not set(none) & set(moe):
+        return []
+    c = compare(none, moe)
+    behind = _behind([r for r in repeated if r["variant"] == "engram_none"],
+                     {r["seed"]: r for r in repeated if r["variant"] == "moe"})  # fmt: skip
+    return [["Engram beats the iso-parameter MoE (repeated data)", claim_verdict(c.verdict, "lower"),
+             f"{data_name(repeated)}, {epochs_range(repeated)} epochs, {c.diff.n} seed(s)",
+             f"engram_none - moe {fmt_estimate(c.diff, True)} (section regularisation)"
+             + (f"; Engram's validation curve stays above the MoE's from {behind} epochs" if behind not in ("", "never") else "")]]  # fmt: skip
+
+
 def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, Any]]) -> list[list[str]]:
     """The verdict row that decides the default: the regulariser of lowest mean repeated-data
     loss, and what it costs where nothing repeats. Picking the best of eight and testing it on
