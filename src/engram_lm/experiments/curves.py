@@ -36,7 +36,7 @@ def falls_behind(run: dict[str, Any], reference: dict[str, Any]) -> float | None
     steps both evaluated) to the end of the run; None when it ends at or below it. With a
     step-decay schedule a memorising curve plateaus rather than rises, so the lowest point
     is no test; where it falls behind a model without tables is."""
-    ref = dict((step, loss) for step, loss in reference.get("val_curve") or [])
+    ref = dict(reference.get("val_curve") or [])
     curve = run.get("val_curve") or []
     behind = [(step, loss > ref[step]) for step, loss in curve if step in ref]
     if not behind or not behind[-1][1]:
@@ -83,10 +83,10 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "
             ax.plot(x, mean, label=str(value), lw=1.2, **style)
             ax.fill_between(x, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.15,
                             color=style["color"])  # fmt: skip
-        if max(e for pts in curves.values() for e, _ in pts) > 1:
+        x_max = max(e for pts in curves.values() for e, _ in pts)
+        if x_max > 1:
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
             ax.text(1.0, 0.98, " data repeats from here", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
-        x_max = max(e for pts in curves.values() for e, _ in pts)
         late = [m.mean for pts in curves.values() for e, m in pts if e >= 0.25 * x_max]
         if late:  # the differences lie late in training: the first quarter's steep fall would flatten them
             pad = 0.1 * (max(late) - min(late)) + 1e-3
