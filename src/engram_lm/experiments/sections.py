@@ -45,8 +45,12 @@ def fmt_estimate(e: Estimate, signed: bool = False, digits: int = 4) -> str:
     return m if math.isnan(e.se) else f"{m} ± {e.se:.{digits}f}"
 
 
+def _by_seed(runs: list[dict[str, Any]], **match: Any) -> dict[int, dict[str, Any]]:
+    return {r["seed"]: r for r in runs if all(r.get(k) == v for k, v in match.items())}
+
+
 def _losses(runs: list[dict[str, Any]], **match: Any) -> dict[int, float]:
-    return {r["seed"]: r["val_loss"] for r in runs if all(r.get(k) == v for k, v in match.items())}
+    return {seed: r["val_loss"] for seed, r in _by_seed(runs, **match).items()}
 
 
 # ---- sections: each returns (verdict rows, page lines) ------------------------------------
@@ -347,8 +351,8 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     ref = _losses(runs, **{key: reference})
-    second = _losses(runs, **{key: versus}) if versus is not None else {}
-    second_runs = {r["seed"]: r for r in runs if versus is not None and r.get(key) == versus}
+    second_runs = _by_seed(runs, **{key: versus}) if versus is not None else {}
+    second = {seed: r["val_loss"] for seed, r in second_runs.items()}
     lines = [f"## {title}", "", intro.format(data=data_name(runs), epochs=epochs_range(runs), seeds=_seeds(runs)), ""]
     table, verdicts = [], []
     for (value,), g in group_by(runs, key).items():
@@ -398,12 +402,11 @@ def repeated_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
     """The regularisation section's baselines answer "Engram beats the iso-parameter MoE
     (repeated data)" at its budget: Engram without a regulariser minus the MoE, and from
     which epoch on its validation curve stays above the MoE's."""
-    none, moe = _losses(repeated, variant="engram_none"), _losses(repeated, variant="moe")
+    none, moe = _by_seed(repeated, variant="engram_none"), _by_seed(repeated, variant="moe")
     if not set(none) & set(moe):
         return []
-    c = compare(none, moe)
-    behind = _behind([r for r in repeated if r["variant"] == "engram_none"],
-                     {r["seed"]: r for r in repeated if r["variant"] == "moe"})  # fmt: skip
+    c = compare({s: r["val_loss"] for s, r in none.items()}, {s: r["val_loss"] for s, r in moe.items()})
+    behind = _behind(list(none.values()), moe)
     return [["Engram beats the iso-parameter MoE (repeated data)", claim_verdict(c.verdict, "lower"),
              f"{data_name(repeated)}, {epochs_range(repeated)} epochs, {c.diff.n} seed(s)",
              f"engram_none - moe {fmt_estimate(c.diff, True)} (section regularisation)"

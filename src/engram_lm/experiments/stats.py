@@ -9,6 +9,7 @@ Anything else is "inconclusive at this scale", including every single-seed compa
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 CALL_THRESHOLD_SE = 2.0
@@ -88,8 +89,8 @@ def _excluded(candidate: dict[int, float], best: dict[int, float]) -> bool:
     return bool(set(candidate) & set(best)) and compare(candidate, best).verdict == "higher"
 
 
-def held_out_best(points: dict[float, dict[int, float]], candidates: list[float],
-                  against: float) -> tuple[Comparison | None, dict[int, float]]:  # fmt: skip
+def held_out_best(points: dict[Hashable, dict[int, float]], candidates: list[Hashable],
+                  against: Hashable) -> tuple[Comparison | None, dict[int, Hashable]]:  # fmt: skip
     """The best of `candidates` against the point `against`, free of the bias of picking the
     lowest of several noisy points and testing it on the seeds that picked it: for each seed,
     the candidate with the lowest mean over the *other* seeds is chosen and scored on the
