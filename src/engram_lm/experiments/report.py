@@ -154,7 +154,7 @@ def build_report(root: Path, out: Path) -> str:
             "the MoE on repeated data. *Above moe from* is the epoch from which a variant's validation curve stays above "
             "the MoE's (same seed) to the end: where memorising tables fall behind a model without them. (Under the "
             "step-decay schedule a memorising curve plateaus rather than rises, so its lowest point is no test.) The "
-            "figure shows the curves. Eight regularisers are tested, each "
+            "figure shows the curves. The study tests " + f"{len(REGULARISED)} regularisers, each "
             "called by chance 18% of the time on 3 seeds with no true effect, so the choice of the best is itself held "
             "out in the verdict table (chosen on the other seeds, scored on the held-out one). "
             + TRAIN_LOSS_NOTE,

@@ -415,7 +415,7 @@ def repeated_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
 
 def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, Any]]) -> list[list[str]]:
     """The verdict row that decides the default: the regulariser of lowest mean repeated-data
-    loss, and what it costs where nothing repeats. Picking the best of eight and testing it on
+    loss, and what it costs where nothing repeats. Picking the best of ten and testing it on
     the seeds that picked it favours a call, so the gain must hold out (stats.held_out_best:
     each seed's choice made on the other seeds, scored on it, against none): a row says whether
     it does, and only then a second row joins the cost (once the single-epoch runs have it)."""
