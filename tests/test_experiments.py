@@ -388,6 +388,26 @@ def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path)
     assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  | +0.2033 ± 0.0033 | higher |  |" in text
 
 
+def test_curve_styles_shade_one_family_and_keep_the_baselines_apart():
+    from engram_lm.experiments.curves import curve_styles
+
+    values = ["moe", "engram_none", "engram_table_wd_1.0", "engram_table_wd_0.1", "engram_table_wd_10.0",
+              "engram_dropout_0.1", "engram_dropout_0.3", "engram_row_dropout_0.1"]  # fmt: skip
+    st = curve_styles(values)
+    assert st["moe"] == {"color": "black", "ls": "--"} and st["engram_none"]["color"] == "tab:blue"
+    colors = {v: tuple(st[v]["color"]) for v in values[2:]}
+    assert len(set(colors.values())) == len(colors)  # every regulariser its own colour
+    # one family, one hue, darker for stronger: the sum of the RGB channels falls with the strength
+    wd = [sum(colors[f"engram_table_wd_{x}"][:3]) for x in ("0.1", "1.0", "10.0")]
+    assert wd[0] > wd[1] > wd[2]
+    # two families differ in hue (their channel orders differ), not only in shade
+    assert _channel_order(colors["engram_dropout_0.3"]) != _channel_order(colors["engram_table_wd_10.0"])
+
+
+def _channel_order(rgba):
+    return sorted(range(3), key=lambda i: rgba[i])
+
+
 def test_validation_curves_average_seeds_per_step_against_epochs(tmp_path):
     from engram_lm.experiments.curves import falls_behind, mean_curves, write_curves
 

@@ -67,19 +67,46 @@ def write_curves(runs: list[dict[str, Any]], out_dir: Path, title: str, key: str
     plot_curves(runs, out_dir / "curves.png", title, key)
 
 
-def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "variant") -> None:
+FAMILY_COLORMAPS = ("Greens", "Oranges", "Purples", "Reds", "PuRd", "YlOrBr")  # not blue or grey: none and the MoE
+
+
+def curve_styles(values: list[Any]) -> dict[Any, dict[str, Any]]:
+    """value -> matplotlib line style: the MoE black and dashed, a variant without a strength
+    (engram_none) blue, and the strengths of one family ("engram_dropout_0.1", "..._0.3") shades of
+    one colour map, darker for stronger, so a dozen curves stay readable. Pure: no drawing."""
     import matplotlib
 
+    families: dict[str, list[tuple[float, Any]]] = {}
+    styles: dict[Any, dict[str, Any]] = {}
+    for value in values:
+        name = str(value)
+        family, _, strength = name.rpartition("_")
+        try:
+            level = float(strength)
+        except ValueError:  # no strength suffix
+            styles[value] = {"color": "black", "ls": "--"} if name == "moe" else {"color": "tab:blue", "ls": "-"}
+        else:
+            families.setdefault(family, []).append((level, value))
+    for i, (family, members) in enumerate(sorted(families.items())):
+        cmap = matplotlib.colormaps[FAMILY_COLORMAPS[i % len(FAMILY_COLORMAPS)]]
+        members.sort(key=lambda m: m[0])
+        for k, (_, value) in enumerate(members):
+            shade = 0.55 if len(members) == 1 else 0.4 + 0.5 * k / (len(members) - 1)
+            styles[value] = {"color": cmap(shade), "ls": "-"}
+    return styles
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "variant") -> None:
     from engram_lm.plotting import regime_caption, saved_figure
 
     curves = mean_curves(runs, key)
-    colors = matplotlib.colormaps["tab10"]
-    with saved_figure(path, (7, 4.5)) as (fig, ax):
-        for i, (value, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):
+    styles = curve_styles(list(curves))
+    with saved_figure(path, (8.5, 4.5)) as (fig, ax):
+        for value, points in sorted(curves.items(), key=lambda kv: str(kv[0])):
             x = [e for e, _ in points]
             mean = [m.mean for _, m in points]
             se = [0.0 if m.n < 2 else m.se for _, m in points]
-            style = {"color": "black", "ls": "--"} if value == "moe" else {"color": colors(i % 10)}
+            style = styles[value]
             ax.plot(x, mean, label=str(value), lw=1.2, **style)
             ax.fill_between(x, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.15,
                             color=style["color"])  # fmt: skip
@@ -95,4 +122,4 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "
         ax.set_ylabel("validation loss (mean ± SE over seeds)")
         ax.set_title(f"{title}\n{regime_caption(runs, up_to=True)}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves end together
