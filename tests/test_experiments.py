@@ -388,6 +388,15 @@ def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path)
     assert "| engram_none | 3.5267 ± 0.0176 |  |  |  |  | +0.2033 ± 0.0033 | higher |  |" in text
 
 
+def test_natural_key_orders_numbers_inside_names_by_value():
+    from engram_lm.experiments.variants import natural_key
+
+    names = ["moe", "engram_table_wd_10.0", "engram_table_wd_3.0", "engram_none", "engram_table_wd_0.1"]
+    assert sorted(names, key=natural_key) == ["engram_none", "engram_table_wd_0.1", "engram_table_wd_3.0",
+                                              "engram_table_wd_10.0", "moe"]  # fmt: skip
+    assert sorted([10.0, 0.5, 5.0, 1.0], key=natural_key) == [0.5, 1.0, 5.0, 10.0]
+
+
 def test_curve_styles_shade_one_family_and_keep_the_baselines_apart():
     from engram_lm.experiments.curves import curve_styles
 

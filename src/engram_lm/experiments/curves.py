@@ -13,7 +13,7 @@ from typing import Any
 
 from engram_lm.experiments.runner import write_csv
 from engram_lm.experiments.stats import Estimate, estimate
-from engram_lm.experiments.variants import group_by
+from engram_lm.experiments.variants import group_by, natural_key
 
 CSV_FIELDS = ["variant", "seed", "step", "epochs", "val_loss"]
 
@@ -102,7 +102,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str, key: str = "
     curves = mean_curves(runs, key)
     styles = curve_styles(list(curves))
     with saved_figure(path, (8.5, 4.5)) as (fig, ax):
-        for value, points in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        for value, points in sorted(curves.items(), key=lambda kv: natural_key(kv[0])):
             x = [e for e, _ in points]
             mean = [m.mean for _, m in points]
             se = [0.0 if m.n < 2 else m.se for _, m in points]

@@ -17,7 +17,7 @@ from engram_lm.experiments.allocation import DEFAULT_RHOS, summarise
 from engram_lm.experiments.curves import falls_behind
 from engram_lm.experiments.duration import gaps
 from engram_lm.experiments.stats import Comparison, Estimate, call, compare, estimate, held_out_best, optimum
-from engram_lm.experiments.variants import fit_log_slope, group_by, scaling_rows
+from engram_lm.experiments.variants import fit_log_slope, group_by, natural_key, scaling_rows
 
 STUDY_COMMAND = "engram study --seeds 3 --long-data ../shared/data/gutenberg-novels --out results/study"
 
@@ -355,7 +355,7 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
     second = {seed: r["val_loss"] for seed, r in second_runs.items()}
     lines = [f"## {title}", "", intro.format(data=data_name(runs), epochs=epochs_range(runs), seeds=_seeds(runs)), ""]
     table, verdicts = [], []
-    for (value,), g in group_by(runs, key).items():
+    for (value,), g in sorted(group_by(runs, key).items(), key=lambda kv: natural_key(kv[0][0])):
         losses = {r["seed"]: r["val_loss"] for r in g}
         c = compare(losses, ref) if ref and value != reference else None
         table.append([value, fmt_estimate(estimate(list(losses.values()))), fmt_estimate(c.diff, True) if c else "", _verdict_word(c.verdict) if c else ""])

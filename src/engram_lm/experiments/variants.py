@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,13 @@ def group_by(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[st
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     return groups
+
+
+def natural_key(value: Any) -> list[tuple[int, float, str]]:
+    """Sort key that reads numbers inside names as numbers: engram_table_wd_3.0 before
+    engram_table_wd_10.0, 0.5 before 10.0."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    return [(1, float(p), "") if i % 2 else (0, 0.0, p) for i, p in enumerate(parts)]
 
 
 def fit_log_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
