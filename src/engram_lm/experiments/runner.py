@@ -123,8 +123,12 @@ def run_specs(
     todo = [s for s in specs if s.key not in finished]
     unique = {_request_key(s.requested()): s for s in reversed(todo) if not s.keep_checkpoint}  # twins train once
     to_train = [s for k, s in unique.items() if k not in by_request] + [s for s in todo if s.keep_checkpoint]
-    seconds, basis = estimate_seconds(to_train, list(finished.values()))
-    _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train, "
+    # throughput from every finished run under root (a subset of sections may have none of its own yet)
+    measured = [r for r in by_request.values() if "tokens_per_s" in r and "num_branches" in r]
+    seconds, basis = estimate_seconds(to_train, measured)
+    twins = len(todo) - len([s for s in to_train if not s.keep_checkpoint]) - len([s for s in todo if s.keep_checkpoint])
+    reused = f" ({twins} of them reuse an identical run)" if twins else ""
+    _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train{reused}, "
          f"~{hms(seconds)} estimated ({basis})")  # fmt: skip
     if dry_run:
         return list(finished.values())

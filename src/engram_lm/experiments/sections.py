@@ -466,11 +466,12 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     cost = compare(cost_runs, cost_none)
     verdict = {"higher": "not reproduced: it costs", "lower": "reproduced: it helps there too",
                "inconclusive": "reproduced: no cost measured at this scale"}[cost.verdict]  # fmt: skip
-    moe = _losses(repeated, variant="moe")
     versus_moe = ""
-    if set(moe) & set(best_losses):
-        c = compare(best_losses, moe)
-        versus_moe = f"; {best} - moe on repeated data {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
+    for runs, where, losses in ((repeated, "on repeated data", best_losses), (single, "single-epoch", cost_runs)):
+        moe = _losses(runs, variant="moe")
+        if set(moe) & set(losses):
+            c = compare(losses, moe)
+            versus_moe += f"; {best} - moe {where} {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
     return rows + [[claim, verdict, f"{data_name(repeated)}, {epochs_range(repeated)} vs {epochs_range(single)} epochs, "
                     f"{cost.diff.n} seed(s)", f"{best}: {fmt_estimate(gain.diff, True)} on repeated data, "
                     f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}"]]  # fmt: skip

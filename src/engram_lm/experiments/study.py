@@ -17,7 +17,8 @@ long runs):
                 whole rows) or on the module's output vs none, 4x on the built-in corpus
                 (it repeats: 3.45 epochs)
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
-                each costs where nothing repeats, the test for making one the default
+                each costs where nothing repeats, the test for making one the default, and
+                whether Engram with it still beats the MoE there (the MoE runs are reused)
   ablations     one piece removed at a time, at the quickstart budget
   table-lr      Engram table learning-rate multiplier 0.5x .. 10x at the quickstart budget
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
@@ -61,15 +62,15 @@ REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_
 
 
 def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
-                         experiment: str = "regularisation", with_moe: bool = True) -> list[RunSpec]:  # fmt: skip
-    """Engram with each regulariser (and the MoE, `with_moe`), trained `steps` on `data`:
+                         experiment: str = "regularisation") -> list[RunSpec]:  # fmt: skip
+    """Engram with each regulariser, and the MoE, trained `steps` on `data`:
     4x the quickstart on the built-in corpus repeats it (3.45 epochs); the quickstart's
     400 steps do not (0.86 epochs). Every seed of a variant before the next variant, the
     baselines first: a stopped study has whole comparisons, not one seed of everything."""
     moe, train_cfg = quickstart_moe()
     engram, _ = quickstart_engram()
     train_cfg = train_cfg.with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
-    variants = {"moe": (moe, train_cfg)} if with_moe else {}
+    variants = {"moe": (moe, train_cfg)}
     for name, change in REGULARISERS.items():
         dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
         model = engram.with_(engram=engram.engram.with_(**dropouts))
@@ -127,8 +128,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "sensitivity": lambda: sensitivity_specs(seeds=seed_list, prefix="sensitivity/"),
         "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),
         "regularisation": lambda: regularisation_specs(seeds=seed_list, steps=quick, prefix="regularisation/"),
-        "regularisation-cost": lambda: regularisation_specs(seeds=seed_list, steps=quick // 4, with_moe=False,
-                                                            experiment="regularisation-cost", prefix="regularisation-cost/"),
+        "regularisation-cost": lambda: regularisation_specs(seeds=seed_list, steps=quick // 4, experiment="regularisation-cost",
+                                                            prefix="regularisation-cost/"),  # its MoE: oe-diagnosis', reused
         "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
         "mhc": lambda: duration_specs(data=long_data, seeds=seed_list, branches=4, variants=("moe", "engram"), prefix="mhc/"),
         "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
