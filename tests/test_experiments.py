@@ -557,8 +557,9 @@ def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
     by = {s.tags["variant"]: s for s in single}
     assert by["engram_dropout_0.3"].model.engram.dropout == 0.3 and by["engram_none"].model.engram.dropout == 0.0
     assert by["engram_table_wd_1.0"].train.table_weight_decay == 1.0 and by["engram_none"].train.table_weight_decay == 0.0
-    # the weight-decay range goes past 1.0, its best first value, to 3 and 10
-    assert [by[f"engram_table_wd_{wd}"].train.table_weight_decay for wd in ("0.1", "1.0", "3.0", "10.0")] == [0.1, 1, 3, 10]
+    # the weight-decay range goes past each best top value: 1.0, then 10.0
+    assert [by[f"engram_table_wd_{wd}"].train.table_weight_decay for wd in ("0.1", "1.0", "3.0", "10.0", "30.0")] == [
+        0.1, 1, 3, 10, 30]
     assert by["engram_row_dropout_0.3"].model.engram.row_dropout == 0.3 and by["engram_row_dropout_0.3"].model.engram.dropout == 0.0
     assert by["engram_output_dropout_0.1"].model.engram.output_dropout == 0.1 and by["engram_none"].model.engram.output_dropout == 0.0
 

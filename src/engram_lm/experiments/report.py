@@ -34,7 +34,7 @@ FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc
 # Every claim the verdict table must answer, with the section that answers it: a claim whose
 # section has not produced its row yet is listed as "not measured yet", never left out. The
 # regulariser sections answer in two rows (sections.regulariser_default), not one per regulariser:
-# the best of ten is chosen held out, and only its cost decides the default; each regulariser's
+# the best is chosen held out, and only its cost decides the default; each regulariser's
 # own call is in its section's table.
 CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("allocation-4x", "U-shape: an interior rho beats both ends"),

@@ -417,7 +417,7 @@ def regularised_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
     """Ours: does Engram's gain survive repeated data once a regulariser is chosen? The Engram
     variant (a regulariser, or none) of lowest mean loss on the other seeds, scored on the
     held-out seed minus the iso-parameter MoE (stats.held_out_best): picking the best of
-    eleven and testing it on the seeds that picked it would favour Engram."""
+    a dozen and testing it on the seeds that picked it would favour Engram."""
     points = {v: {r["seed"]: r["val_loss"] for r in g} for (v,), g in group_by(repeated, "variant").items()}
     candidates = [v for v in points if v != "moe"]
     if "moe" not in points or len(candidates) < 2:
@@ -434,7 +434,7 @@ def regularised_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
 
 def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, Any]]) -> list[list[str]]:
     """The verdict row that decides the default: the regulariser of lowest mean repeated-data
-    loss, and what it costs where nothing repeats. Picking the best of ten and testing it on
+    loss, and what it costs where nothing repeats. Picking the best of many and testing it on
     the seeds that picked it favours a call, so the gain must hold out (stats.held_out_best:
     each seed's choice made on the other seeds, scored on it, against none): a row says whether
     it does (and which regularisers are called on their own seeds, not held out), and only then
