@@ -455,7 +455,7 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     rows = [[f"ours: a regulariser keeps the tables from memorising repeated data (the best of {len(candidates)}, "
              "chosen on the other seeds, scored on the held-out one)", claim_verdict(held.verdict, "lower"),
              f"{data_name(repeated)}, {epochs_range(repeated)} epochs, {held.diff.n} seed(s)", held_text]]  # fmt: skip
-    claim = "ours: the best regulariser on repeated data costs nothing single-epoch (then it becomes the default)"
+    claim = "ours: the best regulariser on repeated data costs nothing single-epoch (the test for making it the default, once every regulariser has run)"
     if held.verdict != "lower":  # no gain survives selection: the default stays off, whatever a regulariser costs
         return rows + [[claim, "not asked: no regulariser's gain holds out, so the default stays off", "", ""]]
     best = min(candidates, key=lambda v: estimate(list(points[v].values())).mean)
