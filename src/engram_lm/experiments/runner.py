@@ -126,7 +126,7 @@ def run_specs(
     # throughput from every finished run under root (a subset of sections may have none of its own yet)
     measured = [r for r in by_request.values() if "tokens_per_s" in r and "num_branches" in r]
     seconds, basis = estimate_seconds(to_train, measured)
-    twins = len(todo) - len([s for s in to_train if not s.keep_checkpoint]) - len([s for s in todo if s.keep_checkpoint])
+    twins = len(todo) - len(to_train)  # identical requests that train once, or ran already under another name
     reused = f" ({twins} of them reuse an identical run)" if twins else ""
     _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train{reused}, "
          f"~{hms(seconds)} estimated ({basis})")  # fmt: skip

@@ -53,6 +53,11 @@ def _losses(runs: list[dict[str, Any]], **match: Any) -> dict[int, float]:
     return {seed: r["val_loss"] for seed, r in _by_seed(runs, **match).items()}
 
 
+def _losses_by_variant(runs: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """variant -> {seed: val loss}: the points stats.held_out_best chooses among."""
+    return {v: {r["seed"]: r["val_loss"] for r in g} for (v,), g in group_by(runs, "variant").items()}
+
+
 # ---- sections: each returns (verdict rows, page lines) ------------------------------------
 def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tuple[list[list[str]], list[str]]:
     if not runs:
@@ -418,7 +423,7 @@ def regularised_gain(repeated: list[dict[str, Any]]) -> list[list[str]]:
     variant (a regulariser, or none) of lowest mean loss on the other seeds, scored on the
     held-out seed minus the iso-parameter MoE (stats.held_out_best): picking the best of
     a dozen and testing it on the seeds that picked it would favour Engram."""
-    points = {v: {r["seed"]: r["val_loss"] for r in g} for (v,), g in group_by(repeated, "variant").items()}
+    points = _losses_by_variant(repeated)
     candidates = [v for v in points if v != "moe"]
     if "moe" not in points or len(candidates) < 2:
         return []
@@ -440,7 +445,7 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     it does (and which regularisers are called on their own seeds, not held out), and only then
     a second row joins the cost (once the single-epoch runs have it); if it does not, the second
     row says the default stays off."""
-    points = {v: {r["seed"]: r["val_loss"] for r in g} for (v,), g in group_by(repeated, "variant").items() if v != "moe"}
+    points = {v: losses for v, losses in _losses_by_variant(repeated).items() if v != "moe"}
     none = points.get("engram_none", {})
     candidates = [v for v in points if v != "engram_none" and set(points[v]) & set(none)]
     if not candidates:
