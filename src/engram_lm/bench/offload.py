@@ -133,6 +133,7 @@ def reference_iops(path: Path, reads: int = 20000, queue_depth: int = 32) -> dic
     out: dict[str, Any] = {}
     try:
         for qd, n in ((1, reads // 4), (queue_depth, reads)):
+            n = min(n, size // BLOCK)  # distinct blocks: a small table has fewer than `reads`
             reader = BlockReader(fd, str(path), size, queue_depth=qd)
             blocks = rng.choice(size // BLOCK, size=n, replace=False)
             buf = aligned_buffer(n * BLOCK)
