@@ -564,6 +564,24 @@ def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
     assert by["engram_output_dropout_0.1"].model.engram.output_dropout == 0.1 and by["engram_none"].model.engram.output_dropout == 0.0
 
 
+def test_regularisation_control_is_the_best_regularisers_capacity1_twin_on_the_same_data():
+    from engram_lm.experiments.runner import _request_key
+    from engram_lm.experiments.study import CONTROLLED
+
+    plan = study_plan(seeds=2, sections=("regularisation", "regularisation-control"))
+    repeated = {(s.tags["variant"], s.tags["seed"]): s for s in plan["regularisation"]}
+    control = {(s.tags["variant"], s.tags["seed"]): s for s in plan["regularisation-control"]}
+    assert sorted(control) == sorted((v, seed) for v in ("moe", f"engram_{CONTROLLED}", f"capacity1_{CONTROLLED}")
+                                     for seed in (0, 1))  # fmt: skip
+    for (variant, seed), s in control.items():
+        engram = control[(f"engram_{CONTROLLED}", seed)]
+        if variant.startswith("capacity1"):  # the same module, decay, data and steps; one row per hash head
+            assert s.model.engram == engram.model.engram.with_(single_slot=True) and s.train == engram.train
+            assert s.train.table_weight_decay == 10.0 and s.train.steps == 1600 and s.train.data == "bible"
+        else:  # the Engram and MoE runs are the regularisation section's: identical requests, reused
+            assert _request_key(s.requested()) == _request_key(repeated[(variant, seed)].requested())
+
+
 def test_engram_is_compared_with_the_strongest_overencoding_too():
     from engram_lm.experiments.report import versus_strongest_overencoding
 

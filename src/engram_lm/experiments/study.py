@@ -16,6 +16,9 @@ long runs):
   regularisation  table weight decay, dropout on the retrieved vectors (element-wise or
                 whole rows) or on the module's output vs none, 4x on the built-in corpus
                 (it repeats: 3.45 epochs)
+  regularisation-control  the best regulariser's memory (table weight decay 10) against its
+                capacity-1 control on the same repeated data: strong decay shrinks every row, so
+                does the memory still contribute, or does Engram just do less?
   regularisation-cost  the same regularisers at the quickstart budget (0.86 epochs): what
                 each costs where nothing repeats, the test for making one the default, and
                 whether Engram with it still beats the MoE there (the MoE runs are reused)
@@ -49,7 +52,7 @@ from engram_lm.experiments.variants import (
 from engram_lm.recipes import quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-cost", "ablations", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
+            "regularisation-control", "regularisation-cost", "ablations", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 # table weight decay: 0.1 and 1.0 first; 1.0, the top of that range, was best by far (-0.145 vs none, 3 seeds),
@@ -62,6 +65,7 @@ REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_
                 "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3},
                 "row_dropout_0.1": {"row_dropout": 0.1}, "row_dropout_0.3": {"row_dropout": 0.3},
                 "output_dropout_0.1": {"output_dropout": 0.1}, "output_dropout_0.3": {"output_dropout": 0.3}}  # fmt: skip
+CONTROLLED = "table_wd_10.0"  # the held-out best on repeated data (every seed's choice): its capacity-1 control
 
 
 def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
@@ -81,6 +85,21 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
     return [RunSpec(f"{prefix}{variant}/seed-{seed}", model, t.with_(seed=seed),
                     {"experiment": experiment, "variant": variant, "seed": seed})
             for variant, (model, t) in variants.items() for seed in seeds]  # fmt: skip
+
+
+def regularisation_control_specs(*, seeds, steps: int, prefix: str = "") -> list[RunSpec]:
+    """The CONTROLLED regulariser's Engram against its capacity-1 control (the same module,
+    one row per hash head), with the same decay, on the same repeated data: decay shrinks
+    every row, so is what is left of the memory still worth more than a constant vector?
+    The Engram and MoE runs are the regularisation section's (identical: reused)."""
+    kept = ("moe", f"engram_{CONTROLLED}")
+    specs = [s for s in regularisation_specs(seeds=seeds, steps=steps, prefix=prefix, experiment="regularisation-control")
+             if s.tags["variant"] in kept]  # fmt: skip
+    controls = [RunSpec(f"{prefix}capacity1_{CONTROLLED}/seed-{s.tags['seed']}",
+                        s.model.with_(engram=s.model.engram.with_(single_slot=True)), s.train,
+                        {**s.tags, "variant": f"capacity1_{CONTROLLED}"})
+                for s in specs if s.tags["variant"] == kept[1]]  # fmt: skip
+    return controls + specs
 
 
 def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
@@ -131,6 +150,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "sensitivity": lambda: sensitivity_specs(seeds=seed_list, prefix="sensitivity/"),
         "allocation-4x": lambda: allocation_specs(seeds=seed_list, steps=quick, data=long_data, prefix="allocation-4x/"),
         "regularisation": lambda: regularisation_specs(seeds=seed_list, steps=quick, prefix="regularisation/"),
+        "regularisation-control": lambda: regularisation_control_specs(seeds=seed_list, steps=quick,
+                                                                      prefix="regularisation-control/"),
         "regularisation-cost": lambda: regularisation_specs(seeds=seed_list, steps=quick // 4, experiment="regularisation-cost",
                                                             prefix="regularisation-cost/"),  # its MoE: oe-diagnosis', reused
         "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
@@ -224,3 +245,5 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
         write_duration(section(name), out / name)
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
+    write_curves(section("regularisation-control"), out / "regularisation-control",
+                 "Repeated data: the decayed memory against its capacity-1 control")
