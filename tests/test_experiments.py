@@ -583,6 +583,19 @@ def test_regularisation_control_is_the_best_regularisers_capacity1_twin_on_the_s
             assert _request_key(s.requested()) == _request_key(repeated[(variant, seed)].requested())
 
 
+def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
+    """The default decays table rows; the study's paper-claim runs (and its finished run
+    folders) use the paper's optimiser, so flipping the default retrains nothing."""
+    from engram_lm.recipes import quickstart_engram
+
+    assert quickstart_engram()[1].table_weight_decay == 10.0  # what `engram train` and the quickstart use
+    plan = study_plan(seeds=1, long_data="novels")
+    for section, specs in plan.items():
+        for s in specs:
+            varied = section.startswith("regularisation") and "_table_wd_" in s.tags["variant"]
+            assert (s.train.table_weight_decay != 0.0) == varied, s.key  # OverEncoding's tables included
+
+
 def test_engram_is_compared_with_the_strongest_overencoding_too():
     from engram_lm.experiments.report import versus_strongest_overencoding
 

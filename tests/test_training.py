@@ -222,8 +222,14 @@ def test_checkpoint_from_another_layout_is_refused(tmp_path):
 def test_changed_config_in_same_run_folder_is_refused(tmp_path):
     model_cfg, train_cfg = get_recipe("tiny")
     train(model_cfg, train_cfg.with_(steps=2), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="different configuration") as err:
         train(model_cfg.with_(dim=32), train_cfg.with_(steps=2), tmp_path, progress=False)
+    assert "model.dim: 64 -> 32" in str(err.value) and "--set dim=64" in str(err.value)
+    # a run saved before a default changed (here the table decay, off before): the error names the flags that resume it
+    train(model_cfg, train_cfg.with_(steps=2, table_weight_decay=0.0), tmp_path / "old", progress=False)
+    with pytest.raises(ValueError, match=r"train.table_weight_decay: 0.0 -> 10.0\).*: --set table_weight_decay=0.0\)$"):
+        train(model_cfg, train_cfg.with_(steps=4), tmp_path / "old", progress=False)
+    train(model_cfg, train_cfg.with_(steps=4, table_weight_decay=0.0), tmp_path / "old", progress=False)  # resumes
 
 
 def test_training_with_tables_in_host_ram_gives_the_device_losses(tmp_path):

@@ -23,7 +23,7 @@ from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import regime_caption, saved_figure
-from engram_lm.recipes import quickstart_engram_template, quickstart_moe
+from engram_lm.recipes import paper_optimiser, quickstart_engram_template, quickstart_moe
 from engram_lm.training.run import run_metadata, write_json
 
 DEFAULT_RHOS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
@@ -39,6 +39,7 @@ def allocation_specs(*, preset: str = "quickstart", rhos=DEFAULT_RHOS, seeds=(0,
         raise ValueError(f"unknown allocation preset {preset!r}; choose one of {sorted(PRESETS)}")
     base_fn, template_fn = PRESETS[preset]
     base, train_cfg = base_fn()
+    train_cfg = paper_optimiser(train_cfg)
     if steps is not None:
         train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
     if data is not None:

@@ -19,7 +19,7 @@ from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import regime_caption, saved_figure
-from engram_lm.recipes import QUICKSTART_RHO, quickstart_engram_template, quickstart_moe
+from engram_lm.recipes import QUICKSTART_RHO, paper_optimiser, quickstart_engram_template, quickstart_moe
 from engram_lm.training.run import run_metadata, write_json
 
 MILESTONES = (1, 2, 4, 8)  # multiples of the quickstart's tokens
@@ -29,7 +29,7 @@ CSV_FIELDS = ("variant", "seed", "step", "tokens", "epochs", "val_loss")
 def duration_specs(*, data: str = "bible", seeds=(0,), base_steps: int | None = None, branches: int = 1,
                    variants=("moe", "engram", "capacity1"), prefix: str = "") -> list[RunSpec]:  # fmt: skip
     base, train_cfg = quickstart_moe()
-    base = base.with_(num_branches=branches)
+    base, train_cfg = base.with_(num_branches=branches), paper_optimiser(train_cfg)
     base_steps = base_steps or train_cfg.steps
     engram = allocate(base, QUICKSTART_RHO, quickstart_engram_template())
     models = {"moe": base, "engram": engram, "capacity1": engram.with_(engram=engram.engram.with_(single_slot=True))}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from engram_lm.experiments.runner import RunSpec
-from engram_lm.recipes import quickstart_engram
+from engram_lm.recipes import paper_optimiser, quickstart_engram
 from engram_lm.training.config import TrainConfig
 
 CLASS_OPTIONS = {"n": 2, "min_count": 5, "min_share": 0.5}
@@ -22,6 +22,7 @@ CLASS_OPTIONS = {"n": 2, "min_count": 5, "min_share": 0.5}
 
 def sensitivity_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
     model, train_cfg = quickstart_engram()
+    train_cfg = paper_optimiser(train_cfg)
     return [RunSpec(f"{prefix}engram/seed-{seed}", model, train_cfg.with_(seed=seed),
                     {"experiment": "sensitivity", "variant": "engram", "seed": seed}, keep_checkpoint=True)
             for seed in seeds]  # fmt: skip

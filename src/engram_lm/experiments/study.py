@@ -49,7 +49,7 @@ from engram_lm.experiments.sensitivity import analyse_run, sensitivity_specs
 from engram_lm.experiments.variants import (
     SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
 )  # fmt: skip
-from engram_lm.recipes import quickstart_engram, quickstart_moe
+from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
             "regularisation-control", "regularisation-cost", "ablations", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
@@ -77,7 +77,7 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
     baselines first: a stopped study has whole comparisons, not one seed of everything."""
     moe, train_cfg = quickstart_moe()
     engram, _ = quickstart_engram()
-    train_cfg = train_cfg.with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
+    train_cfg = paper_optimiser(train_cfg).with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
     variants = {"moe": (moe, train_cfg)}
     for name, change in REGULARISERS.items():
         dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
@@ -110,6 +110,7 @@ def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
     from engram_lm.experiments.variants import scaling_configs
 
     moe, train_cfg = quickstart_moe()
+    train_cfg = paper_optimiser(train_cfg)
     configs = scaling_configs(max(SCALING_TABLE_PARAMS))
     oe = configs["overencoding"]
     variants = {"overencoding_add_mean": (configs["overencoding_add_mean"], 1.0), "overencoding_lr5x": (oe, 5.0),
@@ -124,6 +125,7 @@ def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
 
 def table_lr_specs(*, seeds, data: str = "bible", prefix: str = "") -> list[RunSpec]:
     engram, train_cfg = quickstart_engram()
+    train_cfg = paper_optimiser(train_cfg)
     specs = []
     for seed in seeds:
         for mult in TABLE_LR_MULTS:

@@ -32,7 +32,7 @@ from engram_lm.models.accounting import engram_with_rows
 from engram_lm.models.config import ModelConfig
 from engram_lm.models.overencoding import OVERENCODING_TABLE_LR_MULT, overencoding_for_budget
 from engram_lm.plotting import regime_caption, saved_figure
-from engram_lm.recipes import quickstart_engram, quickstart_moe
+from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.run import run_metadata, write_json
 
@@ -47,7 +47,7 @@ def _with_slots(engram: EngramConfig, slots: int) -> EngramConfig:
 
 
 def _quickstart_train(steps: int | None, data: str | None, seed: int) -> TrainConfig:
-    _, train_cfg = quickstart_moe()
+    train_cfg = paper_optimiser(quickstart_moe()[1])
     if steps is not None:
         train_cfg = train_cfg.with_(steps=steps, eval_every=min(train_cfg.eval_every, steps))
     return train_cfg.with_(seed=seed, **({"data": data} if data is not None else {}))

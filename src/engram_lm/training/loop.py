@@ -354,9 +354,11 @@ def _prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
     diff = _differences(old, requested) - FREE_ON_RESUME
     steps_key = "train.steps"
     if diff - {steps_key}:
-        shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(requested, k)!r}" for k in sorted(diff - {steps_key}))
+        changed = sorted(diff - {steps_key})
+        shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(requested, k)!r}" for k in changed)
+        restore = " ".join(f"--set {_set_key(k)}={json.dumps(_get(old, k))}" for k in changed)
         raise ValueError(f"{out_dir} holds a run with a different configuration ({shown}); pass a new --out to start "
-                         "another run, or the same flags to resume this one")  # fmt: skip
+                         f"another run, or the same flags to resume this one (after a default changed: {restore})")  # fmt: skip
     step = ckpt_io.read_state(latest)["step"]
     if steps_key in diff:
         if requested["train"]["steps"] < step:
@@ -405,6 +407,11 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[
         elif x != y:
             out.add(f"{prefix}{k}")
     return out
+
+
+def _set_key(dotted: str) -> str:
+    """The `--set` key of a dotted config key: train.lr -> lr, model.engram.seed -> engram.seed."""
+    return dotted.split(".", 1)[1]
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
