@@ -76,6 +76,6 @@ def format_table(summary: dict[str, Any]) -> str:
     if epochs is not None:
         lines.append(f"Trained on {epochs:.2f} epochs of {summary['data']!r}: a single-epoch result. Past one epoch of "
                      "the built-in corpus, without table weight decay, the tables memorise it and Engram falls behind "
-                     "the MoE (+0.20 nats at 3.45 epochs, 3 seeds); the default decay (table_weight_decay=10) kept it "
-                     "level with the MoE there (docs/results.md).")  # fmt: skip
+                     "the MoE; with the default decay (table_weight_decay=10) it stayed level with the MoE in the "
+                     "study (docs/results.md).")  # fmt: skip
     return "\n".join(lines)
