@@ -529,6 +529,20 @@ def test_the_default_regulariser_row_joins_the_repeated_gain_and_the_single_epoc
         "-0.0867 ± 0.0033 (lower)")
     costly = runs({"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.86, 3.90, 3.89]}, 0.86)
     assert regulariser_default(repeated, costly)[1][1] == "not reproduced: it costs"
+    # dropout 0.5 has the lowest mean on repeated data but is not called different from wd (-0.01, -0.02, +0.02):
+    # as good there; it costs single-epoch (+0.05, +0.04, +0.05), so the default is wd, which does not
+    tie = runs({"engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.40, 3.47, 3.41],
+                "engram_dropout_0.5": [3.39, 3.45, 3.43]}, 3.3)  # fmt: skip
+    both = free + runs({"engram_dropout_0.5": [3.85, 3.89, 3.87]}, 0.86)
+    _, row = regulariser_default(tie, both)
+    assert row[1] == "reproduced: no cost measured at this scale" and row[3] == (
+        "engram_table_wd_0.1: -0.1000 ± 0.0058 on repeated data, +0.0033 ± 0.0067 single-epoch (each minus engram_none); "
+        "engram_dropout_0.5, as good on repeated data (-0.0033 ± 0.0120 minus engram_table_wd_0.1), costs +0.0467 ± "
+        "0.0033 single-epoch")  # fmt: skip
+    _, row = regulariser_default(tie, free)  # dropout's cost not measured yet: wd is the default so far, and it says so
+    assert row[3].endswith("; engram_dropout_0.5, as good on repeated data (-0.0033 ± 0.0120 minus engram_table_wd_0.1), "
+                           "single-epoch cost not measured yet")  # fmt: skip
+    assert regulariser_default(tie, both[:3] + both[-3:])[1][1] == "not reproduced: it costs"  # only dropout costed
     assert len(regulariser_default(repeated, [])) == 1  # the single-epoch runs have not finished: no default row yet
     useless = runs({"engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.51, 3.55, 3.53]}, 3.3)
     held, off = regulariser_default(useless, free)  # nothing helps: the default stays off
