@@ -169,7 +169,7 @@ def build_report(root: Path, out: Path) -> str:
         ("regularisation-control", lambda r: keyed_section(
             r, "Is the decayed memory still a memory? (repeated data)", "variant", f"capacity1_{CONTROLLED}",
             "MoE+Engram with table weight decay " + f"{REGULARISERS[CONTROLLED]['table_weight_decay']:g}" + " (the "
-            "held-out best above) against its capacity-1 control (the same module and decay, one row per hash head: every "
+            "default: as good as the best above and free where nothing repeats) against its capacity-1 control (the same module and decay, one row per hash head: every "
             "n-gram reads the same vector), `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s). Strong decay "
             "shrinks every row; if Engram is no better than its control, the decay made it level with the MoE by turning "
             "the memory off, not by keeping it from memorising. The Engram and MoE runs are the section above's (reused). "
