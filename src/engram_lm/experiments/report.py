@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.sections import (
-    STUDY_COMMAND, allocation_section, claim_verdict, data_name, duration_section, epochs_range, fmt_estimate,
-    keyed_section, md_table, regularised_gain, regulariser_default, DEFAULT_CLAIM, repeated_gain, scaling_section, sensitivity_section,
+    DEFAULT_CLAIM, STUDY_COMMAND, allocation_section, claim_verdict, data_name, duration_section, epochs_range, fmt_estimate,
+    keyed_section, md_table, regularised_gain, regulariser_default, repeated_gain, scaling_section, sensitivity_section,
 )  # fmt: skip
 from engram_lm.experiments.stats import compare
 from engram_lm.experiments.study import CONTROLLED, REGULARISERS
@@ -27,8 +27,9 @@ TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last te
                    "held-out text. Held-out documents differ from the training ones even without repetition, so read the gap "
                    "against the MoE's and against none's: memorising tables widen it.")  # fmt: skip
 REGULARISED = [name for name in REGULARISERS if name != "none"]
-CONTROL_CLAIM = (f"ours: with table weight decay {REGULARISERS[CONTROLLED]['table_weight_decay']:g} on repeated data the "
-                 "memory itself still helps: Engram beats its capacity-1 control")
+CONTROL_DECAY = REGULARISERS[CONTROLLED]["table_weight_decay"]  # the default's decay, against its capacity-1 control
+CONTROL_CLAIM = (f"ours: with table weight decay {CONTROL_DECAY:g} on repeated data the memory itself still helps: "
+                 "Engram beats its capacity-1 control")
 FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc": "duration.png",
            "allocation": "allocation.png", "allocation-4x": "allocation.png", "scaling": "scaling.png",
            "ablations": "ablations.png", "scaling-4x": "scaling.png", "regularisation": "curves.png",
@@ -168,8 +169,8 @@ def build_report(root: Path, out: Path) -> str:
             {}, expect="lower", train_columns=True, versus="moe")),
         ("regularisation-control", lambda r: keyed_section(
             r, "Is the decayed memory still a memory? (repeated data)", "variant", f"capacity1_{CONTROLLED}",
-            "MoE+Engram with table weight decay " + f"{REGULARISERS[CONTROLLED]['table_weight_decay']:g}" + " (the "
-            "default: as good as the best above and free where nothing repeats) against its capacity-1 control (the same module and decay, one row per hash head: every "
+            f"MoE+Engram with table weight decay {CONTROL_DECAY:g} (the default: as good as the best above and free "
+            "where nothing repeats) against its capacity-1 control (the same module and decay, one row per hash head: every "
             "n-gram reads the same vector), `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s). Strong decay "
             "shrinks every row; if Engram is no better than its control, the decay made it level with the MoE by turning "
             "the memory off, not by keeping it from memorising. The Engram and MoE runs are the section above's (reused). "

@@ -472,14 +472,15 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     # as good as the best on repeated data: not called worse than the lowest mean; the first of those (by mean)
     # that costs nothing single-epoch is the default
     tied = [v for v in ranked if v == ranked[0] or compare(points[v], points[ranked[0]]).verdict != "higher"]
-    cost_none = _losses(single, variant="engram_none")
-    costs = {v: compare(_losses(single, variant=v), cost_none) for v in tied if set(_losses(single, variant=v)) & set(cost_none)}
+    single_points = _losses_by_variant(single)
+    cost_none = single_points.get("engram_none", {})
+    costs = {v: compare(single_points[v], cost_none) for v in tied if set(single_points.get(v, {})) & set(cost_none)}
     if not costs:
         return rows
     free = [v for v in tied if v in costs and costs[v].verdict != "higher"]
     best = free[0] if free else next(v for v in tied if v in costs)
     passed = tied[: tied.index(best)]  # lower mean on repeated data, but costly or not costed yet
-    gain, best_losses, cost, cost_runs = compare(points[best], none), points[best], costs[best], _losses(single, variant=best)
+    gain, best_losses, cost, cost_runs = compare(points[best], none), points[best], costs[best], single_points[best]
     verdict = {"higher": "not reproduced: it costs", "lower": "reproduced: it helps there too",
                "inconclusive": "reproduced: no cost measured at this scale"}[cost.verdict]  # fmt: skip
     versus_moe = ""
