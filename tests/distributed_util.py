@@ -33,9 +33,9 @@ def run_ranks(world, fn, tmp_path, *args):
     init_file = tmp_path / f"init-{world}"
     try:
         mp.spawn(_worker, args=(world, str(init_file), str(out), fn, args), nprocs=world, join=True)
-    except Exception:
+    except Exception as err:  # a rank that failed outside fn (rendezvous, barrier) leaves no .err: say what spawn saw
         errors = [p.read_text() for p in out.glob("*.err")]
-        raise AssertionError("\n".join(errors) or "a rank failed") from None
+        raise AssertionError("\n".join(errors) or f"a rank failed: {err!r}") from None
     results = []
     for r in range(world):
         with open(out / f"{r}.pkl", "rb") as f:
