@@ -367,6 +367,24 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     assert f"| {DEFAULT_CLAIM} | not measured yet |" in text
 
 
+def test_ablations_answer_the_placement_claim_one_row_per_layer_moved_to(tmp_path):
+    from engram_lm.experiments.report import PLACED, PLACEMENT_CLAIM
+
+    assert PLACED == 1 and "from layer 1 of 4 to layer" in PLACEMENT_CLAIM  # the quickstart's module, early as in the paper
+    losses = {"reference": [3.80, 3.82, 3.81], "layer_0": [3.85, 3.86, 3.87], "layer_3": [3.80, 3.83, 3.80]}
+    _write_variant_results(tmp_path / "runs" / "ablations", losses, epochs=0.86)
+    text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
+    # layer_0 - reference per seed: +0.05, +0.04, +0.06 -> +0.0500 ± 0.0058; layer_3: 0, +0.01, -0.01 -> inconclusive
+    assert f"| {PLACEMENT_CLAIM} 0 hurts (the paper: one module is best early, at layer 2) | reproduced | bible, 0.86 " \
+           "epochs, 3 seed(s) | layer_0 - reference +0.0500 ± 0.0058 |" in text  # fmt: skip
+    assert f"| {PLACEMENT_CLAIM} 3 hurts (the paper: one module is best early, at layer 2) | inconclusive at this " \
+           "scale |" in text  # fmt: skip
+    assert f"{PLACEMENT_CLAIM} 2 hurts" not in text  # not run: no row of its own, and the claim is answered by the others
+    assert f"| {PLACEMENT_CLAIM} | not measured yet |" not in text
+    # the other ablation claims whose variants have not run are listed as not measured yet
+    assert "| ablation: removing gating hurts | not measured yet |  | section `ablations` has 9 finished run(s)" in text
+
+
 def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path):
     from engram_lm.experiments.report import train_loss_end
 

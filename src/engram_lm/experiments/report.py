@@ -20,6 +20,7 @@ from engram_lm.experiments.sections import (
 from engram_lm.experiments.stats import compare
 from engram_lm.experiments.study import CONTROLLED, REGULARISERS
 from engram_lm.experiments.variants import scaling_rows
+from engram_lm.recipes import quickstart_engram
 
 SCALING_4X = "memory scaling at 4x the quickstart (no repetition)"
 TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last tenth of the run, with dropout active for "
@@ -28,6 +29,11 @@ TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last te
                    "against the MoE's and against none's: memorising tables widen it.")  # fmt: skip
 REGULARISED = [name for name in REGULARISERS if name != "none"]
 CONTROL_DECAY = REGULARISERS[CONTROLLED]["table_weight_decay"]  # the default's decay, against its capacity-1 control
+_QUICK = quickstart_engram()[0]
+PLACED = _QUICK.engram.layer_ids[0]  # the quickstart's single module; the ablations move it to each other layer
+PLACEMENT_CLAIM = f"ablation: moving the single module from layer {PLACED} of {_QUICK.num_layers} to layer"
+PLACEMENT_CLAIMS = {f"layer_{k}": f"{PLACEMENT_CLAIM} {k} hurts (the paper: one module is best early, at layer 2)"
+                    for k in range(_QUICK.num_layers) if k != PLACED}  # fmt: skip
 CONTROL_CLAIM = (f"ours: with table weight decay {CONTROL_DECAY:g} on repeated data the memory itself still helps: "
                  "Engram beats its capacity-1 control")
 FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc": "duration.png",
@@ -46,6 +52,7 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("ablations", "ablation: removing gating hurts"),
           ("ablations", "ablation: removing tokenizer compression hurts"),
           ("ablations", "ablation: removing the short conv hurts"),
+          ("ablations", PLACEMENT_CLAIM),
           ("mhc", "Engram beats the iso-parameter MoE (single-epoch, M = 4)"),
           ("duration-repeated", "Engram beats the iso-parameter MoE (repeated data)"),
           ("regularisation", "ours: a regulariser keeps the tables from memorising repeated data"),
@@ -193,7 +200,7 @@ def build_report(root: Path, out: Path) -> str:
             "From the quickstart MoE+Engram, `{data}` ({epochs} epochs), {seeds} seed(s); positive = removing it hurts.",
             {"no_gating": "ablation: removing gating hurts", "no_compression": "ablation: removing tokenizer compression hurts",
              "no_short_conv": "ablation: removing the short conv hurts", "capacity1": "ablation: a capacity-1 table hurts",
-             "with_4grams": "ablation: adding 4-grams at a fixed budget hurts"})),
+             "with_4grams": "ablation: adding 4-grams at a fixed budget hurts", **PLACEMENT_CLAIMS})),
     ]  # fmt: skip
     for name, render in parts:
         v, lines = render(sections.get(name, []))
