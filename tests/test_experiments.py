@@ -39,13 +39,15 @@ def test_each_ablation_changes_one_thing():
     variants = ablation_configs()
     ref = variants["reference"].engram.to_dict()
     expected = {"no_gating": {"use_gating"}, "no_compression": {"compress_tokens"}, "capacity1": {"single_slot"},
-                "no_short_conv": {"use_short_conv"}, "with_4grams": {"max_ngram", "table_sizes"}}  # fmt: skip
+                "no_short_conv": {"use_short_conv"}, "with_4grams": {"max_ngram", "table_sizes"}, "two_modules": {"layer_ids", "table_sizes"}}  # fmt: skip
     for name, cfg in variants.items():
         changed = {k for k, v in cfg.engram.to_dict().items() if v != ref[k]}
         assert changed == expected.get(name, {"layer_ids"} if name != "reference" else set()), name
     four = variants["with_4grams"].engram
     slots = lambda e: build_layout(e, 1, 0).total_rows  # noqa: E731
     assert abs(slots(four) / slots(variants["reference"].engram) - 1) < 0.02  # same number of slots
+    two = variants["two_modules"].engram
+    assert two.layer_ids == (1, 2) and abs(slots(two) / slots(variants["reference"].engram) - 1) < 0.02
 
 
 def test_capacity_one_control_keeps_the_active_parameters():
@@ -333,7 +335,7 @@ def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
                                                                   "num_branches": 1, "tokens_per_s": 1000.0}))  # fmt: skip
     assert main(["study", "--seeds", "1", "--sections", "table-lr,ablations", "--out", str(tmp_path), "--plan"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
-    assert "table-lr 5 runs, 1 finished" in lines and "ablations 9 runs, 0 finished" in lines
+    assert "table-lr 5 runs, 1 finished" in lines and "ablations 10 runs, 0 finished" in lines
 
 
 def _write_variant_results(section: Path, losses: dict[str, list[float]], epochs: float) -> None:
@@ -367,11 +369,12 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     assert f"| {DEFAULT_CLAIM} | not measured yet |" in text
 
 
-def test_ablations_answer_the_placement_claim_one_row_per_layer_moved_to(tmp_path):
-    from engram_lm.experiments.report import PLACED, PLACEMENT_CLAIM
+def test_ablations_answer_the_placement_claims_one_row_per_layer_moved_to_and_two_modules(tmp_path):
+    from engram_lm.experiments.report import PLACED, PLACEMENT_CLAIM, TWO_MODULES_CLAIM
 
     assert PLACED == 1 and "from layer 1 of 4 to layer" in PLACEMENT_CLAIM  # the quickstart's module, early as in the paper
-    losses = {"reference": [3.80, 3.82, 3.81], "layer_0": [3.85, 3.86, 3.87], "layer_3": [3.80, 3.83, 3.80]}
+    losses = {"reference": [3.80, 3.82, 3.81], "layer_0": [3.85, 3.86, 3.87], "layer_3": [3.80, 3.83, 3.80],
+              "two_modules": [3.75, 3.78, 3.76]}
     _write_variant_results(tmp_path / "runs" / "ablations", losses, epochs=0.86)
     text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
     # layer_0 - reference per seed: +0.05, +0.04, +0.06 -> +0.0500 ± 0.0058; layer_3: 0, +0.01, -0.01 -> inconclusive
@@ -379,10 +382,13 @@ def test_ablations_answer_the_placement_claim_one_row_per_layer_moved_to(tmp_pat
            "epochs, 3 seed(s) | layer_0 - reference +0.0500 ± 0.0058 |" in text  # fmt: skip
     assert f"| {PLACEMENT_CLAIM} 3 hurts (the paper: one module is best early, at layer 2) | inconclusive at this " \
            "scale |" in text  # fmt: skip
+    # two modules - one per seed: -0.05, -0.04, -0.05 -> lower, which is what the paper claims
+    assert f"| {TWO_MODULES_CLAIM} | reproduced | bible, 0.86 epochs, 3 seed(s) | two_modules - reference " \
+           "-0.0467 ± 0.0033 |" in text  # fmt: skip
     assert f"{PLACEMENT_CLAIM} 2 hurts" not in text  # not run: no row of its own, and the claim is answered by the others
     assert f"| {PLACEMENT_CLAIM} | not measured yet |" not in text
     # the other ablation claims whose variants have not run are listed as not measured yet
-    assert "| ablation: removing gating hurts | not measured yet |  | section `ablations` has 9 finished run(s)" in text
+    assert "| ablation: removing gating hurts | not measured yet |  | section `ablations` has 12 finished run(s)" in text
 
 
 def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path):

@@ -19,7 +19,7 @@ from engram_lm.experiments.sections import (
 )  # fmt: skip
 from engram_lm.experiments.stats import compare
 from engram_lm.experiments.study import CONTROLLED, REGULARISERS
-from engram_lm.experiments.variants import scaling_rows
+from engram_lm.experiments.variants import TWO_MODULES, scaling_rows
 from engram_lm.recipes import quickstart_engram
 
 SCALING_4X = "memory scaling at 4x the quickstart (no repetition)"
@@ -34,6 +34,8 @@ PLACED = _QUICK.engram.layer_ids[0]  # the quickstart's single module; the ablat
 PLACEMENT_CLAIM = f"ablation: moving the single module from layer {PLACED} of {_QUICK.num_layers} to layer"
 PLACEMENT_CLAIMS = {f"layer_{k}": f"{PLACEMENT_CLAIM} {k} hurts (the paper: one module is best early, at layer 2)"
                     for k in range(_QUICK.num_layers) if k != PLACED}  # fmt: skip
+TWO_MODULES_CLAIM = (f"ablation: two modules (layers {' and '.join(map(str, TWO_MODULES))}, the same slots split) beat one "
+                     f"(at layer {PLACED}), as the paper's layers 2 and 6 beat layer 2 alone")
 CONTROL_CLAIM = (f"ours: with table weight decay {CONTROL_DECAY:g} on repeated data the memory itself still helps: "
                  "Engram beats its capacity-1 control")
 FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc": "duration.png",
@@ -53,6 +55,7 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("ablations", "ablation: removing tokenizer compression hurts"),
           ("ablations", "ablation: removing the short conv hurts"),
           ("ablations", PLACEMENT_CLAIM),
+          ("ablations", TWO_MODULES_CLAIM),
           ("mhc", "Engram beats the iso-parameter MoE (single-epoch, M = 4)"),
           ("duration-repeated", "Engram beats the iso-parameter MoE (repeated data)"),
           ("regularisation", "ours: a regulariser keeps the tables from memorising repeated data"),
@@ -200,7 +203,8 @@ def build_report(root: Path, out: Path) -> str:
             "From the quickstart MoE+Engram, `{data}` ({epochs} epochs), {seeds} seed(s); positive = removing it hurts.",
             {"no_gating": "ablation: removing gating hurts", "no_compression": "ablation: removing tokenizer compression hurts",
              "no_short_conv": "ablation: removing the short conv hurts", "capacity1": "ablation: a capacity-1 table hurts",
-             "with_4grams": "ablation: adding 4-grams at a fixed budget hurts", **PLACEMENT_CLAIMS})),
+             "with_4grams": "ablation: adding 4-grams at a fixed budget hurts", **PLACEMENT_CLAIMS,
+             "two_modules": (TWO_MODULES_CLAIM, "lower")})),
     ]  # fmt: skip
     for name, render in parts:
         v, lines = render(sections.get(name, []))

@@ -352,7 +352,8 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
     """A table of variants against a reference variant (ablations, regularisers, table lr);
     `train_columns` adds each variant's end-of-run training loss and val - train gap, `versus`
     a second reference: each variant minus it, with its call (no verdict rows), and from
-    which epoch on the variant's validation curve stays above it (curves.falls_behind)."""
+    which epoch on the variant's validation curve stays above it (curves.falls_behind). A claim
+    is its text, or (text, expected call) where it differs from `expect`."""
     if not runs:
         return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
     ref = _losses(runs, **{key: reference})
@@ -373,7 +374,8 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
             table[-1] += [fmt_estimate(c2.diff, True) if c2 else "", _verdict_word(c2.verdict) if c2 else "",
                           _behind(g, second_runs) if c2 else ""]  # fmt: skip
         if c is not None and value in claims:
-            verdicts.append([claims[value], claim_verdict(c.verdict, expect), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
+            claim, expected = claims[value] if isinstance(claims[value], tuple) else (claims[value], expect)
+            verdicts.append([claim, claim_verdict(c.verdict, expected), f"{data_name(runs)}, {epochs_range(runs)} epochs, {c.diff.n} seed(s)",
                              f"{value} - {reference} {fmt_estimate(c.diff, True)}"])  # fmt: skip
     header = [key, "val loss", *(["train loss", "val - train"] if train_columns else []), f"minus {reference}", "call",
               *([f"minus {versus}", "call", f"above {versus} from (epochs)"] if versus is not None else [])]  # fmt: skip

@@ -83,10 +83,18 @@ def scaling_specs(*, budgets=SCALING_TABLE_PARAMS, seeds=(0,), steps: int | None
     return specs
 
 
+TWO_MODULES = (1, 2)
+
+
+def slots(engram: EngramConfig) -> int:
+    """Table rows over every layer and hash head (what a fixed memory budget holds fixed)."""
+    return build_layout(engram, 1, 0).total_rows
+
+
 def ablation_configs() -> dict[str, ModelConfig]:
     ref, _ = quickstart_engram()
     e = ref.engram
-    four = _with_slots(e.with_(max_ngram=4, table_sizes=(2, 2, 2)), build_layout(e, 1, 0).total_rows)
+    four = _with_slots(e.with_(max_ngram=4, table_sizes=(2, 2, 2)), slots(e))
     variants = {"reference": ref, "no_gating": ref.with_(engram=e.with_(use_gating=False)),
                 "no_compression": ref.with_(engram=e.with_(compress_tokens=False)),
                 "no_short_conv": ref.with_(engram=e.with_(use_short_conv=False)),
@@ -94,6 +102,9 @@ def ablation_configs() -> dict[str, ModelConfig]:
     for layer in range(ref.num_layers):
         if (layer,) != e.layer_ids:
             variants[f"layer_{layer}"] = ref.with_(engram=e.with_(layer_ids=(layer,)))
+    # the paper: two modules (layers 2 and 6 of its ablation model) beat one. Here the early layer and the middle
+    # one, the same number of slots split between them; each module brings its own projections, gate and conv
+    variants["two_modules"] = ref.with_(engram=_with_slots(e.with_(layer_ids=TWO_MODULES), slots(e)))
     return variants
 
 
