@@ -200,7 +200,10 @@ def build_report(root: Path, out: Path) -> str:
             {m: f"table lr: the paper's 5x beats {m:g}x" for m in (0.5, 1.0, 2.0, 10.0)})),
         ("ablations", lambda r: keyed_section(
             r, "Ablations", "variant", "reference",
-            "From the quickstart MoE+Engram, `{data}` ({epochs} epochs), {seeds} seed(s); positive = removing it hurts.",
+            "From the quickstart MoE+Engram (one module, at layer " + str(PLACED) + "), `{data}` ({epochs} epochs), {seeds} "
+            "seed(s); each variant changes one thing (docs/experiments.md): a piece removed, the module moved to "
+            "`layer_k`, 4-grams or two modules at the same number of slots, or a capacity-1 table; positive = the "
+            "change hurts.",
             {"no_gating": "ablation: removing gating hurts", "no_compression": "ablation: removing tokenizer compression hurts",
              "no_short_conv": "ablation: removing the short conv hurts", "capacity1": "ablation: a capacity-1 table hurts",
              "with_4grams": "ablation: adding 4-grams at a fixed budget hurts", **PLACEMENT_CLAIMS,
