@@ -451,7 +451,9 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     a second row joins the cost where nothing repeats (once the single-epoch runs have it): of
     the regularisers as good as the best on repeated data (not called worse than the lowest
     mean), the first by mean that costs nothing, naming those passed over (costly, or not
-    costed yet); if the gain does not hold out, the second row says the default stays off."""
+    costed yet); if the gain does not hold out, the second row says the default stays off. Only
+    a regulariser run on every seed of none (and, for its cost, of none's single-epoch runs) is
+    ranked or costed: the others are named as pending."""
     points = {v: losses for v, losses in _losses_by_variant(repeated).items() if v != "moe"}
     none = points.get("engram_none", {})
     candidates = [v for v in points if v != "engram_none" and set(points[v]) & set(none)]
@@ -470,13 +472,20 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     claim = DEFAULT_CLAIM
     if held.verdict != "lower":  # no gain survives selection: the default stays off, whatever a regulariser costs
         return rows + [[claim, "not asked: no regulariser's gain holds out, so the default stays off", "", ""]]
-    ranked = sorted(candidates, key=lambda v: estimate(list(points[v].values())).mean)
+    # only a regulariser with every seed none has is ranked: one seed's low mean has no error bar to be tied within
+    complete = [v for v in candidates if set(none) <= set(points[v])]
+    pending = "".join(f"; {v} not ranked until every seed has run ({len(points[v])} of {len(none)} on repeated data)"
+                      for v in candidates if v not in complete)  # fmt: skip
+    if not complete:
+        return rows
+    ranked = sorted(complete, key=lambda v: estimate(list(points[v].values())).mean)
     # as good as the best on repeated data: not called worse than the lowest mean; the first of those (by mean)
     # that costs nothing single-epoch is the default
     tied = [v for v in ranked if v == ranked[0] or compare(points[v], points[ranked[0]]).verdict != "higher"]
     single_points = _losses_by_variant(single)
     cost_none = single_points.get("engram_none", {})
-    costs = {v: compare(single_points[v], cost_none) for v in tied if set(single_points.get(v, {})) & set(cost_none)}
+    costs = {v: compare(single_points[v], cost_none) for v in tied
+             if cost_none and set(cost_none) <= set(single_points.get(v, {}))}  # fmt: skip
     if not costs:
         return rows
     free = [v for v in tied if v in costs and costs[v].verdict != "higher"]
@@ -493,7 +502,7 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
             versus_moe += f"; {best} - moe {where} {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
     others = "".join(f"; {v}, as good on repeated data ({fmt_estimate(compare(points[v], best_losses).diff, True)} minus "
                      f"{best}), " + (f"costs {fmt_estimate(costs[v].diff, True)} single-epoch" if v in costs else
-                                     "single-epoch cost not measured yet") for v in passed)  # fmt: skip
+                                     "single-epoch cost not measured on every seed yet") for v in passed)  # fmt: skip
     return rows + [[claim, verdict, f"{data_name(repeated)}, {epochs_range(repeated)} vs {epochs_range(single)} epochs, "
                     f"{cost.diff.n} seed(s)", f"{best}: {fmt_estimate(gain.diff, True)} on repeated data, "
-                    f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}{others}"]]  # fmt: skip
+                    f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}{others}{pending}"]]  # fmt: skip
