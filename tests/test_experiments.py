@@ -12,8 +12,7 @@ from engram_lm.experiments.sections import DEFAULT_CLAIM, allocation_section, du
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate, optimum
 from engram_lm.experiments.study import SECTIONS, study_plan
-from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs, scaling_specs
-from engram_lm.hashing.layout import build_layout
+from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs, scaling_specs, slots
 from engram_lm.models.accounting import allocate, count_config
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe, tiny
 
@@ -44,7 +43,6 @@ def test_each_ablation_changes_one_thing():
         changed = {k for k, v in cfg.engram.to_dict().items() if v != ref[k]}
         assert changed == expected.get(name, {"layer_ids"} if name != "reference" else set()), name
     four = variants["with_4grams"].engram
-    slots = lambda e: build_layout(e, 1, 0).total_rows  # noqa: E731
     assert abs(slots(four) / slots(variants["reference"].engram) - 1) < 0.02  # same number of slots
     two = variants["two_modules"].engram
     assert two.layer_ids == (1, 2) and abs(slots(two) / slots(variants["reference"].engram) - 1) < 0.02

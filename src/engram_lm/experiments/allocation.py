@@ -80,11 +80,9 @@ def coarse_to_fine(rhos) -> list[float]:
 
 
 def _slots(cfg) -> int:
-    if cfg.engram is None:
-        return 0
-    from engram_lm.hashing.layout import build_layout
+    from engram_lm.experiments.variants import slots
 
-    return build_layout(cfg.engram, 1, 0).total_rows
+    return 0 if cfg.engram is None else slots(cfg.engram)
 
 
 def allocation_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:

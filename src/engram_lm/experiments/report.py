@@ -20,7 +20,7 @@ from engram_lm.experiments.sections import (
 from engram_lm.experiments.stats import compare
 from engram_lm.experiments.study import CONTROLLED, REGULARISERS
 from engram_lm.experiments.variants import TWO_MODULES, scaling_rows
-from engram_lm.recipes import quickstart_engram
+from engram_lm.recipes import quickstart_engram_template, quickstart_moe
 
 SCALING_4X = "memory scaling at 4x the quickstart (no repetition)"
 TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last tenth of the run, with dropout active for "
@@ -29,11 +29,11 @@ TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last te
                    "against the MoE's and against none's: memorising tables widen it.")  # fmt: skip
 REGULARISED = [name for name in REGULARISERS if name != "none"]
 CONTROL_DECAY = REGULARISERS[CONTROLLED]["table_weight_decay"]  # the default's decay, against its capacity-1 control
-_QUICK = quickstart_engram()[0]
-PLACED = _QUICK.engram.layer_ids[0]  # the quickstart's single module; the ablations move it to each other layer
-PLACEMENT_CLAIM = f"ablation: moving the single module from layer {PLACED} of {_QUICK.num_layers} to layer"
+PLACED = quickstart_engram_template().layer_ids[0]  # the quickstart's single module; the ablations move it to each other layer
+_LAYERS = quickstart_moe()[0].num_layers
+PLACEMENT_CLAIM = f"ablation: moving the single module from layer {PLACED} of {_LAYERS} to layer"
 PLACEMENT_CLAIMS = {f"layer_{k}": f"{PLACEMENT_CLAIM} {k} hurts (the paper: one module is best early, at layer 2)"
-                    for k in range(_QUICK.num_layers) if k != PLACED}  # fmt: skip
+                    for k in range(_LAYERS) if k != PLACED}  # fmt: skip
 TWO_MODULES_CLAIM = (f"ablation: two modules (layers {' and '.join(map(str, TWO_MODULES))}, the same slots split) beat one "
                      f"(at layer {PLACED}), as the paper's layers 2 and 6 beat layer 2 alone")
 CONTROL_CLAIM = (f"ours: with table weight decay {CONTROL_DECAY:g} on repeated data the memory itself still helps: "
