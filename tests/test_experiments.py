@@ -551,6 +551,14 @@ def test_the_default_regulariser_row_joins_the_repeated_gain_and_the_single_epoc
         "-0.0867 ± 0.0033 (lower)")
     costly = runs({"engram_none": [3.80, 3.85, 3.82], "engram_table_wd_0.1": [3.86, 3.90, 3.89]}, 0.86)
     assert regulariser_default(repeated, costly)[1][1] == "not reproduced: it costs"
+    # the best costs: the row names the next that costs nothing (dropout: +0.05, +0.04, +0.06 behind wd on repeated
+    # data; single-epoch +0.01, 0, 0), or says that none ranked is costed yet
+    assert regulariser_default(repeated, costly)[1][3].endswith(
+        "; no ranked regulariser costs nothing single-epoch (not costed on every seed yet: engram_dropout_0.3)")
+    cheap_dropout = costly + runs({"engram_dropout_0.3": [3.81, 3.85, 3.82]}, 0.86)
+    assert regulariser_default(repeated, cheap_dropout)[1][3].endswith(
+        "; the best that costs nothing single-epoch: engram_dropout_0.3, +0.0500 ± 0.0058 minus engram_table_wd_0.1 on "
+        "repeated data (higher), +0.0033 ± 0.0033 single-epoch")  # fmt: skip
     # dropout 0.5 has the lowest mean on repeated data but is not called different from wd (-0.01, -0.02, +0.02):
     # as good there; it costs single-epoch (+0.05, +0.04, +0.05), so the default is wd, which does not
     tie = runs({"engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.40, 3.47, 3.41],
@@ -573,7 +581,9 @@ def test_the_default_regulariser_row_joins_the_repeated_gain_and_the_single_epoc
         "; engram_row_dropout_0.5 not ranked until every seed has run (1 of 3 on repeated data)")
     _, row = regulariser_default(tie, both[:3] + both[-3:] + runs({"engram_table_wd_0.1": [3.81, 3.84]}, 0.86))
     assert row[3].startswith("engram_dropout_0.5: ")  # wd's cost on 2 of 3 seeds: not costed, dropout's is
-    assert regulariser_default(tie, both[:3] + both[-3:])[1][1] == "not reproduced: it costs"  # only dropout costed
+    _, row = regulariser_default(tie, both[:3] + both[-3:])
+    assert row[1] == "not reproduced: it costs" and row[3].endswith(  # only dropout costed
+        "; no ranked regulariser costs nothing single-epoch (not costed on every seed yet: engram_table_wd_0.1)")
     assert len(regulariser_default(repeated, [])) == 1  # the single-epoch runs have not finished: no default row yet
     useless = runs({"engram_none": [3.50, 3.56, 3.52], "engram_table_wd_0.1": [3.51, 3.55, 3.53]}, 3.3)
     held, off = regulariser_default(useless, free)  # nothing helps: the default stays off

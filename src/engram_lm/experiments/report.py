@@ -179,8 +179,8 @@ def build_report(root: Path, out: Path) -> str:
             {}, expect="lower", train_columns=True, versus="moe")),
         ("regularisation-control", lambda r: keyed_section(
             r, "Is the decayed memory still a memory? (repeated data)", "variant", f"capacity1_{CONTROLLED}",
-            f"MoE+Engram with table weight decay {CONTROL_DECAY:g} (the default: as good as the best above and free "
-            "where nothing repeats) against its capacity-1 control (the same module and decay, one row per hash head: every "
+            f"MoE+Engram with table weight decay {CONTROL_DECAY:g} (the default: the lowest on repeated data of the "
+            "regularisers that cost nothing where nothing repeats) against its capacity-1 control (the same module and decay, one row per hash head: every "
             "n-gram reads the same vector), `{data}` ({epochs} epochs: the data repeats), {seeds} seed(s). Strong decay "
             "shrinks every row; if Engram is no better than its control, the decay made it level with the MoE by turning "
             "the memory off, not by keeping it from memorising. The Engram and MoE runs are the section above's (reused). "

@@ -500,9 +500,32 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
         if set(moe) & set(losses):
             c = compare(losses, moe)
             versus_moe += f"; {best} - moe {where} {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
+    fallback = _free_fallback(ranked, points, single_points, cost_none, best) if cost.verdict == "higher" else ""
     others = "".join(f"; {v}, as good on repeated data ({fmt_estimate(compare(points[v], best_losses).diff, True)} minus "
                      f"{best}), " + (f"costs {fmt_estimate(costs[v].diff, True)} single-epoch" if v in costs else
                                      "single-epoch cost not measured on every seed yet") for v in passed)  # fmt: skip
     return rows + [[claim, verdict, f"{data_name(repeated)}, {epochs_range(repeated)} vs {epochs_range(single)} epochs, "
                     f"{cost.diff.n} seed(s)", f"{best}: {fmt_estimate(gain.diff, True)} on repeated data, "
-                    f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}{others}{pending}"]]  # fmt: skip
+                    f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}{others}{fallback}{pending}"]]  # fmt: skip
+
+
+def _free_fallback(ranked: list[str], points: dict, single_points: dict, cost_none: dict, best: str) -> str:
+    """When every regulariser as good as the best costs single-epoch: the lowest by mean on repeated data of those
+    that cost nothing (the candidate for a default after all), its distance to the best, and those ranked above it
+    whose cost is not measured on every seed yet."""
+    unmeasured = []
+    for v in ranked:
+        if v == best:
+            continue
+        if not set(cost_none) <= set(single_points.get(v, {})):
+            unmeasured.append(v)
+            continue
+        cost = compare(single_points[v], cost_none)
+        if cost.verdict == "higher":
+            continue
+        behind = compare(points[v], points[best])
+        pending = f"; above it, single-epoch cost not measured on every seed yet: {', '.join(unmeasured)}" if unmeasured else ""
+        return (f"; the best that costs nothing single-epoch: {v}, {fmt_estimate(behind.diff, True)} minus {best} on "
+                f"repeated data ({_verdict_word(behind.verdict)}), {fmt_estimate(cost.diff, True)} single-epoch{pending}")  # fmt: skip
+    return "; no ranked regulariser costs nothing single-epoch" + (
+        f" (not costed on every seed yet: {', '.join(unmeasured)})" if unmeasured else "")
