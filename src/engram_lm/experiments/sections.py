@@ -484,9 +484,9 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
     tied = [v for v in ranked if v == ranked[0] or compare(points[v], points[ranked[0]]).verdict != "higher"]
     single_points = _losses_by_variant(single)
     cost_none = single_points.get("engram_none", {})
-    costs = {v: compare(single_points[v], cost_none) for v in tied
+    costs = {v: compare(single_points[v], cost_none) for v in ranked
              if cost_none and set(cost_none) <= set(single_points.get(v, {}))}  # fmt: skip
-    if not costs:
+    if not any(v in costs for v in tied):
         return rows
     free = [v for v in tied if v in costs and costs[v].verdict != "higher"]
     best = free[0] if free else next(v for v in tied if v in costs)
@@ -500,7 +500,7 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
         if set(moe) & set(losses):
             c = compare(losses, moe)
             versus_moe += f"; {best} - moe {where} {fmt_estimate(c.diff, True)} ({_verdict_word(c.verdict)})"
-    fallback = _free_fallback(ranked, points, single_points, cost_none, best) if cost.verdict == "higher" else ""
+    fallback = _free_fallback(ranked, points, costs, best) if cost.verdict == "higher" else ""
     others = "".join(f"; {v}, as good on repeated data ({fmt_estimate(compare(points[v], best_losses).diff, True)} minus "
                      f"{best}), " + (f"costs {fmt_estimate(costs[v].diff, True)} single-epoch" if v in costs else
                                      "single-epoch cost not measured on every seed yet") for v in passed)  # fmt: skip
@@ -509,18 +509,18 @@ def regulariser_default(repeated: list[dict[str, Any]], single: list[dict[str, A
                     f"{fmt_estimate(cost.diff, True)} single-epoch (each minus engram_none){versus_moe}{others}{fallback}{pending}"]]  # fmt: skip
 
 
-def _free_fallback(ranked: list[str], points: dict, single_points: dict, cost_none: dict, best: str) -> str:
+def _free_fallback(ranked: list[str], points: dict, costs: dict, best: str) -> str:
     """When every regulariser as good as the best costs single-epoch: the lowest by mean on repeated data of those
     that cost nothing (the candidate for a default after all), its distance to the best, and those ranked above it
-    whose cost is not measured on every seed yet."""
+    whose cost is not measured on every seed yet (absent from `costs`)."""
     unmeasured = []
     for v in ranked:
         if v == best:
             continue
-        if not set(cost_none) <= set(single_points.get(v, {})):
+        if v not in costs:
             unmeasured.append(v)
             continue
-        cost = compare(single_points[v], cost_none)
+        cost = costs[v]
         if cost.verdict == "higher":
             continue
         behind = compare(points[v], points[best])
