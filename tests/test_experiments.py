@@ -12,7 +12,9 @@ from engram_lm.experiments.sections import DEFAULT_CLAIM, allocation_section, du
 from engram_lm.experiments.runner import RunSpec, run_specs
 from engram_lm.experiments.stats import compare, estimate, optimum
 from engram_lm.experiments.study import SECTIONS, study_plan
-from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, ablation_configs, scaling_configs, scaling_specs, slots
+from engram_lm.experiments.variants import (
+    SCALING_TABLE_PARAMS, ablation_configs, ablation_specs, scaling_configs, scaling_specs, slots,
+)  # fmt: skip
 from engram_lm.models.accounting import allocate, count_config
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe, tiny
 
@@ -46,6 +48,24 @@ def test_each_ablation_changes_one_thing():
     assert abs(slots(four) / slots(variants["reference"].engram) - 1) < 0.02  # same number of slots
     two = variants["two_modules"].engram
     assert two.layer_ids == (1, 2) and abs(slots(two) / slots(variants["reference"].engram) - 1) < 0.02
+
+
+def test_the_multi_branch_ablation_changes_only_the_fusion_and_drops_three_key_projections():
+    variants = ablation_configs(branches=4)
+    ref, shared = variants["reference"], variants["no_branch_fusion"]
+    assert ref.num_branches == shared.num_branches == ref.engram.num_branches == 4
+    changed = {k for k, v in shared.engram.to_dict().items() if v != ref.engram.to_dict()[k]}
+    assert changed == {"branch_fusion"} and shared.with_(engram=ref.engram) == ref
+    assert "no_branch_fusion" not in ablation_configs()  # nothing to fuse on one branch
+    a, b = count_config(ref), count_config(shared)
+    D, E = ref.dim, ref.engram.memory_dim  # 3 fewer key projections (weight and bias), gate and conv-norm vectors
+    assert a.total - b.total == a.active - b.active == 3 * (D * E + D) + 3 * 2 * D + 3 * D + 3 * D * ref.engram.kernel_size
+    assert a.engram == b.engram  # the same table
+    plan = study_plan(seeds=2, sections=("branch-fusion",))["branch-fusion"]
+    assert [s.key for s in plan] == [f"branch-fusion/{v}/seed-{k}" for k in (0, 1) for v in ("reference", "no_branch_fusion")]
+    assert all(s.train.data == "bible" and s.train.steps == 400 for s in plan)
+    with pytest.raises(ValueError, match="unknown ablation variant"):
+        ablation_specs(variants=("no_branch_fusion",))  # one branch
 
 
 def test_capacity_one_control_keeps_the_active_parameters():
@@ -387,6 +407,20 @@ def test_ablations_answer_the_placement_claims_one_row_per_layer_moved_to_and_tw
     assert f"| {PLACEMENT_CLAIM} | not measured yet |" not in text
     # the other ablation claims whose variants have not run are listed as not measured yet
     assert "| ablation: removing gating hurts | not measured yet |  | section `ablations` has 12 finished run(s)" in text
+
+
+def test_the_branch_fusion_section_answers_the_multi_branch_claim(tmp_path):
+    from engram_lm.experiments.report import BRANCH_FUSION_CLAIM
+
+    claim_row = f"| {BRANCH_FUSION_CLAIM} | not measured yet |"
+    assert claim_row in build_report(tmp_path / "runs", tmp_path / "docs" / "empty.md")
+    _write_variant_results(tmp_path / "runs" / "branch-fusion", {"reference": [3.80, 3.82, 3.81],
+                                                                 "no_branch_fusion": [3.83, 3.84, 3.85]}, epochs=0.86)
+    text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
+    # no_branch_fusion - reference per seed: +0.03, +0.02, +0.04 -> +0.0300 ± 0.0058: removing it hurts
+    assert f"| {BRANCH_FUSION_CLAIM} | reproduced | bible, 0.86 epochs, 3 seed(s) | no_branch_fusion - reference " \
+           "+0.0300 ± 0.0058 |" in text  # fmt: skip
+    assert "## Multi-branch fusion (M = 4)" in text and claim_row not in text
 
 
 def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path):

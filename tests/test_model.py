@@ -67,8 +67,9 @@ def test_single_branch_model_equals_plain_residual_computation():
     assert torch.allclose(model(ids)[0], want, atol=1e-6)
 
 
-def test_incremental_decoding_equals_full_forward():
-    model = build(num_branches=2, engram=engram_cfg(zero_init_conv=False), eod_id=3).eval()
+@pytest.mark.parametrize("fusion", [True, False])
+def test_incremental_decoding_equals_full_forward(fusion):
+    model = build(num_branches=2, engram=engram_cfg(zero_init_conv=False, branch_fusion=fusion), eod_id=3).eval()
     ids = torch.randint(0, V, (2, 15))
     ids[0, 5] = 3  # a document boundary inside the row
     with torch.no_grad():

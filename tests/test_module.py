@@ -50,9 +50,9 @@ def test_zero_init_conv_is_identity_on_u():
     assert torch.equal(engram(h, rows_for(hasher, ids)), no_conv(h, rows_for(hasher, ids)))
 
 
-@pytest.mark.parametrize("num_branches", [1, 4])
-def test_module_is_causal(num_branches):
-    engram, hasher = make(num_branches=num_branches, zero_init_conv=False)
+@pytest.mark.parametrize("num_branches, fusion", [(1, True), (4, True), (4, False)])
+def test_module_is_causal(num_branches, fusion):
+    engram, hasher = make(num_branches=num_branches, branch_fusion=fusion, zero_init_conv=False)
     ids, h = torch.randint(0, 64, (2, 12)), torch.randn(2, 12, num_branches, 16)
     y = engram(h, rows_for(hasher, ids))
     ids2, h2 = ids.clone(), h.clone()
@@ -182,3 +182,35 @@ def test_output_dropout_is_off_at_inference_and_zeroes_output_coordinates_in_tra
     out = dropped(h, rows)
     zeroed = out == 0
     assert zeroed.any() and torch.allclose(out[~zeroed], 2 * y[~zeroed], atol=1e-6)  # the rest scaled by 1 / (1 - p)
+
+
+def test_without_branch_fusion_one_module_reads_the_branch_mean_and_feeds_every_branch():
+    # the ablation of multi-branch fusion: one key projection, gate and conv norm on the mean of
+    # the M branches, the same Y added to every branch; i.e. an M = 1 module applied to mean(h)
+    shared, hasher = make(num_branches=4, branch_fusion=False, zero_init_conv=False)
+    single, _ = make(num_branches=1, zero_init_conv=False)
+    assert shared.key_value.weight.shape == single.key_value.weight.shape == (2 * 16, 16)
+    assert shared.gate.query_weight.shape == (1, 16) and shared.short_conv.weight.shape == (16, 1, 4)
+    single.load_state_dict(shared.state_dict())
+    torch.nn.init.normal_(single.gate.query_weight)  # not the ones of a fresh module
+    shared.gate.query_weight.data.copy_(single.gate.query_weight)
+    ids, h = torch.randint(0, 64, (2, 9)), torch.randn(2, 9, 4, 16)
+    rows = rows_for(hasher, ids)
+    y = shared(h, rows)
+    want = single(h.mean(dim=2), rows)
+    assert y.shape == h.shape
+    for m in range(4):
+        assert torch.allclose(y[:, :, m], want, atol=1e-6)
+    fused, _ = make(num_branches=4, zero_init_conv=False)  # with fusion the branches differ
+    assert fused.key_value.weight.shape == (5 * 16, 16)
+    y_fused = fused(h, rows)
+    assert not torch.allclose(y_fused[:, :, 0], y_fused[:, :, 1])
+
+
+def test_zero_init_output_zeroes_the_value_rows_with_and_without_branch_fusion():
+    for fusion in (True, False):
+        engram, hasher = make(num_branches=4, branch_fusion=fusion, zero_init_output=True, zero_init_conv=False)
+        G = 4 if fusion else 1
+        assert engram.key_value.weight[: G * 16].abs().sum() > 0  # the keys are left as initialised
+        ids, h = torch.randint(0, 64, (2, 5)), torch.randn(2, 5, 4, 16)
+        assert torch.equal(engram(h, rows_for(hasher, ids)), torch.zeros_like(h))

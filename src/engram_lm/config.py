@@ -30,6 +30,9 @@ class EngramConfig:
     embed_per_ngram: int = 512  # n_embed_per_ngram; head dim = embed_per_ngram / num_heads
     hidden_size: int = 1024
     num_branches: int = 1  # hc_mult (M); 1 = plain residual stream
+    # multi-branch fusion (paper): M key projections, gates and conv norms, one per branch. False
+    # (ablation): one of each, reading the mean of the branches, the same output added to every branch
+    branch_fusion: bool = True
     kernel_size: int = 4
     use_short_conv: bool = True  # the V4.1 layout has no conv
     use_gating: bool = True  # ablation switch: alpha = 1 when False

@@ -67,7 +67,7 @@ def _print_scaling(r: dict[str, Any]) -> None:
 def cmd_ablations(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.variants import ablation_sweep
 
-    runs = ablation_sweep(Path(args.out), seeds=_seeds(args), steps=args.steps, data=args.data,
+    runs = ablation_sweep(Path(args.out), seeds=_seeds(args), steps=args.steps, data=args.data, branches=args.branches,
                           progress=not args.quiet, device=args.device)  # fmt: skip
     return {"rows": _summary(runs, "variant"), "csv": str(Path(args.out) / "ablations.csv")}
 
@@ -236,6 +236,8 @@ def add_analysis_commands(sub) -> None:
     common(e, "scaling")
     e.set_defaults(run=cmd_scaling, show=_print_scaling)
     e = exp.add_parser("ablations", help="remove one Engram piece at a time")
+    e.add_argument("--branches", type=int, default=1,
+                   help="residual branches (mHC; the paper uses 4); above 1 adds the variant no_branch_fusion")
     common(e, "ablations")
     e.set_defaults(run=cmd_ablations, show=_print_ablations)
     e = exp.add_parser("duration", help="MoE vs MoE+Engram vs capacity-1 trained to 1x..8x the quickstart's tokens")

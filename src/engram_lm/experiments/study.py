@@ -24,6 +24,9 @@ long runs):
                 each costs where nothing repeats, the test for making one the default, and
                 whether Engram with it still beats the MoE there (the MoE runs are reused)
   ablations     one piece removed at a time, at the quickstart budget
+  branch-fusion the quickstart MoE+Engram on an M = 4 backbone (the paper's mHC expansion), with
+                multi-branch fusion (a key, gate and conv norm per branch) and without (one of
+                each on the mean of the branches): the paper's multi-branch ablation
   table-lr      Engram table learning-rate multiplier 0.5x .. 10x at the quickstart budget
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
                 tokens on --long-data: does the shape seen at 0.86 epochs of the built-in corpus
@@ -53,7 +56,7 @@ from engram_lm.experiments.variants import (
 from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-control", "regularisation-cost", "ablations", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
+            "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
 # table weight decay: 0.1 and 1.0 first; 1.0, the top of that range, was best by far (-0.145 vs none, 3 seeds),
@@ -176,6 +179,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
         "table-lr": lambda: table_lr_specs(seeds=seed_list, prefix="table-lr/"),
         "ablations": lambda: ablation_specs(seeds=seed_list, prefix="ablations/"),
+        "branch-fusion": lambda: ablation_specs(seeds=seed_list, branches=4, variants=("reference", "no_branch_fusion"),
+                                                experiment="branch-fusion", prefix="branch-fusion/"),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
     }
@@ -258,6 +263,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     write_allocation(section("allocation"), out / "allocation")
     write_allocation(section("allocation-4x"), out / "allocation-4x")
     write_ablations(section("ablations"), out / "ablations")
+    write_ablations(section("branch-fusion"), out / "branch-fusion")
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")

@@ -12,8 +12,10 @@ embedding kept at full scale plus the mean of the n-gram vectors (`overencoding_
 so the slope comparison is made against a baseline that helps as well.
 ablations (paper Figure 5): from the quickstart MoE+Engram reference, remove one piece at a
 time (gating, tokenizer compression, short conv), add 4-grams at the same number of slots,
-move the single module to each layer, and the capacity-1 control. Multi-branch fusion is
-measured in the duration study (M = 4 against M = 1).
+move the single module to each layer, and the capacity-1 control. On an M-branch backbone
+(`branches`, the paper's mHC uses 4) one more: `no_branch_fusion`, one key projection, gate and
+conv norm on the mean of the branches instead of one per branch, the same output added to
+every branch (our reading of the paper's "multi-branch fusion" ablation; the paper gives no formula).
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def slots(engram: EngramConfig) -> int:
     return build_layout(engram, 1, 0).total_rows
 
 
-def ablation_configs() -> dict[str, ModelConfig]:
-    ref, _ = quickstart_engram()
+def ablation_configs(branches: int = 1) -> dict[str, ModelConfig]:
+    ref = quickstart_engram()[0].with_(num_branches=branches)
     e = ref.engram
     four = _with_slots(e.with_(max_ngram=4, table_sizes=(2, 2, 2)), slots(e))
     variants = {"reference": ref, "no_gating": ref.with_(engram=e.with_(use_gating=False)),
@@ -105,14 +107,24 @@ def ablation_configs() -> dict[str, ModelConfig]:
     # the paper: two modules (layers 2 and 6 of its ablation model) beat one. Here the early layer and the middle
     # one, the same number of slots split between them; each module brings its own projections, gate and conv
     variants["two_modules"] = ref.with_(engram=_with_slots(e.with_(layer_ids=TWO_MODULES), slots(e)))
+    if branches > 1:
+        variants["no_branch_fusion"] = ref.with_(engram=e.with_(branch_fusion=False))
     return variants
 
 
-def ablation_specs(*, seeds=(0,), steps: int | None = None, data: str | None = None, prefix: str = "") -> list[RunSpec]:
-    specs, variants = [], ablation_configs()
+def ablation_specs(*, seeds=(0,), steps: int | None = None, data: str | None = None, prefix: str = "", branches: int = 1,
+                   variants: tuple[str, ...] | None = None, experiment: str = "ablations") -> list[RunSpec]:  # fmt: skip
+    """Every variant of ablation_configs(branches) per seed, or only the named `variants`."""
+    configs = ablation_configs(branches)
+    unknown = sorted(set(variants or ()) - set(configs))
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown} at {branches} branch(es); choose from {sorted(configs)}")
+    specs = []
     for seed in seeds:
-        for name, cfg in variants.items():
-            tags = {"experiment": "ablations", "variant": name, "seed": seed}
+        for name, cfg in configs.items():
+            if variants is not None and name not in variants:
+                continue
+            tags = {"experiment": experiment, "variant": name, "seed": seed}
             specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", cfg, _quickstart_train(steps, data, seed), tags))
     return specs
 

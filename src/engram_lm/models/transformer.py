@@ -126,10 +126,9 @@ class EngramLM(nn.Module):
                 nn.init.normal_(module.weight, std=self.config.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        M, D = self.config.num_branches, self.config.dim
         for block in self.blocks:
             if block.engram is not None and block.engram.config.zero_init_output:
-                nn.init.zeros_(block.engram.key_value.weight[M * D :])  # Engram adds 0 at init
+                block.engram.zero_output_()  # Engram adds 0 at init
 
     # ---- hashing: known before the forward pass -------------------------------------------
     def hash_rows(
