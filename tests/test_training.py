@@ -37,6 +37,11 @@ def test_every_parameter_gets_exactly_one_optimizer():
     assert roles["blocks.0.attn.wqkv.weight"] == "matrix"
     assert roles["embed.weight"] == "decay" and roles["blocks.1.ffn.router.weight"] == "decay"
     assert roles["blocks.1.attn_hc.phi.weight"] == "no_decay"
+    # the gate's and the conv's RMSNorm weights are per-branch vectors stacked (M, D), not matrices: no Muon
+    engram = {n.split("engram.")[1]: r for n, r in roles.items() if ".engram." in n}
+    assert engram == {"memory.weight": "table", "key_value.weight": "matrix", "key_value.bias": "no_decay",
+                      "gate.query_weight": "no_decay", "gate.key_weight": "no_decay",
+                      "short_conv.norm_weight": "no_decay", "short_conv.weight": "no_decay"}  # fmt: skip
     optimizers = build_optimizers(model, OptimConfig(lr=1e-3))
     seen = [id(p) for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())

@@ -23,6 +23,17 @@ from engram_lm.experiments.variants import TWO_MODULES, scaling_rows
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe
 
 SCALING_4X = "memory scaling at 4x the quickstart (no repetition)"
+# The study's runs predate the fix of training/optim.py's param_roles that took the Engram gate's and short
+# conv's per-branch RMSNorm weights (stored (M, D)) out of Muon; it continues on that code so that its
+# comparisons stay like for like, and the page says so with the fix's measured effect.
+OPTIMISER_NOTE = ("**Optimiser note.** Every run on this page was trained with the Engram gate's and short conv's per-branch "
+                  "RMSNorm weights (stored as (M, D) arrays) in the Muon group with weight decay 0.1, where the design puts "
+                  "norms: AdamW without decay. The code now does the latter; the study's remaining runs train on code "
+                  "without the fix (revision c1e1c81) so that its comparisons stay like for like (a study resumed from "
+                  "the current code trains them with the fix). Retrained with the fix, the "
+                  "quickstart MoE+Engram (the ablations' reference, 3 seeds, `results/norm-fix-check`) moved by "
+                  "+0.0039 ± 0.0020 (inconclusive; +0.0023, +0.0017, +0.0079 per seed); runs without Engram have no such "
+                  "weights and are unchanged.")
 TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last tenth of the run, with dropout active for "
                    "the dropout variants (which raises it); *val - train* is how much of the fit does not carry over to "
                    "held-out text. Held-out documents differ from the training ones even without repetition, so read the gap "
@@ -269,7 +280,7 @@ def build_report(root: Path, out: Path) -> str:
             "budgets carry more weight. No seed selection and "
             "no tuning on the evaluation windows. Every table gives the epochs of its data: the built-in Bible (~1M tokens) "
             "repeats after ~1.2x the quickstart's tokens, the Gutenberg folder (~15M) does not repeat within 8x.", "",
-            "## Verdicts", ""]  # fmt: skip
+            OPTIMISER_NOTE, "", "## Verdicts", ""]  # fmt: skip
     head += [tally(verdicts), ""] + md_table(["claim", "verdict", "regime", "numbers"], verdicts) if verdicts else ["No study run has finished yet."]
     text = "\n".join(head + [""] + body + ["Single-seed analysis pictures of the previous round: docs/analysis-single-seed.md.", ""])
     out.write_text(text)

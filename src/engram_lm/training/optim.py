@@ -9,8 +9,9 @@ Roles (every parameter gets exactly one, by `param_roles`):
                 -> Muon (torch's update, batched fp32 Newton-Schulz on CPU: training/muon.py)
                 with Moonshot's RMS matching, so one lr serves all;
 - "decay":      embedding, output head, MoE routers -> AdamW with weight decay;
-- "no_decay":   norms, biases, gate weights, conv kernels, hyper-connection parameters
-                -> AdamW without weight decay.
+- "no_decay":   norms (also the Engram gate's and conv's per-branch RMSNorm weights, stored
+                (M, D) but vectors, not matrices), biases, conv kernels, hyper-connection
+                parameters -> AdamW without weight decay.
 Schedule: linear warmup, then constant, then step decay by `decay_factor` at each
 fraction in `decay_at` of the run (the paper's step decay).
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engram_lm.engram.conv import ShortConv
+from engram_lm.engram.gate import ContextGate
 from engram_lm.layers.hyper import HyperConnection
 from engram_lm.layers.moe import MoE
 from engram_lm.memory.table import MemoryTable
@@ -84,7 +87,9 @@ def param_roles(model: nn.Module) -> dict[str, str]:
                 special[id(p)] = "table"
         elif isinstance(module, MoE):
             special[id(module.router.weight)] = "decay"
-        elif isinstance(module, HyperConnection):
+        elif isinstance(module, (HyperConnection, ContextGate, ShortConv)):
+            # the gate's and the conv's RMSNorm weights are (M, D): one norm vector per branch,
+            # stacked, not a matrix, so the 2-D rule below must not send them to Muon
             for p in module.parameters():
                 special[id(p)] = "no_decay"
     for name, p in model.named_parameters():
