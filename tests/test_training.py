@@ -237,6 +237,21 @@ def test_changed_config_in_same_run_folder_is_refused(tmp_path):
     train(model_cfg, train_cfg.with_(steps=4, table_weight_decay=0.0), tmp_path / "old", progress=False)  # resumes
 
 
+def test_a_run_saved_before_a_config_field_was_added_resumes(tmp_path):
+    # found in the study: a run checkpointed before EngramConfig.branch_fusion existed was refused
+    # on resume ("branch_fusion: None -> True") although the field's default is what it trained with
+    model_cfg, train_cfg = get_recipe("tiny")
+    train(model_cfg, train_cfg.with_(steps=2), tmp_path, progress=False)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["requested"]["model"]["engram"]["branch_fusion"]  # as written by the older code
+    path.write_text(json.dumps(saved))
+    assert train(model_cfg, train_cfg.with_(steps=4), tmp_path, progress=False).tokens_seen == 4 * train_cfg.batch_size * train_cfg.seq_len
+    with pytest.raises(ValueError, match=r"model.engram.branch_fusion: True -> False"):  # a real change still refused
+        train(model_cfg.with_(engram=model_cfg.engram.with_(branch_fusion=False)), train_cfg.with_(steps=6), tmp_path,
+              progress=False)  # fmt: skip
+
+
 def test_training_with_tables_in_host_ram_gives_the_device_losses(tmp_path):
     model_cfg, train_cfg = get_recipe("tiny")
     train_cfg = train_cfg.with_(steps=6, eval_every=6)
