@@ -32,8 +32,9 @@ OPTIMISER_NOTE = ("**Optimiser note.** Every run on this page was trained with t
                   "without the fix (revision c1e1c81) so that its comparisons stay like for like (a study resumed from "
                   "the current code trains them with the fix). Retrained with the fix, the "
                   "quickstart MoE+Engram (the ablations' reference, 3 seeds, `results/norm-fix-check`) moved by "
-                  "+0.0039 ± 0.0020 (inconclusive; +0.0023, +0.0017, +0.0079 per seed); runs without Engram have no such "
-                  "weights and are unchanged.")
+                  "+0.0039 ± 0.0020 (inconclusive; +0.0023, +0.0017, +0.0079 per seed), and its M = 4 form (branch-fusion's "
+                  "reference, where the weights are (4, D)) by -0.0010 ± 0.0041 (inconclusive); runs without Engram have "
+                  "no such weights and are unchanged.")
 TRAIN_LOSS_NOTE = ("*Train loss*: the mean logged training loss over the last tenth of the run, with dropout active for "
                    "the dropout variants (which raises it); *val - train* is how much of the fit does not carry over to "
                    "held-out text. Held-out documents differ from the training ones even without repetition, so read the gap "
