@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from engram_lm.models.config import ModelConfig
 from engram_lm.training.config import TrainConfig
-from engram_lm.training.run import RunFolderBusy, write_json
+from engram_lm.training.run import RunFolderBusy, read_request, write_json
 
 CADENCE_KEYS = ("save_every", "save_minutes")  # when checkpoints are written; results do not depend on it
 DEFAULT_TOKENS_PER_S = 6000.0  # quickstart-size model, 2 CPU cores, one residual branch
@@ -74,10 +74,9 @@ def _same_request(saved: dict[str, Any] | None, planned: dict[str, Any]) -> bool
 def _request_key(requested: dict[str, Any]) -> str:
     """What decides a run's result: the configs (fields added later take their defaults),
     less checkpoint cadence; data by folder name."""
-    model = ModelConfig.from_dict(requested["model"]).to_dict()
-    train_cfg = TrainConfig.from_dict({k: v for k, v in requested["train"].items() if k in TrainConfig.__dataclass_fields__})
-    train = {k: v for k, v in train_cfg.to_dict().items() if k not in CADENCE_KEYS}
-    return json.dumps({"model": model, "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
+    read = read_request(requested)
+    train = {k: v for k, v in read["train"].items() if k not in CADENCE_KEYS}
+    return json.dumps({"model": read["model"], "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
 
 
 def estimate_seconds(specs: list[RunSpec], finished: list[dict[str, Any]]) -> tuple[float, str]:

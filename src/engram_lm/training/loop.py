@@ -34,7 +34,7 @@ from engram_lm.training.allocator import keep_large_buffers_on_heap
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
-from engram_lm.training.run import MetricsLog, Progress, RunLock, run_metadata, write_json
+from engram_lm.training.run import MetricsLog, Progress, RunLock, read_request, run_metadata, write_json
 
 
 def resolve_model_config(model_cfg: ModelConfig, data: TokenData) -> ModelConfig:
@@ -350,7 +350,7 @@ def _prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
                                  **run_metadata()})  # fmt: skip
         return latest
     saved = _read_config(config_path)
-    old = _with_added_defaults(saved.get("requested") or {})
+    old = read_request(saved.get("requested") or {})
     diff = _differences(old, requested) - FREE_ON_RESUME
     steps_key = "train.steps"
     if diff - {steps_key}:
@@ -395,19 +395,6 @@ def _read_config(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); restore it or pass a new --out") from None
-
-
-def _with_added_defaults(requested: dict[str, Any]) -> dict[str, Any]:
-    """A saved request read through today's configs: a field added since the run was saved
-    takes its default (an added field's default keeps the behaviour the run had; a field
-    that existed was saved with its value, so a changed default still shows as a change).
-    A request the configs cannot read is returned as it is, for the diff to name."""
-    try:
-        model = ModelConfig.from_dict(requested["model"]).to_dict()
-        train = TrainConfig.from_dict(requested["train"]).to_dict()
-    except (KeyError, TypeError, ValueError):
-        return requested
-    return json.loads(json.dumps({"model": model, "train": train}))
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from engram_lm.models.config import ModelConfig
+from engram_lm.training.config import TrainConfig
+
 
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
@@ -25,6 +28,21 @@ def git_revision() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def read_request(requested: dict[str, Any]) -> dict[str, Any]:
+    """A saved {"model", "train"} request read through today's configs: a field added since it
+    was saved takes its default (an added field's default keeps the behaviour the run had; a
+    field that existed was saved with its value, so a changed default still shows as a change),
+    and a train field removed since is dropped. A request the configs cannot read is returned
+    as it is, for the caller's comparison to name."""
+    try:
+        model = ModelConfig.from_dict(requested["model"]).to_dict()
+        fields = TrainConfig.__dataclass_fields__
+        train = TrainConfig.from_dict({k: v for k, v in requested["train"].items() if k in fields}).to_dict()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return requested
+    return json.loads(json.dumps({"model": model, "train": train}))
 
 
 def run_metadata() -> dict[str, Any]:
