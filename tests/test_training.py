@@ -173,8 +173,10 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_kill_and_resume_gives_identical_losses(tmp_path):
+@pytest.mark.parametrize("dropout", [{}, {"row_dropout": 0.3, "output_dropout": 0.3}], ids=["plain", "dropout"])
+def test_kill_and_resume_gives_identical_losses(tmp_path, dropout):
     model_cfg, train_cfg = get_recipe("tiny")
+    model_cfg = model_cfg.with_(engram=model_cfg.engram.with_(**dropout))  # dropout: the masks are drawn again alike
     train_cfg = train_cfg.with_(steps=12, save_every=4, eval_every=6)
     full = train(model_cfg, train_cfg, tmp_path / "full", progress=False)
     train(model_cfg, train_cfg, tmp_path / "cut", progress=False, stop_after=6)  # "dies" after step 6

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from engram_lm.hf.adapter import load_engram, save_engram
 from engram_lm.hf.retrofit import add_engram
-from engram_lm.training.data import eval_windows, prepare_data, sample_batch
+from engram_lm.training.data import eval_windows, prepare_data, sample_batch, seed_step
 from engram_lm.training.optim import SparseRowAdam
 from engram_lm.training.run import MetricsLog, Progress, RunLock, run_metadata, write_json
 
@@ -119,6 +119,7 @@ def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *
         val, t0 = float("nan"), time.time()
         for step in range(start, cfg.steps):
             x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step)
+            seed_step(cfg.seed, step)  # the base model's own dropout, if it has any
             logits = model(input_ids=x.to(device), use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
             loss.backward()

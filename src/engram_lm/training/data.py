@@ -135,6 +135,13 @@ def sample_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
+def seed_step(seed: int, step: int, rank: int = 0) -> None:
+    """Seed torch's global generator for one training step (dropout masks), from the run's seed,
+    the step and the rank alone, as sample_batch draws its windows: a run killed and resumed draws
+    the masks an unbroken run draws, and no step's masks depend on what ran before it."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1)[0]))
+
+
 def eval_windows(tokens: np.ndarray, batch: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, non-overlapping windows from the start of the split (the same every call)."""
     count = min(max_batches * batch, (len(tokens) - 1) // seq_len)

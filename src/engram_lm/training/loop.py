@@ -32,7 +32,7 @@ from engram_lm.models.transformer import EngramLM
 from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.training.allocator import keep_large_buffers_on_heap
 from engram_lm.training.config import TrainConfig
-from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch
+from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch, seed_step
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
 from engram_lm.training.run import MetricsLog, Progress, RunLock, read_request, run_metadata, write_json
 
@@ -238,6 +238,7 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
         multiplier = lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
                                    train_cfg.decay_factor)  # fmt: skip
         set_lr(stepped_here, multiplier)
+        seed_step(train_cfg.seed, step, ctx.rank)
         loss_value = _train_step(model, stepped_here, dense, replicated, data, train_cfg, step, device, ctx,
                                  stepper=stepper, lr_multiplier=multiplier)  # fmt: skip
         train_time += time.perf_counter() - t0
