@@ -354,6 +354,8 @@ def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
     assert main(["study", "--seeds", "1", "--sections", "table-lr,ablations", "--out", str(tmp_path), "--plan"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert "table-lr 5 runs, 1 finished" in lines and "ablations 10 runs, 0 finished" in lines
+    assert main(["study", "--seeds", "0", "--out", str(tmp_path), "--plan"]) == 2  # no seeds: an error, not 0 runs
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _write_variant_results(section: Path, losses: dict[str, list[float]], epochs: float) -> None:

@@ -163,6 +163,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown study section(s) {unknown}; choose from {list(SECTIONS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds} (every run is trained with seeds 0..K-1; 3 for error bars)")
     seed_list = tuple(range(seeds))
     quick = 4 * quickstart_moe()[1].steps  # "4x": steps where the experts are trained
     plan: dict[str, list[RunSpec]] = {}
