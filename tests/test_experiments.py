@@ -389,6 +389,15 @@ def test_regularisation_rows_call_a_regulariser_that_lowers_the_loss(tmp_path):
     assert f"| {DEFAULT_CLAIM} | not measured yet |" in text
 
 
+def test_a_variant_with_fewer_seeds_than_its_section_says_so_in_its_row(tmp_path):
+    losses = {"moe": [3.30, 3.35, 3.32], "engram_none": [3.50, 3.56, 3.52], "engram_dropout_0.1": [3.49, 3.58]}
+    _write_variant_results(tmp_path / "runs" / "regularisation", losses, epochs=3.3)
+    text = build_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
+    # 3.49 and 3.58: mean 3.5350, SE 0.09 / 2 = 0.0450; minus none on the shared seeds: -0.01, +0.02
+    assert "| engram_dropout_0.1 | 3.5350 ± 0.0450 (2 of 3 seeds) |  |  | +0.0050 ± 0.0150 | inconclusive |" in text
+    assert "| engram_none | 3.5267 ± 0.0176 |  |  |" in text  # every seed: no note
+
+
 def test_ablations_answer_the_placement_claims_one_row_per_layer_moved_to_and_two_modules(tmp_path):
     from engram_lm.experiments.report import PLACED, PLACEMENT_CLAIM, TWO_MODULES_CLAIM
 

@@ -360,11 +360,13 @@ def keyed_section(runs: list[dict[str, Any]], title: str, key: str, reference: A
     second_runs = _by_seed(runs, **{key: versus}) if versus is not None else {}
     second = {seed: r["val_loss"] for seed, r in second_runs.items()}
     lines = [f"## {title}", "", intro.format(data=data_name(runs), epochs=epochs_range(runs), seeds=_seeds(runs)), ""]
-    table, verdicts = [], []
+    table, verdicts, seeds = [], [], _seeds(runs)
     for (value,), g in sorted(group_by(runs, key).items(), key=lambda kv: natural_key(kv[0][0])):
         losses = {r["seed"]: r["val_loss"] for r in g}
         c = compare(losses, ref) if ref and value != reference else None
-        table.append([value, fmt_estimate(estimate(list(losses.values()))), fmt_estimate(c.diff, True) if c else "", _verdict_word(c.verdict) if c else ""])
+        partial = f" ({len(losses)} of {seeds} seeds)" if len(losses) < seeds else ""  # the intro gives the section's count
+        table.append([value, fmt_estimate(estimate(list(losses.values()))) + partial, fmt_estimate(c.diff, True) if c else "",
+                      _verdict_word(c.verdict) if c else ""])  # fmt: skip
         if train_columns:
             trained = [r for r in g if r.get("train_loss_end") is not None]
             table[-1][2:2] = [fmt_estimate(estimate([r["train_loss_end"] for r in trained])) if trained else "",
