@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
-from engram_lm.experiments.duration import duration_specs, gaps
+from engram_lm.experiments.duration import DECAYED, duration_specs, gaps
 from engram_lm.experiments.report import CLAIMS, build_report, missing_claims
 from engram_lm.experiments.sections import DEFAULT_CLAIM, allocation_section, duration_section
 from engram_lm.experiments.runner import RunSpec, run_specs
@@ -282,6 +282,14 @@ def test_duration_milestones_and_gaps():
     g = gaps(fake)
     assert [x["multiple"] for x in g] == [1, 2, 4, 8]
     assert all(x["gap"].mean == pytest.approx(-0.05) for x in g) and g[-1]["epochs"] == pytest.approx(80 * 2048 / 100_000)
+
+
+def test_duration_decayed_variant_is_the_same_engram_with_the_default_table_decay():
+    specs = duration_specs(data="bible", seeds=(0,), base_steps=10, variants=("moe", "engram", DECAYED))
+    moe, engram, decayed = specs
+    assert DECAYED == "engram_table_wd_10.0" and decayed.key == f"{DECAYED}/seed-0"
+    assert decayed.model == engram.model and decayed.train == engram.train.with_(table_weight_decay=10.0)
+    assert engram.train.table_weight_decay == 0.0 and moe.train.table_weight_decay == 0.0  # the paper's optimiser
 
 
 def test_duration_verdict_says_whether_the_gain_shrank():
@@ -724,7 +732,7 @@ def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
     plan = study_plan(seeds=1, long_data="novels")
     for section, specs in plan.items():
         for s in specs:
-            varied = section.startswith("regularisation") and "_table_wd_" in s.tags["variant"]
+            varied = section.startswith(("regularisation", "duration-repeated")) and "_table_wd_" in s.tags["variant"]
             assert (s.train.table_weight_decay != 0.0) == varied, s.key  # OverEncoding's tables included
 
 

@@ -7,7 +7,10 @@ not repeat within 8x (a corpus of >= ~7M training tokens, e.g. a folder of novel
 the built-in corpus, which repeats (~1M tokens: 8x is ~7 epochs); every milestone reports
 its epochs. One learning-rate schedule spans the whole run (warmup, then the step decay at
 80% and 90% of 8x), so the 1x milestone is not a finished quickstart run.
-`branches` = 4 gives the same pair on the paper's multi-branch (mHC) backbone.
+`branches` = 4 gives the same pair on the paper's multi-branch (mHC) backbone. Every run
+trains with the paper's optimiser (table rows not decayed), except `DECAYED`: the same
+Engram with the default table weight decay (TrainConfig.table_weight_decay), which asks
+whether the default keeps the gain where the data repeats.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import regime_caption, saved_figure
 from engram_lm.recipes import QUICKSTART_RHO, paper_optimiser, quickstart_engram_template, quickstart_moe
+from engram_lm.training.config import TrainConfig
 from engram_lm.training.run import run_metadata, write_json
 
 MILESTONES = (1, 2, 4, 8)  # multiples of the quickstart's tokens
 CSV_FIELDS = ("variant", "seed", "step", "tokens", "epochs", "val_loss")
+DEFAULT_DECAY = TrainConfig().table_weight_decay
+DECAYED = f"engram_table_wd_{DEFAULT_DECAY}"  # the regularisation section's name for the same Engram and decay
 
 
 def duration_specs(*, data: str = "bible", seeds=(0,), base_steps: int | None = None, branches: int = 1,
@@ -32,14 +38,17 @@ def duration_specs(*, data: str = "bible", seeds=(0,), base_steps: int | None = 
     base, train_cfg = base.with_(num_branches=branches), paper_optimiser(train_cfg)
     base_steps = base_steps or train_cfg.steps
     engram = allocate(base, QUICKSTART_RHO, quickstart_engram_template())
-    models = {"moe": base, "engram": engram, "capacity1": engram.with_(engram=engram.engram.with_(single_slot=True))}
     train_cfg = train_cfg.with_(data=data, steps=base_steps * max(MILESTONES), eval_every=base_steps)
+    variants_by_name = {"moe": (base, train_cfg), "engram": (engram, train_cfg),
+                        "capacity1": (engram.with_(engram=engram.engram.with_(single_slot=True)), train_cfg),
+                        DECAYED: (engram, train_cfg.with_(table_weight_decay=DEFAULT_DECAY))}  # fmt: skip
     specs = []
     for seed in seeds:  # every variant of seed 0 first: the first comparison is complete early
         for variant in variants:
+            model, train = variants_by_name[variant]
             tags = {"experiment": "duration", "variant": variant, "seed": seed, "branches": branches,
                     "base_steps": base_steps}  # fmt: skip
-            specs.append(RunSpec(f"{prefix}{variant}/seed-{seed}", models[variant], train_cfg.with_(seed=seed), tags))
+            specs.append(RunSpec(f"{prefix}{variant}/seed-{seed}", model, train.with_(seed=seed), tags))
     return specs
 
 
@@ -91,8 +100,8 @@ def write_duration(results: list[dict[str, Any]], out_dir: Path) -> None:
 
 def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
     with saved_figure(path, (6, 4)) as (fig, ax):
-        by_variant = {v: gaps(results, v) for v in ("engram", "capacity1")}
-        for (variant, g), color in zip(by_variant.items(), ("tab:red", "tab:grey")):
+        by_variant = {v: gaps(results, v) for v in ("engram", "capacity1", DECAYED)}
+        for (variant, g), color in zip(by_variant.items(), ("tab:red", "tab:grey", "tab:blue")):
             if g:
                 ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
                             yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color,

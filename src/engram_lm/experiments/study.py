@@ -31,7 +31,8 @@ long runs):
   scaling-4x    Engram at the smallest, middle and largest table budget, 4x the quickstart's
                 tokens on --long-data: does the shape seen at 0.86 epochs of the built-in corpus
                 (log-linear or flattening) hold with more tokens? (the MoE is allocation-4x's rho 1)
-  duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs)
+  duration-repeated  the duration study on the built-in corpus (repeats: up to ~7 epochs), with
+                the default's Engram (table decay 10) as well: does the default keep the gain?
   mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
   allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
 Sections that need --long-data are skipped without it (and the plan says so). Runs are
@@ -47,7 +48,7 @@ from typing import Any
 
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
-from engram_lm.experiments.duration import duration_specs, write_duration
+from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
 from engram_lm.experiments.sensitivity import analyse_run, sensitivity_specs
 from engram_lm.experiments.variants import (
@@ -183,7 +184,8 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
                                                                       prefix="regularisation-control/"),
         "regularisation-cost": lambda: regularisation_specs(seeds=seed_list, steps=quick // 4, experiment="regularisation-cost",
                                                             prefix="regularisation-cost/"),  # its MoE: oe-diagnosis', reused
-        "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, prefix="duration-repeated/"),
+        "duration-repeated": lambda: duration_specs(data="bible", seeds=seed_list, variants=("moe", "engram", "capacity1", DECAYED),
+                                                    prefix="duration-repeated/"),
         "mhc": lambda: duration_specs(data=long_data, seeds=seed_list, branches=4, variants=("moe", "engram"), prefix="mhc/"),
         "allocation": lambda: allocation_specs(seeds=seed_list, prefix="allocation/"),
         "table-lr": lambda: table_lr_specs(seeds=seed_list, prefix="table-lr/"),
