@@ -292,6 +292,21 @@ def test_duration_decayed_variant_is_the_same_engram_with_the_default_table_deca
     assert engram.train.table_weight_decay == 0.0 and moe.train.table_weight_decay == 0.0  # the paper's optimiser
 
 
+def test_duration_section_calls_the_default_decays_gap_at_the_last_milestone():
+    runs = []
+    for seed, jitter in ((0, 0.0), (1, 0.004), (2, -0.002)):
+        for variant, gap in (("moe", 0.0), ("engram", 0.3), (DECAYED, -0.02)):
+            curve = [[10 * m, 4.0 - 0.1 * m + (gap * m / 8 + jitter if variant != "moe" else 0.0)] for m in (1, 2, 4, 8)]
+            runs.append({"variant": variant, "seed": seed, "val_curve": curve, "base_steps": 10, "train_tokens": 10**5,
+                         "data": "bible", "requested": {"train": {"batch_size": 16, "seq_len": 128, "grad_accum": 1}}})  # fmt: skip
+    verdicts, lines = duration_section(runs, "t", "repeated data")
+    row = next(v for v in verdicts if v[0].startswith("ours: with the default table decay (10)"))
+    # jitter 0, 0.004, -0.002: mean +0.00067, SE 0.0018; at 8x -0.02 + jitter -> -0.0193 ± 0.0018 (called lower),
+    # at 1x -0.0025 + jitter -> -0.0018 ± 0.0018 (inconclusive); the row's call is the last milestone's
+    assert row[1] == "reproduced" and row[3].startswith("-0.0018 ± 0.0018 at 1x") and row[3].endswith("-0.0193 ± 0.0018 at 8x")
+    assert sum(line.startswith(f"| {DECAYED} |") for line in lines) == 4  # one table row per milestone
+
+
 def test_duration_verdict_says_whether_the_gain_shrank():
     def runs(engram_gap_at):  # multiple -> Engram minus MoE, the same for every seed but for a small jitter
         out = []
