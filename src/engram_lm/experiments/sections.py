@@ -58,6 +58,9 @@ def _losses_by_variant(runs: list[dict[str, Any]]) -> dict[str, dict[int, float]
     return {v: {r["seed"]: r["val_loss"] for r in g} for (v,), g in group_by(runs, "variant").items()}
 
 
+DECAYED_CLAIM = f"ours: with the default table decay ({DEFAULT_DECAY:g}) Engram beats the iso-parameter MoE"
+
+
 # ---- sections: each returns (verdict rows, page lines) ------------------------------------
 def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tuple[list[list[str]], list[str]]:
     if not runs:
@@ -96,7 +99,7 @@ def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tup
     decayed = gaps(runs, DECAYED)
     if decayed:
         last = decayed[-1]
-        verdicts.append([f"ours: with the default table decay ({DEFAULT_DECAY:g}) Engram beats the iso-parameter MoE ({regime})",
+        verdicts.append([f"{DECAYED_CLAIM} ({regime})",
                          claim_verdict(last["verdict"], "lower"), f"{data_name(runs)}, {last['epochs']:.2f} epochs, {last['gap'].n} seed(s)",
                          ", ".join(f"{fmt_estimate(g['gap'], True)} at {g['multiple']}x" for g in decayed)])  # fmt: skip
     return verdicts, lines + [""]
