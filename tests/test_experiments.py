@@ -550,7 +550,7 @@ def test_regularisation_says_from_which_epoch_a_variant_stays_above_the_moe(tmp_
     assert "| Engram beats the iso-parameter MoE (repeated data) | inconclusive at this scale | bible, 3.2 epochs, " \
            "3 seed(s) | engram_none - moe +0.0333 ± 0.0667 (section regularisation); Engram's validation curve stays " \
            "above the MoE's from 2.00 ± 0.40 (2 of 3 seeds; the others never) epochs |" in text  # fmt: skip
-    assert "Engram beats the iso-parameter MoE (repeated data) | not measured yet" not in text
+    assert "| Engram beats the iso-parameter MoE (repeated data) | not measured yet" not in text
 
 
 def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_training(tmp_path):
