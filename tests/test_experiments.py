@@ -305,6 +305,7 @@ def test_duration_section_calls_the_default_decays_gap_at_the_last_milestone():
     # at 1x -0.0025 + jitter -> -0.0018 ± 0.0018 (inconclusive); the row's call is the last milestone's
     assert row[1] == "reproduced" and row[3].startswith("-0.0018 ± 0.0018 at 1x") and row[3].endswith("-0.0193 ± 0.0018 at 8x")
     assert sum(line.startswith(f"| {DECAYED} |") for line in lines) == 4  # one table row per milestone
+    assert "except `engram_table_wd_10.0`: the same Engram with the default's table weight decay 10." in lines[2]
 
 
 def test_duration_verdict_says_whether_the_gain_shrank():

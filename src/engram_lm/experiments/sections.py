@@ -70,6 +70,9 @@ def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tup
              "learning-rate schedule spans the 8x run (step decay at 80% and 90% of it), so the 1x-4x milestones are "
              "taken at the peak learning rate and only 8x after the decay; a milestone is not a finished shorter run.",
              ""]  # fmt: skip
+    if any(r["variant"] == DECAYED for r in runs):
+        lines[-2] += (f" Every run trains with the paper's optimiser (table rows not decayed) except `{DECAYED}`: the same "
+                      f"Engram with the default's table weight decay {DEFAULT_DECAY:g}.")  # fmt: skip
     rows, verdicts = [], []
     for variant in ("engram", "capacity1", DECAYED):
         for g in gaps(runs, variant):
