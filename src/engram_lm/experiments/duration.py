@@ -30,6 +30,7 @@ MILESTONES = (1, 2, 4, 8)  # multiples of the quickstart's tokens
 CSV_FIELDS = ("variant", "seed", "step", "tokens", "epochs", "val_loss")
 DEFAULT_DECAY = TrainConfig().table_weight_decay
 DECAYED = f"engram_table_wd_{DEFAULT_DECAY}"  # the regularisation section's name for the same Engram and decay
+LABELS = {"engram": "Engram", "capacity1": "capacity-1", DECAYED: f"Engram, table decay {DEFAULT_DECAY:g}"}
 
 
 def duration_specs(*, data: str = "bible", seeds=(0,), base_steps: int | None = None, branches: int = 1,
@@ -105,7 +106,7 @@ def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
             if g:
                 ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
                             yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color,
-                            capsize=3, label=f"{variant} minus MoE")  # fmt: skip
+                            capsize=3, label=f"{LABELS[variant]} minus MoE ({g[-1]['gap'].n} seed{'s' * (g[-1]['gap'].n > 1)})")  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ticks = by_variant["engram"] or by_variant["capacity1"]
