@@ -306,6 +306,11 @@ def test_duration_section_calls_the_default_decays_gap_at_the_last_milestone():
     assert row[1] == "reproduced" and row[3].startswith("-0.0018 ± 0.0018 at 1x") and row[3].endswith("-0.0193 ± 0.0018 at 8x")
     assert sum(line.startswith(f"| {DECAYED} |") for line in lines) == 4  # one table row per milestone
     assert "except `engram_table_wd_10.0`: the same Engram with the default's table weight decay 10." in lines[2]
+    assert not any("capacity-1 control" in v[0] for v in verdicts)  # no capacity-1 runs: no control row
+    control = [{**r, "variant": "capacity1"} for r in runs if r["variant"] == "moe"]  # the control level with the MoE
+    row = next(v for v in duration_section(runs + control, "t", "repeated data")[0]
+               if v[0].startswith("ours: with the default table decay (10) the memory itself still helps"))  # fmt: skip
+    assert row[1] == "reproduced" and row[3].endswith("-0.0193 ± 0.0018 at 8x")  # the same per-seed gaps as to the MoE
 
 
 def test_duration_verdict_says_whether_the_gain_shrank():

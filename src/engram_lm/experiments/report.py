@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_lm.experiments.sections import (
-    DECAYED_CLAIM, DEFAULT_CLAIM, STUDY_COMMAND, allocation_section, claim_verdict, data_name, duration_section, epochs_range, fmt_estimate,
+    DECAYED_CLAIM, DECAYED_CONTROL_CLAIM, DEFAULT_CLAIM, STUDY_COMMAND, allocation_section, claim_verdict, data_name, duration_section, epochs_range, fmt_estimate,
     keyed_section, md_table, regularised_gain, regulariser_default, repeated_gain, scaling_section, sensitivity_section,
 )  # fmt: skip
 from engram_lm.experiments.stats import compare
@@ -82,6 +82,7 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("mhc", "Engram beats the iso-parameter MoE (single-epoch, M = 4)"),
           ("duration-repeated", "Engram beats the iso-parameter MoE (repeated data)"),
           ("duration-repeated", f"{DECAYED_CLAIM} (repeated data)"),
+          ("duration-repeated", DECAYED_CONTROL_CLAIM),
           ("regularisation", "ours: a regulariser keeps the tables from memorising repeated data"),
           ("regularisation", "ours: Engram with the best regulariser"),
           ("regularisation-cost", DEFAULT_CLAIM),
