@@ -100,18 +100,19 @@ def duration_section(runs: list[dict[str, Any]], title: str, regime: str) -> tup
         verdicts.append([f"the memory itself helps: Engram beats its capacity-1 control ({regime})",
                          claim_verdict(last["verdict"], "lower"), f"{data_name(runs)}, {last['epochs']:.2f} epochs, {last['gap'].n} seed(s)",
                          f"Engram - capacity-1 {fmt_estimate(last['gap'], True)} at {last['multiple']}x"])  # fmt: skip
+    def every_milestone(claim: str, milestones: list[dict[str, Any]]) -> list[str]:
+        """A verdict row called at the last milestone, with the gap at each."""
+        last = milestones[-1]
+        return [claim, claim_verdict(last["verdict"], "lower"), f"{data_name(runs)}, {last['epochs']:.2f} epochs, {last['gap'].n} seed(s)",
+                ", ".join(f"{fmt_estimate(g['gap'], True)} at {g['multiple']}x" for g in milestones)]  # fmt: skip
+
     decayed = gaps(runs, DECAYED)
+    control = gaps(runs, DECAYED, "capacity1")  # worth more than one vector per head, or level with the MoE by doing less?
     if decayed:
-        last = decayed[-1]
-        verdicts.append([f"{DECAYED_CLAIM} ({regime})",
-                         claim_verdict(last["verdict"], "lower"), f"{data_name(runs)}, {last['epochs']:.2f} epochs, {last['gap'].n} seed(s)",
-                         ", ".join(f"{fmt_estimate(g['gap'], True)} at {g['multiple']}x" for g in decayed)])  # fmt: skip
-        control = gaps(runs, DECAYED, "capacity1")
-        if control:  # is the decayed memory worth more than one vector per head, or level with the MoE by doing less?
-            last = control[-1]
-            verdicts.append([f"{DECAYED_CONTROL_CLAIM} ({regime}; the control trained with the paper's optimiser)",
-                             claim_verdict(last["verdict"], "lower"), f"{data_name(runs)}, {last['epochs']:.2f} epochs, {last['gap'].n} seed(s)",
-                             ", ".join(f"{fmt_estimate(g['gap'], True)} at {g['multiple']}x" for g in control)])  # fmt: skip
+        verdicts.append(every_milestone(f"{DECAYED_CLAIM} ({regime})", decayed))
+    if decayed and control:
+        verdicts.append(every_milestone(f"{DECAYED_CONTROL_CLAIM} ({regime}; the control trained with the paper's optimiser)",
+                                        control))  # fmt: skip
     return verdicts, lines + [""]
 
 
