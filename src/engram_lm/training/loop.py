@@ -9,11 +9,7 @@ so a resumed run reproduces the uninterrupted losses bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,10 +27,15 @@ from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.training.allocator import keep_large_buffers_on_heap
+from engram_lm.training.checkpointing import Checkpointer
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch, seed_step
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
-from engram_lm.training.run import MetricsLog, Progress, RunLock, read_request, run_metadata, write_json
+from engram_lm.training.interrupt import TrainingInterrupted, graceful_stop
+from engram_lm.training.resume import checkpoint_to_resume, data_identity, resumed_tokenizer
+from engram_lm.training.run import MetricsLog, Progress, RunLock
+
+__all__ = ["TrainResult", "TrainingInterrupted", "autocast", "evaluate", "resolve_model_config", "train"]
 
 
 def resolve_model_config(model_cfg: ModelConfig, data: TokenData) -> ModelConfig:
@@ -82,18 +83,6 @@ class TrainResult:
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds, "run_dir": str(self.run_dir)}  # fmt: skip
 
 
-def _run_tokenizer(source: Path, out_dir: Path, ctx: DistContext) -> Path:
-    """`out_dir/tokenizer.json`, a copy of `source` (written atomically by the main rank)."""
-    stable = out_dir / "tokenizer.json"
-    if ctx.is_main and (not stable.exists() or stable.read_bytes() != source.read_bytes()):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stable.with_suffix(".json.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, stable)
-    ctx.barrier()
-    return stable
-
-
 def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -112,56 +101,79 @@ def train(
     data-parallel, each rank reads its slice of the global batch, and rank 0 logs.
 
     Resuming: the newest complete checkpoint (or `resume_from`), refused when the data or
-    tokenizer changed unless `allow_data_change`; `memory="ram"` keeps the Engram tables
-    (and their optimizer moments) in host RAM while training (memory/host_trainable.py); a larger `steps` extends a finished run
-    (only the schedule's length changes, logged). SIGINT/SIGTERM save a checkpoint at the
-    end of the current step and raise `TrainingInterrupted`. A non-finite loss stops the
-    run with the last good checkpoint kept. The run folder is locked while training."""
+    tokenizer changed unless `allow_data_change` (training/resume.py); `memory="ram"` keeps
+    the Engram tables (and their optimizer moments) in host RAM while training
+    (memory/host_trainable.py); a larger `steps` extends a finished run (only the schedule's
+    length changes, logged). SIGINT/SIGTERM save a checkpoint at the end of the current step
+    and raise `TrainingInterrupted` (training/interrupt.py). A non-finite loss stops the run
+    with the last good checkpoint kept. The run folder is locked while training."""
     out_dir = Path(out_dir)
     ctx = DistContext.from_env((torch.device(device) if device else torch.device("cpu")).type)
     if memory not in ("device", "ram"):
         raise ValueError(f"--memory {memory!r}: training keeps tables on the 'device' or in host 'ram'")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; give a folder for the run")
-    with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext(), _graceful_stop() as stop:
+    with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext(), graceful_stop() as stop:
         return _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
                       stop, memory)  # fmt: skip
 
 
-class TrainingInterrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving the checkpoint of `step`."""
+@dataclass
+class _Trainee:
+    """A model on its device with its optimizers, as one step of the loop uses them."""
 
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved in {run_dir}; rerun the same command to resume")
-        self.run_dir, self.step = run_dir, step
+    model: EngramLM
+    optimizers: dict[str, torch.optim.Optimizer]
+    stepper: HostTableStepper | None  # steps the host tables' optimizer on a worker (memory="ram")
+    stepped_here: dict[str, torch.optim.Optimizer]  # the optimizers the loop steps and schedules itself
+    dense: list[torch.nn.Parameter]  # clipped
+    replicated: list[torch.nn.Parameter]  # summed across ranks (all but sharded table rows)
 
-
-@contextlib.contextmanager
-def _graceful_stop():
-    """A flag set by SIGINT/SIGTERM (main thread only); the loop saves and stops at the end
-    of the step. A second Ctrl-C while saving is honoured by the default handler."""
-    import signal
-    import threading
-
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag["stop"] = True
-        signal.signal(signum, previous[signum])
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+    @property
+    def fingerprint(self) -> str | None:
+        return self.model.hasher.layout.fingerprint if self.model.hasher else None
 
 
 def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
            stop=None, memory="device") -> TrainResult:  # fmt: skip
+    device, ctx = _placement(device, train_cfg)
+    keep_large_buffers_on_heap()
+    data = _prepare_data_once(train_cfg.with_(tokenizer=resumed_tokenizer(train_cfg, out_dir, resume_from, ctx)), ctx)
+    resolved = resolve_model_config(model_cfg, data)
+    latest, events = checkpoint_to_resume(out_dir, model_cfg, train_cfg, resolved, data_identity(data),
+                                          allow_data_change, resume_from, ctx)  # fmt: skip
+    trainee = _build_trainee(resolved, train_cfg, ctx, device, memory)
+    start = _restore(trainee, latest)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if ctx.is_main else None
+    if metrics is not None:
+        for event in events:  # deliberate changes on resume, kept with the losses they affect
+            metrics.write(step=start, **event)
+    if latest is not None and progress and ctx.is_main:
+        print(f"{name}: resuming from step {start} ({latest})", file=sys.stderr, flush=True)
+    state = {"fingerprint": trainee.fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
+             "name": name, "corpus": data.corpus}  # fmt: skip
+    saver = Checkpointer(out_dir, train_cfg, trainee.model, trainee.optimizers, state, data.tokenizer_path, ctx,
+                         trainee.stepper)  # fmt: skip
+    bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every)
+    loop = _StepLoop(trainee, data, train_cfg, device, ctx, metrics, saver, bar, stop)
+    last, val_loss = loop.run(start, stop_after)
+    if trainee.stepper is not None:
+        trainee.stepper.close()
+    if last == start and latest is not None:  # nothing left to train: report the checkpoint
+        val_loss = evaluate(trainee.model, loop.windows, device)
+    return TrainResult(
+        name=name,
+        run_dir=out_dir,
+        counts=count_params(trainee.model).to_dict(),
+        val_loss=val_loss,
+        tokens_seen=last * loop.tokens_per_step,
+        tokens_per_s=(last - start) * loop.tokens_per_step / loop.train_time if loop.train_time > 0 else 0.0,
+        train_seconds=loop.train_time,
+    )
+
+
+def _placement(device: str | torch.device | None, train_cfg: TrainConfig) -> tuple[torch.device, DistContext]:
+    """The compute device (this rank's GPU under torchrun) and the process group's context."""
     device = _device(device)
     ctx = DistContext.from_env(device.type)
     if device.type == "cuda" and ctx.enabled:
@@ -169,23 +181,13 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
     if train_cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {train_cfg.batch_size} does not divide over {ctx.world_size} ranks; "
                          f"use a multiple of {ctx.world_size}")  # fmt: skip
-    keep_large_buffers_on_heap()
-    previous = Path(resume_from) if resume_from else ckpt_io.latest_checkpoint(out_dir)
-    tokenizer = train_cfg.tokenizer
-    if previous is not None and tokenizer.startswith("bpe:") and (previous / "tokenizer.json").exists():
-        # a resumed run keeps the tokenizer it was trained with, read from a copy beside the
-        # checkpoints: the checkpoint it came from is pruned later in this run
-        tokenizer = str(_run_tokenizer(previous / "tokenizer.json", Path(out_dir), ctx))
-    data = _prepare_data_once(train_cfg.with_(tokenizer=tokenizer), ctx)
-    resolved = resolve_model_config(model_cfg, data)
-    identity = data_identity(data)
-    events: list[dict[str, Any]] = []
-    latest = (_prepare_run_dir(out_dir, model_cfg, train_cfg, resolved, identity, allow_data_change, events, resume_from)
-              if ctx.is_main else None)  # fmt: skip
-    ctx.barrier()
-    if not ctx.is_main:
-        latest = Path(resume_from) if resume_from else ckpt_io.latest_checkpoint(out_dir)
+    return device, ctx
 
+
+def _build_trainee(resolved: ModelConfig, train_cfg: TrainConfig, ctx: DistContext, device: torch.device,
+                   memory: str) -> _Trainee:  # fmt: skip
+    """The model (seeded, tables sharded over the ranks and, with memory="ram", kept on the
+    host) and its optimizers."""
     torch.manual_seed(train_cfg.seed)
     model = EngramLM(resolved)
     shard_tables(model, ctx)
@@ -196,92 +198,89 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
                                                      weight_decay=train_cfg.weight_decay,
                                                      table_weight_decay=train_cfg.table_weight_decay,
                                                      matrix_optimizer=train_cfg.matrix_optimizer))  # fmt: skip
-    fingerprint = model.hasher.layout.fingerprint if model.hasher else None
     stepper = HostTableStepper.for_model(model, optimizers) if memory == "ram" else None
     stepped_here = stepper.others(optimizers) if stepper else optimizers  # the stepper steps and schedules its own
-    start = 0
-    if latest is not None:
-        state = ckpt_io.read_state(latest)
-        ckpt_io.load_model_state(model, state, fingerprint)
-        ckpt_io.load_optimizers(model, optimizers, state)
-        start = state["step"]
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if ctx.is_main else None
-    if metrics is not None:
-        for event in events:  # deliberate changes on resume, kept with the losses they affect
-            metrics.write(step=start, **event)
-    if latest is not None and progress and ctx.is_main:
-        print(f"{name}: resuming from step {start} ({latest})", file=sys.stderr, flush=True)
-    windows = eval_windows(data.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches)
     roles = param_roles(model)
-    dense = [p for n, p in model.named_parameters() if roles[n] != "table"]  # clipped
-    replicated = replicated_params(model)  # summed across ranks (all but sharded table rows)
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
-    bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every)
-    val_loss, train_time, last = float("nan"), 0.0, start
-    last_save = time.monotonic()
-    model.train()
+    dense = [p for n, p in model.named_parameters() if roles[n] != "table"]
+    return _Trainee(model, optimizers, stepper, stepped_here, dense, replicated_params(model))
 
-    def log(**record: Any) -> None:
-        if metrics is not None:
-            metrics.write(**record)
 
-    def save(step: int) -> None:
-        if stepper is not None:
-            stepper.wait()  # the rows and moments of this step, not of the one before
-        state = {"fingerprint": fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
-                 "name": name, "corpus": data.corpus}  # fmt: skip
-        ckpt_io.save_checkpoint(out_dir, step, model, optimizers, state, data.tokenizer_path,
-                                rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
+def _restore(trainee: _Trainee, latest: Path | None) -> int:
+    """Load the checkpoint to resume (model, tables, optimizer state); its step, or 0."""
+    if latest is None:
+        return 0
+    state = ckpt_io.read_state(latest)
+    ckpt_io.load_model_state(trainee.model, state, trainee.fingerprint)
+    ckpt_io.load_optimizers(trainee.model, trainee.optimizers, state)
+    return state["step"]
 
-    for step in range(start, train_cfg.steps):
+
+class _StepLoop:
+    """The steps from `start` to the end: schedule, one optimizer step, logging, evaluation,
+    the divergence check, saving and a requested stop, in that order at each step."""
+
+    def __init__(self, trainee: _Trainee, data: TokenData, cfg: TrainConfig, device: torch.device, ctx: DistContext,
+                 metrics: MetricsLog | None, saver: Checkpointer, bar: Progress, stop: dict[str, bool] | None) -> None:  # fmt: skip
+        self.trainee, self.data, self.cfg, self.device, self.ctx = trainee, data, cfg, device, ctx
+        self.metrics, self.saver, self.bar, self.stop = metrics, saver, bar, stop
+        self.windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.train_time = 0.0
+
+    def run(self, start: int, stop_after: int | None) -> tuple[int, float]:
+        """Train; returns the last step done and the last validation loss (nan if none)."""
+        val_loss, last = float("nan"), start
+        self.trainee.model.train()
+        for step in range(start, self.cfg.steps):
+            val_loss = self.step(step, start, val_loss)
+            last = step + 1
+            if stop_after is not None and last >= stop_after:
+                break
+        self.bar.close()
+        return last, val_loss
+
+    def step(self, step: int, start: int, val_loss: float) -> float:
+        cfg, t, done = self.cfg, self.trainee, step + 1
         t0 = time.perf_counter()
-        multiplier = lr_multiplier(step, train_cfg.steps, train_cfg.warmup_steps, train_cfg.decay_at,
-                                   train_cfg.decay_factor)  # fmt: skip
-        set_lr(stepped_here, multiplier)
-        seed_step(train_cfg.seed, step, ctx.rank)
-        loss_value = _train_step(model, stepped_here, dense, replicated, data, train_cfg, step, device, ctx,
-                                 stepper=stepper, lr_multiplier=multiplier)  # fmt: skip
-        train_time += time.perf_counter() - t0
-        done = step + 1
-        if not math.isfinite(loss_value):
-            good = ckpt_io.latest_checkpoint(out_dir)
-            raise ValueError(
-                f"the training loss became {loss_value} at step {done}: the run diverged; nothing was saved after it"
-                f" (last good checkpoint: {good or 'none'}); lower lr (--set lr=...) or table_lr_mult and resume or restart"
-            )
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            lr = optimizers[next(iter(optimizers))].param_groups[0]["base_lr"] * multiplier  # not read from a worker
-            log(step=done, loss=loss_value, lr=lr, tokens=done * tokens_per_step)
-        if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-            val_loss = evaluate(model, windows, device)  # every rank: the lookups are collective
-            log(step=done, val_loss=val_loss)
-        stopping = ctx.any(bool(stop and stop["stop"]))
-        due = time.monotonic() - last_save >= 60 * train_cfg.save_minutes if train_cfg.save_minutes else False
-        if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps or stopping or ctx.any(due):
-            save(done)
-            last_save = time.monotonic()
+        multiplier = lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.decay_at, cfg.decay_factor)
+        set_lr(t.stepped_here, multiplier)
+        seed_step(cfg.seed, step, self.ctx.rank)
+        loss_value = _train_step(t.model, t.stepped_here, t.dense, t.replicated, self.data, cfg, step, self.device,
+                                 self.ctx, stepper=t.stepper, lr_multiplier=multiplier)  # fmt: skip
+        self.train_time += time.perf_counter() - t0
+        _refuse_divergence(loss_value, done, self.saver.out_dir)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            lr = t.optimizers[next(iter(t.optimizers))].param_groups[0]["base_lr"] * multiplier  # not read from a worker
+            self.log(step=done, loss=loss_value, lr=lr, tokens=done * self.tokens_per_step)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val_loss = evaluate(t.model, self.windows, self.device)  # every rank: the lookups are collective
+            self.log(step=done, val_loss=val_loss)
+        self.save_or_stop(done)
+        rate = (done - start) * self.tokens_per_step / max(self.train_time, 1e-9)
+        self.bar.update(done, loss_value, rate, (cfg.steps - done) * self.tokens_per_step / max(rate, 1e-9))
+        return val_loss
+
+    def save_or_stop(self, done: int) -> None:
+        """Save when due; after a stop request (on any rank), save and raise TrainingInterrupted."""
+        stopping = self.ctx.any(bool(self.stop and self.stop["stop"]))
+        if self.saver.is_due(done, stopping):
+            self.saver.save(done)
         if stopping:
-            bar.close()
-            raise TrainingInterrupted(out_dir, done)
-        rate = (done - start) * tokens_per_step / max(train_time, 1e-9)
-        bar.update(done, loss_value, rate, (train_cfg.steps - done) * tokens_per_step / max(rate, 1e-9))
-        last = done
-        if stop_after is not None and done >= stop_after:
-            break
-    bar.close()
-    if stepper is not None:
-        stepper.close()
-    if last == start and latest is not None:  # nothing left to train: report the checkpoint
-        val_loss = evaluate(model, windows, device)
-    return TrainResult(
-        name=name,
-        run_dir=out_dir,
-        counts=count_params(model).to_dict(),
-        val_loss=val_loss,
-        tokens_seen=last * tokens_per_step,
-        tokens_per_s=(last - start) * tokens_per_step / train_time if train_time > 0 else 0.0,
-        train_seconds=train_time,
-    )
+            self.bar.close()
+            raise TrainingInterrupted(self.saver.out_dir, done)
+
+    def log(self, **record: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.write(**record)
+
+
+def _refuse_divergence(loss_value: float, done: int, out_dir: Path) -> None:
+    if not math.isfinite(loss_value):
+        good = ckpt_io.latest_checkpoint(out_dir)
+        raise ValueError(
+            f"the training loss became {loss_value} at step {done}: the run diverged; nothing was saved after it"
+            f" (last good checkpoint: {good or 'none'}); lower lr (--set lr=...) or table_lr_mult and resume or restart"
+        )
 
 
 def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: TrainConfig, step: int, device,
@@ -320,102 +319,8 @@ def _prepare_data_once(cfg: TrainConfig, ctx: DistContext) -> TokenData:
     return data if ctx.is_main else prepare_data(cfg.data, cfg.tokenizer)
 
 
-def data_identity(data: TokenData) -> dict[str, str]:
-    """Content hashes of what the run trains on: the corpus documents and the tokenizer file."""
-    return {"corpus": data.corpus, "corpus_sha256": data.corpus_digest,
-            "tokenizer_sha256": hashlib.sha256(Path(data.tokenizer_path).read_bytes()).hexdigest()}  # fmt: skip
-
-
 def _device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this PyTorch build has no CUDA device; use --device cpu or a CUDA build")
     return device
-
-
-FREE_ON_RESUME = {"train.save_every", "train.save_minutes", "train.log_every"}  # cadence, not results
-
-
-def _prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, resolved: ModelConfig,
-                     identity: dict[str, str], allow_data_change: bool, events: list[dict[str, Any]],
-                     resume_from: str | Path | None = None) -> Path | None:  # fmt: skip
-    """Write config.json for a new run, or check it matches and return the checkpoint to
-    resume. Allowed differences on resume (a larger `steps`, deliberately changed data)
-    are appended to `events` and recorded in config.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    requested = json.loads(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}))
-    config_path = out_dir / "config.json"
-    latest = _resume_point(out_dir, resume_from)
-    if latest is None or not config_path.exists():
-        write_json(config_path, {"requested": requested, "resolved_model": resolved.to_dict(), "data_identity": identity,
-                                 **run_metadata()})  # fmt: skip
-        return latest
-    saved = _read_config(config_path)
-    old = read_request(saved.get("requested") or {})
-    diff = _differences(old, requested) - FREE_ON_RESUME
-    steps_key = "train.steps"
-    if diff - {steps_key}:
-        changed = sorted(diff - {steps_key})
-        shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(requested, k)!r}" for k in changed)
-        restore = " ".join(f"--set {_set_key(k)}={json.dumps(_get(old, k))}" for k in changed)
-        raise ValueError(f"{out_dir} holds a run with a different configuration ({shown}); pass a new --out to start "
-                         f"another run, or the same flags to resume this one (after a default changed: {restore})")  # fmt: skip
-    step = ckpt_io.read_state(latest)["step"]
-    if steps_key in diff:
-        if requested["train"]["steps"] < step:
-            raise ValueError(f"--steps {requested['train']['steps']} is below the checkpoint's step {step}; "
-                             f"resume with --steps >= {step}, or pass --resume-from an earlier checkpoint")  # fmt: skip
-        events.append({"event": "steps_changed", "from": old["train"]["steps"], "to": requested["train"]["steps"],
-                       "note": "the learning-rate schedule now spans the new length"})  # fmt: skip
-    before = saved.get("data_identity")
-    if before is not None and before != identity:
-        changed = [k for k in ("corpus", "corpus_sha256", "tokenizer_sha256") if before.get(k) != identity.get(k)]
-        if not allow_data_change:
-            shown = ", ".join(f"{k} {str(before.get(k))[:16]} -> {str(identity.get(k))[:16]}" for k in changed)
-            raise ValueError(f"{out_dir} was trained on different data or with a different tokenizer ({shown}); "
-                             "pass --allow-data-change to continue on the new data deliberately (recorded in "
-                             "metrics.jsonl), or a new --out")  # fmt: skip
-        events.append({"event": "data_changed", "from": before, "to": identity})
-    if events:
-        write_json(config_path, {**saved, "requested": requested, "data_identity": identity})
-    return latest
-
-
-def _resume_point(out_dir: Path, resume_from: str | Path | None) -> Path | None:
-    if resume_from is None:
-        return ckpt_io.latest_checkpoint(out_dir)
-    path = Path(resume_from)
-    if not (path / "state.json").exists():
-        raise ValueError(f"--resume-from {path}: not a checkpoint folder (no state.json); "
-                         f"choose one of {out_dir}/checkpoints/step-*")  # fmt: skip
-    return path
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore it or pass a new --out") from None
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    """Dotted keys where two nested dicts differ."""
-    out = set()
-    for k in set(a) | set(b):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out |= _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.add(f"{prefix}{k}")
-    return out
-
-
-def _set_key(dotted: str) -> str:
-    """The `--set` key of a dotted config key: train.lr -> lr, model.engram.seed -> engram.seed."""
-    return dotted.split(".", 1)[1]
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
