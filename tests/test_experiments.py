@@ -5,16 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from engram_lm.experiments.allocation import DEFAULT_RHOS, allocation_specs, allocation_sweep, coarse_to_fine
-from engram_lm.experiments.duration import DECAYED, duration_specs, gaps
+from engram_lm.experiments.ablations import ablation_configs, ablation_specs
+from engram_lm.experiments.allocation import (
+    DEFAULT_RHOS, allocation_section, allocation_specs, allocation_sweep, coarse_to_fine,
+)  # fmt: skip
+from engram_lm.experiments.duration import DECAYED, duration_section, duration_specs, gaps
+from engram_lm.experiments.regularisation import DEFAULT_CLAIM
 from engram_lm.experiments.report import CLAIMS, build_report, missing_claims
-from engram_lm.experiments.sections import DEFAULT_CLAIM, allocation_section, duration_section
 from engram_lm.experiments.runner import RunSpec, run_specs
+from engram_lm.experiments.scaling import SCALING_TABLE_PARAMS, scaling_configs, scaling_specs
 from engram_lm.experiments.stats import compare, estimate, optimum
 from engram_lm.experiments.study import SECTIONS, study_plan
-from engram_lm.experiments.variants import (
-    SCALING_TABLE_PARAMS, ablation_configs, ablation_specs, scaling_configs, scaling_specs, slots,
-)  # fmt: skip
+from engram_lm.experiments.variants import slots
 from engram_lm.models.accounting import allocate, count_config
 from engram_lm.recipes import quickstart_engram_template, quickstart_moe, tiny
 
@@ -128,7 +130,7 @@ def test_optimum_and_its_uncertainty_on_synthetic_numbers():
 
 
 def test_the_best_point_is_chosen_on_other_seeds_and_scored_on_the_held_out_one():
-    from engram_lm.experiments.sections import u_shape
+    from engram_lm.experiments.allocation import u_shape
     from engram_lm.experiments.stats import held_out_best
 
     points = {0.0: {0: 4.00, 1: 4.00, 2: 4.00}, 0.1: {0: 3.98, 1: 4.015, 2: 4.00}, 0.2: {0: 4.01, 1: 4.02, 2: 3.98},
@@ -198,7 +200,7 @@ def test_a_run_kept_for_analysis_trains_itself_keeps_its_checkpoint_and_is_analy
 
 
 def test_sensitivity_section_calls_whether_recall_keeps_less_than_copying():
-    from engram_lm.experiments.sections import sensitivity_section
+    from engram_lm.experiments.sensitivity import sensitivity_section
 
     def run(seed, kept_recall, kept_copy):
         classes = {c: {"tokens": 100, "accuracy_with_engram": 0.5, "accuracy_engram_zeroed": 0.5 * k, "retained_accuracy": k,
@@ -428,7 +430,7 @@ def test_a_variant_with_fewer_seeds_than_its_section_says_so_in_its_row(tmp_path
 
 
 def test_ablations_answer_the_placement_claims_one_row_per_layer_moved_to_and_two_modules(tmp_path):
-    from engram_lm.experiments.report import PLACED, PLACEMENT_CLAIM, TWO_MODULES_CLAIM
+    from engram_lm.experiments.ablations import PLACED, PLACEMENT_CLAIM, TWO_MODULES_CLAIM
 
     assert PLACED == 1 and "from layer 1 of 4 to layer" in PLACEMENT_CLAIM  # the quickstart's module, early as in the paper
     losses = {"reference": [3.80, 3.82, 3.81], "layer_0": [3.85, 3.86, 3.87], "layer_3": [3.80, 3.83, 3.80],
@@ -450,7 +452,7 @@ def test_ablations_answer_the_placement_claims_one_row_per_layer_moved_to_and_tw
 
 
 def test_the_branch_fusion_section_answers_the_multi_branch_claim(tmp_path):
-    from engram_lm.experiments.report import BRANCH_FUSION_CLAIM
+    from engram_lm.experiments.ablations import BRANCH_FUSION_CLAIM
 
     claim_row = f"| {BRANCH_FUSION_CLAIM} | not measured yet |"
     assert claim_row in build_report(tmp_path / "runs", tmp_path / "docs" / "empty.md")
@@ -485,7 +487,7 @@ def test_regulariser_tables_show_the_end_of_run_train_loss_and_the_gap(tmp_path)
 
 
 def test_natural_key_orders_numbers_inside_names_by_value():
-    from engram_lm.experiments.variants import natural_key
+    from engram_lm.experiments.rows import natural_key
 
     names = ["moe", "engram_table_wd_10.0", "engram_table_wd_3.0", "engram_none", "engram_table_wd_0.1"]
     assert sorted(names, key=natural_key) == ["engram_none", "engram_table_wd_0.1", "engram_table_wd_3.0",
@@ -574,7 +576,7 @@ def test_regularisation_cost_rows_say_whether_a_regulariser_hurts_single_epoch_t
 
 
 def test_engram_with_the_best_regulariser_is_scored_against_the_moe_held_out():
-    from engram_lm.experiments.sections import regularised_gain
+    from engram_lm.experiments.regularisation import regularised_gain
 
     def runs(losses):
         return [{"variant": v, "seed": s, "val_loss": x, "data": "bible", "epochs": 3.3}
@@ -596,7 +598,7 @@ def test_engram_with_the_best_regulariser_is_scored_against_the_moe_held_out():
 
 
 def test_the_default_regulariser_row_joins_the_repeated_gain_and_the_single_epoch_cost():
-    from engram_lm.experiments.sections import regulariser_default
+    from engram_lm.experiments.regularisation import regulariser_default
 
     def runs(losses, epochs):
         return [{"variant": v, "seed": s, "val_loss": x, "data": "bible", "epochs": epochs}
@@ -696,7 +698,7 @@ def test_regularisation_cost_runs_the_same_regularisers_single_epoch():
 
 def test_regularisation_control_is_each_controlled_regularisers_capacity1_twin_on_the_same_data():
     from engram_lm.experiments.runner import _request_key
-    from engram_lm.experiments.study import CONTROLLED
+    from engram_lm.experiments.regularisation import CONTROLLED
 
     assert list(CONTROLLED) == ["table_wd_10.0", "row_dropout_0.5"]  # the default first, then the best on repeated data
     plan = study_plan(seeds=2, sections=("regularisation", "regularisation-control"))
@@ -717,7 +719,7 @@ def test_regularisation_control_is_each_controlled_regularisers_capacity1_twin_o
 
 
 def test_the_control_sections_answer_one_claim_per_controlled_regulariser():
-    from engram_lm.experiments.report import CONTROL_CLAIMS, control_sections
+    from engram_lm.experiments.regularisation import CONTROL_CLAIMS, control_sections
 
     assert CONTROL_CLAIMS["table_wd_10.0"] == ("ours: with table weight decay 10 on repeated data the memory itself still "
                                                "helps: Engram beats its capacity-1 control")  # fmt: skip
@@ -758,7 +760,7 @@ def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
 
 
 def test_engram_is_compared_with_the_strongest_overencoding_too():
-    from engram_lm.experiments.report import versus_strongest_overencoding
+    from engram_lm.experiments.scaling import versus_strongest_overencoding
 
     model = {"engram": {"embed_per_ngram": 128, "num_heads": 4}}
     scaling = [{"method": "engram", "seed": s, "val_loss": v, "params_engram": p, "params_active": 9, "epochs": 0.86,
@@ -789,7 +791,7 @@ def test_table_lr_rows_say_whether_the_papers_5x_beats_each_other_multiplier(tmp
 
 
 def test_engram_minus_overencoding_per_budget_pairs_shared_seeds():
-    from engram_lm.experiments.sections import engram_minus_overencoding
+    from engram_lm.experiments.scaling import engram_minus_overencoding
 
     runs = [{"method": m, "budget": 1000, "seed": s, "val_loss": v}
             for m, losses in (("engram", (3.80, 3.85, 3.82)), ("overencoding", (4.00, 4.04, 4.03)),
@@ -828,7 +830,7 @@ def test_every_study_figure_is_captioned_with_its_regime():
 
 
 def test_log_linear_scaling_is_told_apart_from_a_curve_that_saturates():
-    from engram_lm.experiments.sections import log_linearity
+    from engram_lm.experiments.scaling import log_linearity
 
     def rows(loss):  # five table sizes half a decade apart: d = log10(size / 1e5) = 0, 0.5, ..., 2
         return [{"seed": s, "table_params": 10 ** (5 + d / 2), "val_loss": loss(s, d / 2)} for s in range(3) for d in range(5)]
@@ -867,3 +869,35 @@ def test_the_verdict_tally_counts_each_verdict():
             ["e", "inconclusive at this scale"], ["f", "not measured yet"], ["g", "see the M = 4 rows"]]  # fmt: skip
     assert tally(rows) == ("7 rows: 2 reproduced, 2 not reproduced, 1 inconclusive at this scale, 1 not measured yet, "
                            "1 answered in words (read the row).")  # fmt: skip
+
+
+def _duration_runs(gaps_by_variant: dict[str, float], data: str = "bible", jitters=(0.0, 0.004, -0.002)) -> list[dict]:
+    """Synthetic duration results: each variant's gap to the MoE grows linearly to `gap` at 8x (plus a per-seed jitter)."""
+    runs = []
+    for seed, jitter in enumerate(jitters):
+        for variant, gap in {"moe": 0.0, **gaps_by_variant}.items():
+            curve = [[10 * m, 4.0 - 0.1 * m + (gap * m / 8 + jitter if variant != "moe" else 0.0)] for m in (1, 2, 4, 8)]
+            runs.append({"variant": variant, "seed": seed, "val_curve": curve, "base_steps": 10, "train_tokens": 10**5,
+                         "data": data, "requested": {"train": {"batch_size": 16, "seq_len": 128, "grad_accum": 1}}})  # fmt: skip
+    return runs
+
+
+def test_summary_sentences_follow_the_calls_and_quote_the_sections_numbers(tmp_path):
+    from engram_lm.experiments.summary import plot_summary, repeated, summary_lines
+
+    # Bible, paper optimiser: +0.3 at 8x (memorises); the default decay: -0.02 at 8x (hand-computed in the duration
+    # test above: -0.0193 ± 0.0018 at 8x, rounded -0.019 ± 0.002); the capacity-1 control level with the decayed Engram
+    runs = _duration_runs({"engram": 0.3, DECAYED: -0.02})
+    runs += [{**r, "variant": "capacity1"} for r in _duration_runs({"engram": -0.02}) if r["variant"] == "engram"]
+    text = repeated({"duration-repeated": runs})
+    assert text.startswith("**Where the data repeats, the tables memorise.**")
+    assert "to +0.301 ± 0.002 at 1.64" in text  # 0.3 + mean jitter 0.00067, SE 0.0018; 80 steps x 2048 tokens / 1e5
+    assert "stops that: -0.019 ± 0.002 at 1.64 epochs" in text
+    assert "a capacity-1 control +0.000 ± 0.000: on repeated data the decay stops the memory from hurting but does not make it help" in text
+    helped = [{**r, "val_curve": [[s, v + 0.05] for s, v in r["val_curve"]]} if r["variant"] == "capacity1" else r for r in runs]
+    assert "keeps a memory that still helps" in repeated({"duration-repeated": helped})  # the control 0.05 worse: called
+    lines = summary_lines({"duration-repeated": runs}, "3 rows: 1 reproduced.")
+    assert lines[:2] == ["## In short", ""] and lines[-2] == "The verdict table below has 3 rows: 1 reproduced."
+    assert summary_lines({}, "0 rows.") == []  # nothing finished: no summary
+    assert plot_summary({"duration-repeated": runs}, tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 0
+    assert not plot_summary({}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

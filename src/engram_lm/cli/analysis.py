@@ -43,14 +43,14 @@ def _pm(row: dict[str, Any]) -> str:
 
 def _summary(runs: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
     from engram_lm.experiments.stats import estimate
-    from engram_lm.experiments.variants import group_by
+    from engram_lm.experiments.rows import group_by
 
     return [{**dict(zip(keys, k)), "mean": (e := estimate([r["val_loss"] for r in g])).mean, "se": e.se, "n": e.n}
             for k, g in group_by(runs, *keys).items()]  # fmt: skip
 
 
 def cmd_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.variants import SCALING_TABLE_PARAMS, scaling_sweep
+    from engram_lm.experiments.scaling import SCALING_TABLE_PARAMS, scaling_sweep
 
     rows = scaling_sweep(Path(args.out), budgets=args.budgets or SCALING_TABLE_PARAMS, seeds=_seeds(args),
                          steps=args.steps, data=args.data, progress=not args.quiet, device=args.device)  # fmt: skip
@@ -65,7 +65,7 @@ def _print_scaling(r: dict[str, Any]) -> None:
 
 
 def cmd_ablations(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.variants import ablation_sweep
+    from engram_lm.experiments.ablations import ablation_sweep
 
     runs = ablation_sweep(Path(args.out), seeds=_seeds(args), steps=args.steps, data=args.data, branches=args.branches,
                           progress=not args.quiet, device=args.device)  # fmt: skip
@@ -215,17 +215,26 @@ def _print_cka(r: dict[str, Any]) -> None:
 
 
 def add_analysis_commands(sub) -> None:
+    _add_experiment_commands(sub)
+    _add_study_command(sub)
+    _add_analyze_commands(sub)
+
+
+def _experiment_flags(e, name: str, data_help: str = "built-in corpus name or a path (default: bible)") -> None:
+    """The flags every `engram experiment` sweep takes."""
+    e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--data", help=data_help)
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--out", default=f"runs/{name}")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true")
+
+
+def _add_experiment_commands(sub) -> None:
     p = sub.add_parser("experiment", help="paper experiments at laptop scale")
     exp = p.add_subparsers(dest="experiment", required=True)
-    def common(e, name: str, data_help: str = "built-in corpus name or a path (default: bible)") -> None:
-        e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
-        e.add_argument("--steps", type=int)
-        e.add_argument("--data", help=data_help)
-        e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        e.add_argument("--out", default=f"runs/{name}")
-        e.add_argument("--quiet", action="store_true")
-        e.add_argument("--json", action="store_true")
-
+    common = _experiment_flags
     e = exp.add_parser("allocation", help="sparsity allocation sweep over rho at fixed P_tot and P_act")
     e.add_argument("--preset", default="quickstart")
     e.add_argument("--rhos", type=float_list, default=[0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0])
@@ -251,6 +260,8 @@ def add_analysis_commands(sub) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_report, show=lambda r: print(f"written: {r['path']}"))
 
+
+def _add_study_command(sub) -> None:
     p = sub.add_parser("study", help="every experiment with seeds and error bars, resumable, then docs/results.md")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--long-data", help="a corpus that does not repeat within 8x the quickstart (a folder of text)")
@@ -265,6 +276,8 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_study, show=_print_study)
 
+
+def _add_analyze_commands(sub) -> None:
     p = sub.add_parser("analyze", help="look inside trained models")
     ana = p.add_subparsers(dest="analysis", required=True)
     a = ana.add_parser("gates", help="tokens coloured by Engram gate value (HTML + PNG)")

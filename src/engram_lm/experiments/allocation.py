@@ -19,8 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, data_name, epochs_range, fmt_estimate, md_table, seeds_of, verdict_word
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
-from engram_lm.experiments.stats import estimate
+from engram_lm.experiments.stats import Estimate, compare, estimate, held_out_best, optimum
 from engram_lm.models.accounting import allocate
 from engram_lm.plotting import regime_caption, saved_figure
 from engram_lm.recipes import paper_optimiser, quickstart_engram_template, quickstart_moe
@@ -132,3 +133,80 @@ def plot_allocation(results: list[dict[str, Any]], path: Path) -> None:
 
 def _zero_nan(x: float) -> float:
     return 0.0 if x != x else x
+
+
+# ---- the page's section ------------------------------------------------------------------------
+def allocation_section(runs: list[dict[str, Any]], title: str) -> tuple[list[list[str]], list[str]]:
+    if not runs:
+        return [], [f"## {title}", "", f"Not run yet (`{STUDY_COMMAND}`).", ""]
+    rows = summarise(runs)
+    steps = runs[0]["requested"]["train"]["steps"]
+    regime = f"{data_name(runs)}, {epochs_range(runs)} epochs"
+    lines = [f"## {title}", "", f"`{data_name(runs)}`, {steps} steps ({epochs_range(runs)} epochs), {seeds_of(runs)} seed(s); "
+             f"P_tot {next(r for r in runs if r['variant'] != 'capacity1')['params_total']:,} at every Engram point (rho = 0 keeps only the top-k routed experts).", ""]  # fmt: skip
+    by_rho = {r["rho"]: {x["seed"]: x["val_loss"] for x in r["runs"]} for r in rows}
+    moe = by_rho.get(1.0)
+
+    def versus_moe(losses: dict[int, float], rho: float | None = None) -> list[str]:
+        if moe is None or rho == 1.0 or not set(losses) & set(moe):
+            return ["", ""]
+        c = compare(losses, moe)
+        return [fmt_estimate(c.diff, True), verdict_word(c.verdict)]
+
+    table = [[f"{r['rho']:.2f}", r["runs"][0]["num_routed_experts"], f"{r['runs'][0]['engram_slots']:,}", r["n"],
+              fmt_estimate(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(by_rho[r["rho"]], r["rho"])] for r in rows]  # fmt: skip
+    verdicts = []
+    for r in summarise(runs, ("capacity1",)):
+        control = {x["seed"]: x["val_loss"] for x in r["runs"]}
+        table.append([f"{r['rho']:.2f} (capacity-1)", r["runs"][0]["num_routed_experts"], "1 per hash column", r["n"],
+                      fmt_estimate(Estimate(r["mean"], r["se"], r["n"])), *versus_moe(control)])  # fmt: skip
+        real = by_rho.get(r["rho"], {})
+        if not verdicts and set(real) & set(control):  # the lowest rho with both: the most memory
+            c = compare(real, control)
+            verdicts.append([f"the memory itself helps: Engram beats its capacity-1 control at rho {r['rho']:.2f} ({title})",
+                             claim_verdict(c.verdict, "lower"), f"{regime}, {seeds_of(r['runs'])} seed(s)",
+                             f"Engram - capacity-1 {fmt_estimate(c.diff, True)}"])  # fmt: skip
+    lines += md_table(["rho", "routed experts", "Engram slots", "seeds", "val loss", "minus MoE (rho 1)", "call"], table)
+    missing = [r for r in DEFAULT_RHOS if not any(abs(r - m) < 1e-9 for m in by_rho)]
+    if missing:
+        lines += ["", f"Measured {len(by_rho)} of the {len(DEFAULT_RHOS)} default rhos; not yet: "
+                      f"{', '.join(f'{m:g}' for m in missing)} (the sweep trains coarse to fine, every seed of a point "
+                      f"before the next; rerun `{STUDY_COMMAND}` to continue)."]  # fmt: skip
+    best = min(rows, key=lambda r: r["mean"])
+    ends = [e for e in (min(by_rho), max(by_rho)) if e != best["rho"]]
+    calls = [compare(by_rho[best["rho"]], by_rho[e]) for e in ends]
+    verdict, shape = u_shape(by_rho)
+    versus = "; ".join(f"vs rho = {e:.2f}: {fmt_estimate(c.diff, True)}" for e, c in zip(ends, calls))
+    opt = optimum(by_rho)
+    tied = (f"rhos not called worse than it (the optimum's uncertainty; measured against the lowest of several noisy "
+            f"means, so if anything too narrow): {', '.join(f'{r:g}' for r in opt.tied)}")  # fmt: skip
+    lines += ["", f"Lowest mean loss at rho = {best['rho']:.2f} ({fmt_estimate(Estimate(best['mean'], best['se'], best['n']))})"
+                  + (f"; {versus}" if versus else "") + f"; {tied}; each seed's own lowest rho: "
+                  + ", ".join(f"{r:g}" for r in opt.per_seed.values()) + "."]  # fmt: skip
+    if shape:
+        lines += ["", "Picking the lowest of several noisy points and testing it on the seeds that picked it favours a call, "
+                      f"so the U-shape verdict is held out: {shape}."]  # fmt: skip
+    measured = ", ".join(f"{r:g}" for r in sorted(by_rho))
+    verdicts.insert(0, [f"U-shape: an interior rho beats both ends ({title})", verdict, f"{regime}, {seeds_of(runs)} seed(s)",
+                        "; ".join(x for x in (f"best rho {best['rho']:.2f} by mean", shape, tied, f"rhos measured: {measured}") if x)])  # fmt: skip
+    return verdicts, lines + [""]
+
+
+def u_shape(by_rho: dict[float, dict[int, float]]) -> tuple[str, str]:
+    """An interior optimum or not, free of selection bias: per seed, the interior rho of
+    lowest mean over the other seeds, scored on that seed against each end (stats.held_out_best).
+    Reproduced when it beats both ends; not reproduced when an end beats it; otherwise, or
+    without both ends and an interior point, inconclusive. Returns (verdict, its numbers)."""
+    interior = [r for r in by_rho if 0.0 < r < 1.0]
+    if not {0.0, 1.0} <= set(by_rho) or not interior:
+        return "inconclusive at this scale", ""  # the interval's ends and a point between are needed to call a shape
+    (low, chosen), (high, _) = (held_out_best(by_rho, interior, end) for end in (0.0, 1.0))
+    if low is None or high is None:
+        return "inconclusive at this scale", "held-out selection needs 2 seeds at the ends and inside"
+    numbers = (f"each seed's interior optimum chosen by the other seeds ({', '.join(f'{r:g}' for r in chosen.values())}), "
+               f"scored on it: minus rho 0 {fmt_estimate(low.diff, True)}, minus rho 1 {fmt_estimate(high.diff, True)}")  # fmt: skip
+    if low.verdict == "lower" and high.verdict == "lower":
+        return "reproduced", numbers
+    if "higher" in (low.verdict, high.verdict):
+        return "not reproduced", numbers
+    return "inconclusive at this scale", numbers

@@ -13,7 +13,7 @@ from typing import Any
 
 from engram_lm.experiments.runner import write_csv
 from engram_lm.experiments.stats import Estimate, estimate
-from engram_lm.experiments.variants import group_by, natural_key
+from engram_lm.experiments.rows import group_by, natural_key
 
 CSV_FIELDS = ["variant", "seed", "step", "epochs", "val_loss"]
 

@@ -107,9 +107,6 @@ def run_specs(
     `analyse(spec, run_dir)` runs on the kept checkpoint of every `keep_checkpoint` spec once
     it has trained (or, found finished without it, before training starts); what it returns
     is stored as the result's "analysis"."""
-    from engram_lm.training.data import prepare_data
-    from engram_lm.training.loop import train
-
     root = Path(root)
     # a checkpoint at every evaluation: a killed study loses at most one interval of a run
     specs = [replace(s, train=s.train.with_(save_every=s.train.eval_every)) for s in specs]
@@ -120,15 +117,7 @@ def run_specs(
     by_request = _all_results(root)  # any finished run under root, also of sections not planned now
     by_request.update({_request_key(r["requested"]): r for r in finished.values()})
     todo = [s for s in specs if s.key not in finished]
-    unique = {_request_key(s.requested()): s for s in reversed(todo) if not s.keep_checkpoint}  # twins train once
-    to_train = [s for k, s in unique.items() if k not in by_request] + [s for s in todo if s.keep_checkpoint]
-    # throughput from every finished run under root (a subset of sections may have none of its own yet)
-    measured = [r for r in by_request.values() if "tokens_per_s" in r and "num_branches" in r]
-    seconds, basis = estimate_seconds(to_train, measured)
-    twins = len(todo) - len(to_train)  # identical requests that train once, or ran already under another name
-    reused = f" ({twins} of them reuse an identical run)" if twins else ""
-    _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train{reused}, "
-         f"~{hms(seconds)} estimated ({basis})")  # fmt: skip
+    _say_plan(specs, finished, todo, by_request)
     if dry_run:
         return list(finished.values())
     for spec in specs:
@@ -138,35 +127,65 @@ def run_specs(
     for i, spec in enumerate(todo):
         twin = None if spec.keep_checkpoint else by_request.get(_request_key(spec.requested()))
         if twin is not None:  # the same training already ran under another name: reuse it
-            record = {**twin, **spec.tags, "reused_from": twin.get("reused_from", twin["key"])}
-            record["key"] = spec.key
-            (root / spec.key).mkdir(parents=True, exist_ok=True)
-            write_json(root / spec.key / "result.json", record)
-            finished[spec.key] = record
+            finished[spec.key] = _reuse(root, spec, twin)
             continue
         if load_result(root, spec) is not None:  # another worker finished it meanwhile
             finished[spec.key] = load_result(root, spec)
             continue
         _say(f"[{i + 1}/{len(todo)}] {spec.key} ({spec.train.steps} steps, {spec.tokens:,} tokens); "
              f"elapsed {hms(time.time() - started)}")  # fmt: skip
-        t0 = time.time()
-        try:
-            result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
-        except RunFolderBusy:  # another `engram study` on the same --out trains it: take the next run
-            _say(f"  {spec.key}: another worker is training it; moving on")
+        record = _train_run(root, spec, device, progress)
+        if record is None:
             continue
-        train_tokens = len(prepare_data(spec.train.data, spec.train.tokenizer).train)
-        record = {**spec.tags, **result.counts, "num_branches": spec.model.num_branches, "val_loss": result.val_loss,
-                  "val_curve": _val_curve(root / spec.key), "tokens_seen": result.tokens_seen,
-                  "train_tokens": train_tokens, "epochs": result.tokens_seen / max(train_tokens, 1),
-                  "tokens_per_s": result.tokens_per_s, "wall_s": round(time.time() - t0, 1),
-                  "data": spec.train.data, "key": spec.key, "requested": spec.requested()}  # fmt: skip
-        write_json(root / spec.key / "result.json", record)
         record = _analysed(root, spec, record, analyse)
         if not (keep_checkpoints or spec.keep_checkpoint):
             shutil.rmtree(root / spec.key / "checkpoints", ignore_errors=True)
         finished[spec.key] = by_request[_request_key(record["requested"])] = record
     return [finished[s.key] for s in specs if s.key in finished]
+
+
+def _say_plan(specs: list[RunSpec], finished: dict[str, dict[str, Any]], todo: list[RunSpec],
+              by_request: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """One line: how many runs are planned, finished, to train (twins train once) and how long it takes."""
+    unique = {_request_key(s.requested()): s for s in reversed(todo) if not s.keep_checkpoint}  # twins train once
+    to_train = [s for k, s in unique.items() if k not in by_request] + [s for s in todo if s.keep_checkpoint]
+    # throughput from every finished run under root (a subset of sections may have none of its own yet)
+    measured = [r for r in by_request.values() if "tokens_per_s" in r and "num_branches" in r]
+    seconds, basis = estimate_seconds(to_train, measured)
+    twins = len(todo) - len(to_train)  # identical requests that train once, or ran already under another name
+    reused = f" ({twins} of them reuse an identical run)" if twins else ""
+    _say(f"{len(specs)} runs planned: {len(finished)} finished, {len(todo)} to train{reused}, "
+         f"~{hms(seconds)} estimated ({basis})")  # fmt: skip
+
+
+def _reuse(root: Path, spec: RunSpec, twin: dict[str, Any]) -> dict[str, Any]:
+    """The twin's result recorded under this spec's folder and tags."""
+    record = {**twin, **spec.tags, "reused_from": twin.get("reused_from", twin["key"])}
+    record["key"] = spec.key
+    (root / spec.key).mkdir(parents=True, exist_ok=True)
+    write_json(root / spec.key / "result.json", record)
+    return record
+
+
+def _train_run(root: Path, spec: RunSpec, device: str | None, progress: bool) -> dict[str, Any] | None:
+    """Train one run and write its result.json; None when another worker holds its folder."""
+    from engram_lm.training.data import prepare_data
+    from engram_lm.training.loop import train
+
+    t0 = time.time()
+    try:
+        result = train(spec.model, spec.train, root / spec.key, name=spec.key, device=device, progress=progress)
+    except RunFolderBusy:  # another `engram study` on the same --out trains it: take the next run
+        _say(f"  {spec.key}: another worker is training it; moving on")
+        return None
+    train_tokens = len(prepare_data(spec.train.data, spec.train.tokenizer).train)
+    record = {**spec.tags, **result.counts, "num_branches": spec.model.num_branches, "val_loss": result.val_loss,
+              "val_curve": _val_curve(root / spec.key), "tokens_seen": result.tokens_seen,
+              "train_tokens": train_tokens, "epochs": result.tokens_seen / max(train_tokens, 1),
+              "tokens_per_s": result.tokens_per_s, "wall_s": round(time.time() - t0, 1),
+              "data": spec.train.data, "key": spec.key, "requested": spec.requested()}  # fmt: skip
+    write_json(root / spec.key / "result.json", record)
+    return record
 
 
 def _analysed(root: Path, spec: RunSpec, record: dict[str, Any],

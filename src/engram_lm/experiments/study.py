@@ -46,118 +46,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engram_lm.experiments.ablations import ablation_specs, write_ablations
 from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
+from engram_lm.experiments.oe_diagnosis import oe_diagnosis_specs
+from engram_lm.experiments.regularisation import regularisation_control_specs, regularisation_specs
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
+from engram_lm.experiments.scaling import SCALING_TABLE_PARAMS, scaling_specs, write_scaling
 from engram_lm.experiments.sensitivity import analyse_run, sensitivity_specs
-from engram_lm.experiments.variants import (
-    SCALING_TABLE_PARAMS, ablation_specs, scaling_specs, write_ablations, write_scaling,
-)  # fmt: skip
-from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
+from engram_lm.experiments.table_lr import table_lr_specs
+from engram_lm.recipes import quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
             "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
-TABLE_LR_MULTS = (0.5, 1.0, 2.0, 5.0, 10.0)
-# table weight decay: 0.1 and 1.0 first; 1.0, the top of that range, was best by far (-0.145 vs none, 3 seeds),
-# so the range went on to 3 and 10, and 10 was best again (3.2865 vs 3.2964 at 3), so on to 30: decoupled decay
-# caps a row near 1/wd, and as wd grows the memory fades to nothing (an MoE with fewer experts), so the sweep
-# must reach the side where it hurts to show the optimum; by the same rule element-wise dropout went on to 0.5 after
-# 0.3 beat 0.1 (3.330 and 3.344 vs 3.426 and 3.426 on seeds 0-1), to 0.7 after 0.5 beat 0.3 (3.276 vs 3.330, seed 0),
-# and to 0.9 after 0.7 beat 0.5 (3.2788 vs 3.2859, 3 seeds); whole-row dropout went on to 0.5 after 0.3 beat 0.1
-# (3.3234 vs 3.4229, seed 0) and to 0.7 after 0.5 beat 0.3 (3.2692 vs 3.3234, seed 0), dropout on the module's
-# output to 0.5 after 0.3 beat 0.1 (3.3312 vs 3.4194, seed 0), to 0.7 after 0.5 beat 0.3 (3.2915 vs 3.3312,
-# seed 0; added in session 15, where it had been missed) and to 0.9 after 0.7 beat 0.5 (3.2808 vs 3.2915, seed 0;
-# 3.2919 vs 3.2998, seed 1). Last, one combination: row dropout 0.5 is the lowest on
-# repeated data (3.2729) but costs single-epoch (+0.0178), decay 10 costs nothing (-0.0016) but is higher (+0.0136);
-# does row dropout 0.3 (+0.0005 single-epoch on seed 0) added to the default's decay close the gap for free? No (3 seeds):
-# it ties decay 10 alone on repeated data (-0.0009 ± 0.0007) and costs single-epoch (+0.0120 ± 0.0036 vs none)
-REGULARISERS = {"none": {}, "table_wd_0.1": {"table_weight_decay": 0.1}, "table_wd_1.0": {"table_weight_decay": 1.0},
-                "table_wd_3.0": {"table_weight_decay": 3.0}, "table_wd_10.0": {"table_weight_decay": 10.0},
-                "table_wd_30.0": {"table_weight_decay": 30.0},
-                "dropout_0.1": {"dropout": 0.1}, "dropout_0.3": {"dropout": 0.3}, "dropout_0.5": {"dropout": 0.5},
-                "dropout_0.7": {"dropout": 0.7}, "dropout_0.9": {"dropout": 0.9},
-                "row_dropout_0.1": {"row_dropout": 0.1}, "row_dropout_0.3": {"row_dropout": 0.3},
-                "row_dropout_0.5": {"row_dropout": 0.5}, "row_dropout_0.7": {"row_dropout": 0.7},
-                "output_dropout_0.1": {"output_dropout": 0.1},
-                "output_dropout_0.3": {"output_dropout": 0.3}, "output_dropout_0.5": {"output_dropout": 0.5},
-                "output_dropout_0.7": {"output_dropout": 0.7}, "output_dropout_0.9": {"output_dropout": 0.9},
-                "table_wd_10.0_row_dropout_0.3": {"table_weight_decay": 10.0, "row_dropout": 0.3}}  # fmt: skip
-# regularisers whose Engram is run against its capacity-1 control on repeated data, with their role (3 seeds:
-# row dropout 0.5 3.2729, the default's decay 3.2865; single-epoch costs +0.0178 and -0.0016)
-CONTROLLED = {"table_wd_10.0": "the default: the lowest on repeated data of the regularisers that cost nothing where "
-                                "nothing repeats",
-              "row_dropout_0.5": "the lowest on repeated data of all, but it costs where nothing repeats"}  # fmt: skip
-
-
-def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefix: str = "",
-                         experiment: str = "regularisation") -> list[RunSpec]:  # fmt: skip
-    """Engram with each regulariser, and the MoE, trained `steps` on `data`:
-    4x the quickstart on the built-in corpus repeats it (3.45 epochs); the quickstart's
-    400 steps do not (0.86 epochs). Every seed of a variant before the next variant, the
-    baselines first: a stopped study has whole comparisons, not one seed of everything."""
-    moe, train_cfg = quickstart_moe()
-    engram, _ = quickstart_engram()
-    train_cfg = paper_optimiser(train_cfg).with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
-    variants = {"moe": (moe, train_cfg)}
-    for name, change in REGULARISERS.items():
-        dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
-        model = engram.with_(engram=engram.engram.with_(**dropouts))
-        variants[f"engram_{name}"] = (model, train_cfg.with_(table_weight_decay=change.get("table_weight_decay", 0.0)))
-    return [RunSpec(f"{prefix}{variant}/seed-{seed}", model, t.with_(seed=seed),
-                    {"experiment": experiment, "variant": variant, "seed": seed})
-            for variant, (model, t) in variants.items() for seed in seeds]  # fmt: skip
-
-
-def regularisation_control_specs(*, seeds, steps: int, prefix: str = "") -> list[RunSpec]:
-    """Each CONTROLLED regulariser's Engram against its capacity-1 control (the same module,
-    one row per hash head), with the same regulariser, on the same repeated data: decay shrinks
-    every row and row dropout hides them, so is what is left of the memory still worth more
-    than a constant vector? The Engram and MoE runs are the regularisation section's
-    (identical: reused). The default's pair first."""
-    engrams = [f"engram_{name}" for name in CONTROLLED]
-    specs = [s for s in regularisation_specs(seeds=seeds, steps=steps, prefix=prefix, experiment="regularisation-control")
-             if s.tags["variant"] in ("moe", *engrams)]  # fmt: skip
-    controls = []
-    for name in CONTROLLED:
-        controls += [RunSpec(f"{prefix}capacity1_{name}/seed-{s.tags['seed']}",
-                             s.model.with_(engram=s.model.engram.with_(single_slot=True)), s.train,
-                             {**s.tags, "variant": f"capacity1_{name}"})
-                     for s in specs if s.tags["variant"] == f"engram_{name}"]  # fmt: skip
-    return controls + specs
-
-
-def oe_diagnosis_specs(*, seeds, prefix: str = "") -> list[RunSpec]:
-    """Why OverEncoding (paper form) might lose to no memory here: the same largest table
-    with the token embedding kept at full scale (E + mean of the n-gram vectors), or with
-    Engram's 5x table learning rate; the MoE per seed for the comparison."""
-    from engram_lm.experiments.variants import scaling_configs
-
-    moe, train_cfg = quickstart_moe()
-    train_cfg = paper_optimiser(train_cfg)
-    configs = scaling_configs(max(SCALING_TABLE_PARAMS))
-    oe = configs["overencoding"]
-    variants = {"overencoding_add_mean": (configs["overencoding_add_mean"], 1.0), "overencoding_lr5x": (oe, 5.0),
-                "overencoding": (oe, 1.0), "moe": (moe, train_cfg.table_lr_mult)}  # fmt: skip
-    specs = []
-    for seed in seeds:
-        for name, (model, mult) in variants.items():
-            t = train_cfg.with_(seed=seed, table_lr_mult=mult)
-            specs.append(RunSpec(f"{prefix}{name}/seed-{seed}", model, t, {"experiment": "oe-diagnosis", "variant": name, "seed": seed}))
-    return specs
-
-
-def table_lr_specs(*, seeds, data: str = "bible", prefix: str = "") -> list[RunSpec]:
-    engram, train_cfg = quickstart_engram()
-    train_cfg = paper_optimiser(train_cfg)
-    specs = []
-    for seed in seeds:
-        for mult in TABLE_LR_MULTS:
-            tags = {"experiment": "table-lr", "table_lr_mult": mult, "seed": seed}
-            t = train_cfg.with_(seed=seed, data=data, table_lr_mult=mult)
-            specs.append(RunSpec(f"{prefix}mult-{mult:g}/seed-{seed}", engram, t, tags))
-    return specs
 
 
 def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTIONS) -> dict[str, list[RunSpec]]:
