@@ -177,20 +177,8 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
     device = torch.device(device)
     data = prepare_data("bible", "bpe:4096")
     prompts = _workload(np.asarray(data.val), batch, prompt_len)
-    base, _ = quickstart_moe()
-    cfg = resolve_model_config(base.with_(engram=_engram_config(table_gb)), data)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = EngramLM(cfg)
-    engram = model.blocks[1].engram
-    rows, dim = engram.memory.num_rows, engram.memory.dim
-    model.to_empty(device=device)
-    model._init_weights()
-    model.init_rope(device)
-    weight = torch.empty(rows, dim)
-    for start in range(0, rows, 1 << 22):  # chunked init keeps peak memory at one table
-        weight[start : start + (1 << 22)].normal_(std=0.02)
-    model.eval()
+    model, weight = _bench_model(table_gb, data, device)
+    rows, dim = weight.shape
     probe_rows = model.hasher(torch.tensor(prompts), eod_id=model.config.eod_id, global_rows=True)[1].cpu()
     result: dict[str, Any] = {"cold": {}, "warm": {}}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -199,59 +187,15 @@ def bench_offload(table_gb: float = 4.0, batch: int = 8, prompt_len: int = 192, 
             for start in range(0, rows, 1 << 20):
                 f.write(encode_rows(weight[start : start + (1 << 20)], "fp32").tobytes())
         result["reference"] = reference_iops(path)
-        engram_block, hasher = model.blocks[1].engram, model.hasher
         result["cache"] = {"hit_rate": _stream_hit_rate(model, weight, np.asarray(data.val), cache_rows, prompt_len),
                            "rows": cache_rows}  # fmt: skip
         names = [tier + variant for tier in TIERS for variant in VARIANTS]
         if device_config if device_config is not None else device.type == "cuda":
             names.insert(0, "device")  # the table in GPU memory: the reference the paper's <= 3% is against
         build = lambda name: _stack(name, weight, path, rows, dim, device, cache_rows)  # noqa: E731
-        for name in names:  # cold: one configuration at a time, a fresh table on an evicted file
-            if name.startswith("ram") or name == "device":
-                continue  # nothing to drop: RAM has no page cache
-            _evict(path)  # pages an mmap still maps cannot be dropped: every table is closed first
-            table = build(name)
-            gather = _rows_per_s(table, probe_rows)
-            table.close()
-            del table
-            _evict(path)
-            table = engram_block.memory = build(name)
-            pre, dec = _measure(model, prompts, new_tokens, 1)  # the first contact is the cold one
-            result["cold"][name] = {"prefill_tok_s": pre, "decode_tok_s": dec, "rows_per_s": gather, **_decisions(table)}
-            table.close()
-            engram_block.memory = None
-            del table
-        # warm: every configuration built at once and timed in turns, so that drift of the
-        # machine (a shared VM drifts by 5-10% within minutes) falls on all of them alike
-        tables = {name: build(name) for name in names}
-        gathers = {name: _rows_per_s(t, probe_rows) for name, t in tables.items()}
-
-        def install(name: str) -> None:
-            if name == "no_engram":  # the same backbone without its Engram layer
-                model.blocks[1].engram = model.hasher = None
-            else:
-                model.blocks[1].engram, model.hasher = engram_block, hasher
-                engram_block.memory = tables[name]
-
-        timed = ["no_engram", *names]
-        samples: dict[str, list[tuple[float, float]]] = {n: [] for n in timed}
-        for turn in range(WARMUP_PASSES + repeats):  # steady state: caches filled, prefetch policy decided
-            for name in timed[turn % len(timed) :] + timed[: turn % len(timed)]:
-                install(name)
-                sample = _measure(model, prompts, new_tokens, 1)
-                if turn >= WARMUP_PASSES:
-                    samples[name].append(sample)
-        install(names[0])
-        for name in timed:
-            pre, dec = (statistics.median(x) for x in zip(*samples[name]))
-            entry = {"prefill_tok_s": pre, "decode_tok_s": dec}
-            if name == "no_engram":
-                result["no_engram"] = entry
-            else:
-                result["warm"][name] = {**entry, "rows_per_s": gathers[name], **_decisions(tables[name])}
-        for t in tables.values():
-            t.close()
-        paired = _paired_ratios(samples)
+        result["cold"] = _cold_pass(model, names, build, path, probe_rows, prompts, new_tokens)
+        warm, no_engram, paired = _warm_pass(model, names, build, probe_rows, prompts, new_tokens, repeats)
+        result["warm"], result["no_engram"] = warm, no_engram
         result["cold"]["ram"] = result["warm"]["ram"]  # the same numbers: listed so every tier has both
     ram = result["warm"]["ram"]
     configs = [{"name": n, **r, "penalty_vs_ram": _penalty(r, ram)} for n, r in result["warm"].items()]
@@ -343,3 +287,84 @@ def _table(tier: str, weight: torch.Tensor, path: Path, rows: int, dim: int, dev
 
         return SsdTable(path, rows, dim, "fp32", device=device)
     return MmapTable(path, rows, dim, "fp32", device=device)
+
+
+def _bench_model(table_gb: float, data, device: torch.device) -> tuple[EngramLM, torch.Tensor]:
+    """The quickstart MoE with one Engram layer whose table is about `table_gb` (built on the
+    meta device, so the table is never allocated twice) and that table's random fp32 rows."""
+    base, _ = quickstart_moe()
+    cfg = resolve_model_config(base.with_(engram=_engram_config(table_gb)), data)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = EngramLM(cfg)
+    engram = model.blocks[1].engram
+    rows, dim = engram.memory.num_rows, engram.memory.dim
+    model.to_empty(device=device)
+    model._init_weights()
+    model.init_rope(device)
+    weight = torch.empty(rows, dim)
+    for start in range(0, rows, 1 << 22):  # chunked init keeps peak memory at one table
+        weight[start : start + (1 << 22)].normal_(std=0.02)
+    model.eval()
+    return model, weight
+
+
+def _cold_pass(model: EngramLM, names: list[str], build, path: Path, probe_rows: torch.Tensor, prompts,
+               new_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """One configuration at a time, each a fresh table on an evicted file: its first contact."""
+    cold: dict[str, Any] = {}
+    engram_block = model.blocks[1].engram
+    for name in names:
+        if name.startswith("ram") or name == "device":
+            continue  # nothing to drop: RAM has no page cache
+        _evict(path)  # pages an mmap still maps cannot be dropped: every table is closed first
+        table = build(name)
+        gather = _rows_per_s(table, probe_rows)
+        table.close()
+        del table
+        _evict(path)
+        table = engram_block.memory = build(name)
+        pre, dec = _measure(model, prompts, new_tokens, 1)  # the first contact is the cold one
+        cold[name] = {"prefill_tok_s": pre, "decode_tok_s": dec, "rows_per_s": gather, **_decisions(table)}
+        table.close()
+        engram_block.memory = None
+        del table
+    return cold
+
+
+def _warm_pass(model: EngramLM, names: list[str], build, probe_rows: torch.Tensor, prompts, new_tokens: int,
+               repeats: int) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:  # fmt: skip
+    """Every configuration built at once and timed in turns (and the backbone without Engram),
+    so that drift of the machine (a shared VM drifts by 5-10% within minutes) falls on all of
+    them alike: (warm results, no-Engram result, paired ratios)."""
+    engram_block, hasher = model.blocks[1].engram, model.hasher
+    tables = {name: build(name) for name in names}
+    gathers = {name: _rows_per_s(t, probe_rows) for name, t in tables.items()}
+
+    def install(name: str) -> None:
+        if name == "no_engram":  # the same backbone without its Engram layer
+            model.blocks[1].engram = model.hasher = None
+        else:
+            model.blocks[1].engram, model.hasher = engram_block, hasher
+            engram_block.memory = tables[name]
+
+    timed = ["no_engram", *names]
+    samples: dict[str, list[tuple[float, float]]] = {n: [] for n in timed}
+    for turn in range(WARMUP_PASSES + repeats):  # steady state: caches filled, prefetch policy decided
+        for name in timed[turn % len(timed) :] + timed[: turn % len(timed)]:
+            install(name)
+            sample = _measure(model, prompts, new_tokens, 1)
+            if turn >= WARMUP_PASSES:
+                samples[name].append(sample)
+    install(names[0])
+    warm, no_engram = {}, {}
+    for name in timed:
+        pre, dec = (statistics.median(x) for x in zip(*samples[name]))
+        entry = {"prefill_tok_s": pre, "decode_tok_s": dec}
+        if name == "no_engram":
+            no_engram = entry
+        else:
+            warm[name] = {**entry, "rows_per_s": gathers[name], **_decisions(tables[name])}
+    for t in tables.values():
+        t.close()
+    return warm, no_engram, _paired_ratios(samples)

@@ -182,6 +182,14 @@ def _print_quickstart(r: dict[str, Any]) -> None:
 
 
 def add_model_commands(sub) -> None:
+    _add_train_commands(sub)
+    _add_serving_commands(sub)
+    _add_retrofit_command(sub)
+    _add_quickstart_command(sub)
+
+
+def _add_train_commands(sub) -> None:
+    """`engram train` and `engram eval`."""
     p = sub.add_parser("train", help="train a model from a preset")
     p.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder")
@@ -207,6 +215,9 @@ def add_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval, show=_print_eval)
 
+
+def _add_serving_commands(sub) -> None:
+    """`engram generate`, `engram export-memory` and `engram verify-memory`."""
     p = sub.add_parser("generate", help="continue prompts with a trained model")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
@@ -231,6 +242,13 @@ def add_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
 
+    p = sub.add_parser("verify-memory", help="re-hash exported table files against their manifest")
+    p.add_argument("dir", help="an export folder (manifest.json + layer-<L>.bin)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_verify_memory, show=_print_verify)
+
+
+def _add_retrofit_command(sub) -> None:
     p = sub.add_parser("retrofit", help="add Engram to a local Hugging Face causal LM and train only the memory")
     p.add_argument("--model", required=True, help="a local Hugging Face model folder (config.json, weights, tokenizer.json)")
     p.add_argument("--data", default="bible", help="what `engram train --data` takes, tokenized with the model's tokenizer")
@@ -244,11 +262,8 @@ def add_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_retrofit, show=_print_retrofit)
 
-    p = sub.add_parser("verify-memory", help="re-hash exported table files against their manifest")
-    p.add_argument("dir", help="an export folder (manifest.json + layer-<L>.bin)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_verify_memory, show=_print_verify)
 
+def _add_quickstart_command(sub) -> None:
     p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~8 min on 2 cores)")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--data", help="run the same comparison on your corpus")

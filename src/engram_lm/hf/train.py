@@ -72,78 +72,104 @@ def evaluate_lm(model, windows, device) -> float:
 
 def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    from transformers import AutoModelForCausalLM
-
     model_path, out_dir = Path(model_path), Path(out_dir)
+    tok_file = _check_model_folder(model_path)
+    with RunLock(out_dir):
+        data = prepare_data(cfg.data, str(tok_file))
+        torch.manual_seed(cfg.seed)
+        model = _load_base(model_path, out_dir, cfg, data.vocab_size, device)
+        windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        base_val = evaluate_lm(model, windows, device)
+        start, optimizers, resumed = _attach_or_resume(model, cfg, out_dir, tok_file, data.eod_id)
+        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resumed else None)
+        if not resumed:
+            metrics.write(step=0, base_val_loss=base_val)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        val = _train_memory(model, optimizers, data, windows, cfg, out_dir, start, metrics, device, progress)
+        result = {"base_val_loss": base_val, "val_loss": val, "trainable_params": trainable, "total_params": total,
+                  "adapter": str(out_dir / "adapter"), "steps": cfg.steps, "val_tokens": sum(y.numel() for _, y in windows)}  # fmt: skip
+        write_json(out_dir / "result.json", {**result, "config": asdict(cfg), "model": str(model_path), **run_metadata()})
+        return result
+
+
+def _check_model_folder(model_path: Path) -> Path:
+    """The folder's tokenizer.json, after checking it is a Hugging Face model folder with one."""
     tok_file = model_path / "tokenizer.json"
     if not (model_path / "config.json").exists():
         raise ValueError(f"{model_path} is not a Hugging Face model folder (no config.json); point --model at one")
     if not tok_file.exists():
         raise ValueError(f"{model_path} has no tokenizer.json (a fast tokenizer file); save the tokenizer with "
                          "tokenizer.save_pretrained into the model folder")  # fmt: skip
-    with RunLock(out_dir):
-        data = prepare_data(cfg.data, str(tok_file))
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32).to(device)
-        if cfg.train_base and (out_dir / "base" / "config.json").exists():  # a resumed fine-tune of the base
-            model = AutoModelForCausalLM.from_pretrained(out_dir / "base", local_files_only=True, dtype=torch.float32).to(device)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if data.vocab_size > vocab:
-            raise ValueError(f"the tokenizer has {data.vocab_size} ids but the model embeds {vocab}: wrong tokenizer")
-        windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        base_val = evaluate_lm(model, windows, device)
-        state_path, adapter_dir = out_dir / "state.json", out_dir / "adapter"
-        resumed = state_path.exists()
-        if resumed:
-            saved = json.loads(state_path.read_text())
-            if saved["config"] != json.loads(json.dumps(asdict(cfg))):
-                raise ValueError(f"{out_dir} holds a retrofit with another configuration; pass a new --out")
-            load_engram(model, adapter_dir)
-        else:
-            add_engram(model, str(tok_file), layers=cfg.layers, table_size=cfg.table_size, num_heads=cfg.num_heads,
-                       max_ngram=cfg.max_ngram, eod_id=data.eod_id, pad_id=data.eod_id)  # fmt: skip
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("engram.") or cfg.train_base)
-        optimizers = _optimizers(model, cfg)
-        start = 0
-        if resumed:
-            start = json.loads(state_path.read_text())["step"]
-            _load_optimizers(model, optimizers, out_dir / "optimizer.safetensors")
-        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resumed else None)
-        if not resumed:
-            metrics.write(step=0, base_val_loss=base_val)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        bar = Progress("retrofit", cfg.steps, enabled=progress)
-        model.train()
-        val, t0 = float("nan"), time.time()
-        for step in range(start, cfg.steps):
-            x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step)
-            seed_step(cfg.seed, step)  # the base model's own dropout, if it has any
-            logits = model(input_ids=x.to(device), use_cache=False).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
-            loss.backward()
-            for opt in optimizers.values():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            done = step + 1
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"the loss became {loss.item()} at step {done}; lower --lr")
-            metrics.write(step=done, loss=loss.item())
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                val = evaluate_lm(model, windows, device)
-                metrics.write(step=done, val_loss=val)
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                _save(model, optimizers, out_dir, done, cfg)
-            rate = (done - start) * cfg.batch_size * cfg.seq_len / max(time.time() - t0, 1e-9)
-            bar.update(done, loss.item(), rate, (cfg.steps - done) * cfg.batch_size * cfg.seq_len / max(rate, 1e-9))
-        bar.close()
-        if math.isnan(val):
+    return tok_file
+
+
+def _load_base(model_path: Path, out_dir: Path, cfg: RetrofitConfig, vocab_size: int, device: str):
+    """The base model in fp32 on `device` (a resumed fine-tune of the base: its saved copy)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32).to(device)
+    if cfg.train_base and (out_dir / "base" / "config.json").exists():  # a resumed fine-tune of the base
+        model = AutoModelForCausalLM.from_pretrained(out_dir / "base", local_files_only=True, dtype=torch.float32).to(device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {vocab_size} ids but the model embeds {vocab}: wrong tokenizer")
+    return model
+
+
+def _attach_or_resume(model, cfg: RetrofitConfig, out_dir: Path, tok_file: Path,
+                      eod_id: int) -> tuple[int, dict[str, torch.optim.Optimizer], bool]:  # fmt: skip
+    """Add the memory (or load the run's adapter), freeze what does not train and build the
+    optimizers (with their saved state on resume): (start step, optimizers, resumed)."""
+    state_path, adapter_dir = out_dir / "state.json", out_dir / "adapter"
+    resumed = state_path.exists()
+    if resumed:
+        saved = json.loads(state_path.read_text())
+        if saved["config"] != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"{out_dir} holds a retrofit with another configuration; pass a new --out")
+        load_engram(model, adapter_dir)
+    else:
+        add_engram(model, str(tok_file), layers=cfg.layers, table_size=cfg.table_size, num_heads=cfg.num_heads,
+                   max_ngram=cfg.max_ngram, eod_id=eod_id, pad_id=eod_id)  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("engram.") or cfg.train_base)
+    optimizers = _optimizers(model, cfg)
+    start = 0
+    if resumed:
+        start = json.loads(state_path.read_text())["step"]
+        _load_optimizers(model, optimizers, out_dir / "optimizer.safetensors")
+    return start, optimizers, resumed
+
+
+def _train_memory(model, optimizers, data, windows, cfg: RetrofitConfig, out_dir: Path, start: int, metrics: MetricsLog,
+                  device: str, progress: bool) -> float:  # fmt: skip
+    """Steps `start`..cfg.steps, logging, evaluating and saving on their cadences; the last
+    validation loss."""
+    bar = Progress("retrofit", cfg.steps, enabled=progress)
+    model.train()
+    val, t0 = float("nan"), time.time()
+    for step in range(start, cfg.steps):
+        x, y = sample_batch(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, step=step)
+        seed_step(cfg.seed, step)  # the base model's own dropout, if it has any
+        logits = model(input_ids=x.to(device), use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if not math.isfinite(loss.item()):
+            raise ValueError(f"the loss became {loss.item()} at step {done}; lower --lr")
+        metrics.write(step=done, loss=loss.item())
+        if done % cfg.eval_every == 0 or done == cfg.steps:
             val = evaluate_lm(model, windows, device)
-        result = {"base_val_loss": base_val, "val_loss": val, "trainable_params": trainable, "total_params": total,
-                  "adapter": str(adapter_dir), "steps": cfg.steps, "val_tokens": sum(y.numel() for _, y in windows)}  # fmt: skip
-        write_json(out_dir / "result.json", {**result, "config": asdict(cfg), "model": str(model_path), **run_metadata()})
-        return result
+            metrics.write(step=done, val_loss=val)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            _save(model, optimizers, out_dir, done, cfg)
+        rate = (done - start) * cfg.batch_size * cfg.seq_len / max(time.time() - t0, 1e-9)
+        bar.update(done, loss.item(), rate, (cfg.steps - done) * cfg.batch_size * cfg.seq_len / max(rate, 1e-9))
+    bar.close()
+    return evaluate_lm(model, windows, device) if math.isnan(val) else val
 
 
 def _optimizers(model, cfg: RetrofitConfig) -> dict[str, torch.optim.Optimizer]:
