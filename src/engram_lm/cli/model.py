@@ -264,7 +264,7 @@ def _add_retrofit_command(sub) -> None:
 
 
 def _add_quickstart_command(sub) -> None:
-    p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~8 min on 2 cores)")
+    p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~3-5 min on 2 cores)")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--data", help="run the same comparison on your corpus")
     p.add_argument("--steps", type=int, help="override the number of steps (default from the presets)")
