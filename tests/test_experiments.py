@@ -756,7 +756,8 @@ def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
     for section, specs in plan.items():
         for s in specs:
             varied = section.startswith(("regularisation", "duration-repeated")) and "_table_wd_" in s.tags["variant"]
-            assert (s.train.table_weight_decay != 0.0) == varied, s.key  # OverEncoding's tables included
+            default = section == "regime" and s.tags["variant"] == "engram"  # it asks what the default does
+            assert (s.train.table_weight_decay != 0.0) == (varied or default), s.key  # OverEncoding's tables included
 
 
 def test_engram_is_compared_with_the_strongest_overencoding_too():
@@ -901,3 +902,71 @@ def test_summary_sentences_follow_the_calls_and_quote_the_sections_numbers(tmp_p
     assert summary_lines({}, "0 rows.") == []  # nothing finished: no summary
     assert plot_summary({"duration-repeated": runs}, tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 0
     assert not plot_summary({}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_a_corpus_slice_takes_the_first_n_characters_in_pieces_without_gutenberg_boilerplate(tmp_path):
+    from engram_lm.training.corpus import SLICE_PIECE_CHARS, load_corpus
+
+    book = "The Project Gutenberg eBook\n*** START OF THE BOOK ***\n" + "a line of the novel\n" * 3000 + \
+        "*** END OF THE BOOK ***\nlicence text\n"  # fmt: skip
+    (tmp_path / "a.txt").write_text(book)
+    (tmp_path / "b.txt").write_text("second book\n" * 100)
+    whole = load_corpus(f"first:{10**9}:{tmp_path}")
+    assert whole[0].startswith("a line of the novel") and not any("Gutenberg" in d or "licence" in d for d in whole)
+    assert all(len(d) <= SLICE_PIECE_CHARS for d in whole)
+    assert "".join(whole[:-1]) == "a line of the novel\n" * 3000 and whole[-1] == "second book\n" * 100
+    # 50,010 characters: pieces of 20,000 (1,000 lines of 20), then the rest cut back to its last line end (10,010 ->
+    # 500 whole lines, the last one's newline dropped with the cut)
+    first = load_corpus(f"first:50010:{tmp_path}")
+    assert [len(d) for d in first] == [20000, 20000, 9999] and first[-1].endswith("a line of the novel")
+    for bad in ("first:0:bible", "first:x:bible", "first:10"):
+        with pytest.raises(ValueError, match="first:N:CORPUS"):
+            load_corpus(bad)
+
+
+def test_a_slice_is_known_by_its_size_and_folder_name_in_run_requests():
+    from engram_lm.experiments.runner import data_key
+
+    assert data_key("first:1000000:../shared/data/gutenberg-novels") == "first:1000000:gutenberg-novels"
+    assert data_key("/x/y/gutenberg-novels") == "gutenberg-novels" != data_key("first:1000000:/x/y/gutenberg-novels")
+
+
+def test_regime_specs_train_each_corpus_to_its_epochs_with_the_default_decay(tmp_path):
+    from engram_lm.experiments.regime import regime_specs
+    from engram_lm.training.data import prepare_data
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"{i:02d}.txt").write_text(" ".join(f"w{(i * 13 + k) % 500}" for k in range(400)))
+    tokens = len(prepare_data(str(docs), "bpe:4096").train)
+    specs = regime_specs(seeds=(0, 1), corpora={"mine": str(docs)}, epochs=(1.0, 2.5))
+    assert [(s.tags["epochs_target"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
+        (1.0, "moe", 0), (1.0, "engram", 0), (1.0, "moe", 1), (1.0, "engram", 1),
+        (2.5, "moe", 0), (2.5, "engram", 0), (2.5, "moe", 1), (2.5, "engram", 1)]  # fmt: skip
+    for s in specs:
+        assert s.train.steps == max(1, round(s.tags["epochs_target"] * tokens / (16 * 128)))
+        assert s.train.table_weight_decay == (10.0 if s.tags["variant"] == "engram" else 0.0)
+        assert (s.model.engram is not None) == (s.tags["variant"] == "engram")
+
+
+def test_regime_section_calls_each_corpus_past_one_epoch():
+    from engram_lm.experiments.regime import CLAIM, SINGLE_CLAIM, regime_section
+
+    def run(corpus, target, variant, seed, loss):
+        return {"corpus": corpus, "epochs_target": target, "variant": variant, "seed": seed, "val_loss": loss,
+                "epochs": target, "requested": {"train": {"steps": int(100 * target)}}}  # fmt: skip
+
+    runs = []
+    for seed, jitter in enumerate((0.0, 0.004, -0.002)):  # mean +0.00067, SE 0.0018 (as in the duration tests)
+        for target, code_gap, prose_gap in ((1.0, -0.05, -0.05), (2.5, 0.0, 0.03), (4.0, -0.01, 0.04)):
+            runs += [run("code", target, "moe", seed, 4.0), run("code", target, "engram", seed, 4.0 + code_gap + jitter),
+                     run("prose", target, "moe", seed, 4.0), run("prose", target, "engram", seed, 4.0 + prose_gap + jitter)]
+    verdicts, lines = regime_section(runs)
+    by_claim = {v[0]: v for v in verdicts}
+    assert by_claim[f"{SINGLE_CLAIM} (code)"][1] == "reproduced"  # -0.0493 ± 0.0018 at 1 epoch
+    assert by_claim[f"{CLAIM} (code)"][1] == "reproduced: not called worse at any length past one epoch"  # +0.0007, -0.0093
+    assert by_claim[f"{CLAIM} (prose)"][1] == "not reproduced: called worse at 2.50, 4.00 epochs"
+    assert by_claim[f"{CLAIM} (prose)"][3].endswith("+0.0307 ± 0.0018 at 2.50 epochs, +0.0407 ± 0.0018 at 4.00 epochs")
+    assert "| code | 2.50 | 250 | 3 | 4.0000 ± 0.0000 | 4.0007 ± 0.0018 | +0.0007 ± 0.0018 | inconclusive |" in lines
+    assert regime_section([])[1][2].startswith("Not run yet")

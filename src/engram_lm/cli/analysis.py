@@ -99,6 +99,25 @@ def _print_duration(r: dict[str, Any]) -> None:
     print(f"written: {r['csv']}, {r['png']}")
 
 
+def cmd_regime(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.experiments.regime import regime_corpora, regime_section, regime_sweep
+
+    corpora = regime_corpora(args.novels)
+    for data in args.data or []:
+        corpora[Path(data).name or data] = data
+    runs = regime_sweep(Path(args.out), seeds=_seeds(args), corpora=corpora, progress=not args.quiet, device=args.device)
+    verdicts, lines = regime_section(runs)
+    return {"verdicts": [{"claim": v[0], "verdict": v[1], "regime": v[2], "numbers": v[3]} for v in verdicts],
+            "table": lines, "csv": str(Path(args.out) / "regime.csv"), "png": str(Path(args.out) / "regime.png")}  # fmt: skip
+
+
+def _print_regime(r: dict[str, Any]) -> None:
+    print("\n".join(r["table"]))
+    for v in r["verdicts"]:
+        print(f"{v['claim']}: {v['verdict']} ({v['numbers']})")
+    print(f"written: {r['csv']}, {r['png']}")
+
+
 def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.study import SECTIONS, run_study, run_study_in_workers
 
@@ -253,6 +272,16 @@ def _add_experiment_commands(sub) -> None:
     e.add_argument("--branches", type=int, default=1, help="residual branches (mHC); the paper uses 4")
     common(e, "duration", "a corpus that does not repeat within 8x (a folder), or bible to see repetition")
     e.set_defaults(run=cmd_duration, show=_print_duration, data="bible")
+
+    e = exp.add_parser("regime", help="MoE vs MoE+Engram (default table decay) at about 1, 2.5 and 4 epochs of several corpora")
+    e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
+    e.add_argument("--novels", help="a folder of long texts to slice too (e.g. ../shared/data/gutenberg-novels)")
+    e.add_argument("--data", action="append", help="another corpus, whole (repeatable; a slice: first:N:CORPUS)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--out", default="runs/regime")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=cmd_regime, show=_print_regime)
 
     e = exp.add_parser("report", help="write docs/results.md from the study's result folders")
     e.add_argument("--runs", default="results/study")

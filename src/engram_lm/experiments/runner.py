@@ -76,7 +76,16 @@ def _request_key(requested: dict[str, Any]) -> str:
     less checkpoint cadence; data by folder name."""
     read = read_request(requested)
     train = {k: v for k, v in read["train"].items() if k not in CADENCE_KEYS}
-    return json.dumps({"model": read["model"], "train": {**train, "data": Path(train["data"]).name}}, sort_keys=True)
+    return json.dumps({"model": read["model"], "train": {**train, "data": data_key(train["data"])}}, sort_keys=True)
+
+
+def data_key(data: str) -> str:
+    """A corpus by its folder or file name (folders move between machines); a slice keeps its size:
+    first:1000000:../shared/data/gutenberg-novels -> first:1000000:gutenberg-novels."""
+    if data.startswith("first:"):
+        head, count, inner = (data.split(":", 2) + ["", ""])[:3]
+        return f"{head}:{count}:{Path(inner).name}"
+    return Path(data).name
 
 
 def estimate_seconds(specs: list[RunSpec], finished: list[dict[str, Any]]) -> tuple[float, str]:

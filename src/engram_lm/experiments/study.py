@@ -51,6 +51,7 @@ from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
 from engram_lm.experiments.oe_diagnosis import oe_diagnosis_specs
+from engram_lm.experiments.regime import regime_corpora, regime_specs, write_regime
 from engram_lm.experiments.regularisation import regularisation_control_specs, regularisation_specs
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
 from engram_lm.experiments.scaling import SCALING_TABLE_PARAMS, scaling_specs, write_scaling
@@ -59,7 +60,7 @@ from engram_lm.experiments.table_lr import table_lr_specs
 from engram_lm.recipes import quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation")  # fmt: skip
+            "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation", "regime")  # fmt: skip
 NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
 
 
@@ -95,6 +96,9 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "ablations": lambda: ablation_specs(seeds=seed_list, prefix="ablations/"),
         "branch-fusion": lambda: ablation_specs(seeds=seed_list, branches=4, variants=("reference", "no_branch_fusion"),
                                                 experiment="branch-fusion", prefix="branch-fusion/"),
+        # measures its corpora to size the runs: the novels slice only where the folder is there
+        "regime": lambda: regime_specs(seeds=seed_list, prefix="regime/",
+                                       corpora=regime_corpora(long_data if long_data and Path(long_data).exists() else None)),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
     }
@@ -180,6 +184,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     write_ablations(section("branch-fusion"), out / "branch-fusion")
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
+    write_regime(section("regime"), out / "regime")
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
     write_curves(section("regularisation-control"), out / "regularisation-control",

@@ -8,6 +8,9 @@ Built-in:
 User paths: a .txt file (documents separated by blank lines), a folder (one document per
 .txt file), a .jsonl file (one document per line's "text"),
 or a folder searched recursively for both, in sorted order.
+A slice, `first:N:CORPUS` (any of the above as CORPUS): its first N characters, the documents
+cut at line ends into pieces of at most SLICE_PIECE_CHARS (Project Gutenberg headers and
+licences dropped), so that a slice of a few long books still has held-out documents.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ FACT_TEMPLATES = (
 _FOOTNOTE = re.compile(r"\{[^}]*\}")
 
 
+SLICE_PIECE_CHARS = 20_000
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF[^\n]*\n", re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.MULTILINE)
+
+
 def load_corpus(name_or_path: str) -> list[str]:
+    if name_or_path.startswith("first:"):
+        return corpus_slice(name_or_path)
     if name_or_path == "bible":
         return bible_chapters()
     if name_or_path == "python-stdlib":
@@ -41,6 +51,42 @@ def load_corpus(name_or_path: str) -> list[str]:
     if name_or_path == "bible+facts":
         return bible_with_facts()
     return read_user_corpus(Path(name_or_path))
+
+
+def corpus_slice(spec: str) -> list[str]:
+    """`first:N:CORPUS`: the pieces of CORPUS (see the module doc) up to N characters in all;
+    the piece that crosses N is cut at a line end there."""
+    _, count, inner = (spec.split(":", 2) + ["", ""])[:3]
+    if not count.isdigit() or int(count) < 1 or not inner:
+        raise ValueError(f"--data {spec!r}: a slice is first:N:CORPUS with N > 0 characters, e.g. first:1000000:python-stdlib")
+    limit, docs, total = int(count), [], 0
+    for doc in load_corpus(inner):
+        for piece in _pieces(_without_gutenberg_boilerplate(doc)):
+            if total + len(piece) >= limit:  # the last piece, cut at its last line end before N
+                last = piece[: limit - total].rsplit("\n", 1)[0] if total + len(piece) > limit else piece
+                return docs + [last] if last.strip() else docs
+            docs.append(piece)
+            total += len(piece)
+    return docs
+
+
+def _without_gutenberg_boilerplate(text: str) -> str:
+    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+    return text[start.end() if start else 0 : end.start() if end else len(text)]
+
+
+def _pieces(text: str, size: int = SLICE_PIECE_CHARS) -> list[str]:
+    """`text` cut at line ends into pieces of at most `size` characters (a longer line is cut where it must be)."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:
+            pieces.append(line[:size])
+            line = line[size:]
+        if len(current) + len(line) > size:
+            pieces.append(current)
+            current = ""
+        current += line
+    return [p for p in pieces + [current] if p.strip()]
 
 
 def corpus_digest(documents: list[str]) -> str:

@@ -1,0 +1,145 @@
+"""`engram experiment regime` and the study's section `regime`: does the default table decay
+keep Engram level with (or ahead of) the MoE past one epoch on corpora other than the Bible?
+
+The quickstart MoE and its iso-parameter MoE+Engram with the default table decay
+(TrainConfig.table_weight_decay), each trained to about 1, 2.5 and 4 epochs of a corpus:
+one finished run per length, with its own schedule, as a user's `engram quickstart --steps N`
+would train. The corpora differ in kind and size: a slice of the Python standard library
+(code), a slice of the novels (prose; when a novels folder is given) and the built-in Bible
+(~1M tokens). A slice is the corpus' first 1,000,000 characters (training/corpus.py),
+about 250k tokens: 120-130 quickstart steps an epoch. The MoE has no tables, so it trains
+as the study's MoE runs do (paper_optimiser). Planned smallest first, every seed of a
+length before the next: a stopped sweep has whole comparisons.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from engram_lm.experiments.duration import DEFAULT_DECAY
+from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, fmt_estimate, md_table, seeds_of, verdict_word
+from engram_lm.experiments.rows import group_by
+from engram_lm.experiments.runner import RunSpec, sweep, write_csv
+from engram_lm.experiments.stats import compare, estimate
+from engram_lm.plotting import regime_caption, saved_figure
+from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
+from engram_lm.training.run import run_metadata, write_json
+
+REGIME_EPOCHS = (1.0, 2.5, 4.0)
+SLICE_CHARS = 1_000_000
+CSV_FIELDS = ("corpus", "epochs_target", "variant", "seed", "steps", "epochs", "val_loss")
+CLAIM = f"ours: with the default table decay ({DEFAULT_DECAY:g}) Engram stays level with or ahead of the MoE past one epoch"
+SINGLE_CLAIM = f"ours: with the default table decay ({DEFAULT_DECAY:g}) Engram beats the MoE at about one epoch"
+
+
+def regime_corpora(novels: str | None = None) -> dict[str, str]:
+    """label -> data spec, smallest first: the stdlib slice, the novels slice (if a folder is given), the Bible."""
+    corpora = {"python-stdlib slice": f"first:{SLICE_CHARS}:python-stdlib"}
+    if novels:
+        corpora["novels slice"] = f"first:{SLICE_CHARS}:{novels}"
+    return {**corpora, "bible": "bible"}
+
+
+def regime_specs(*, seeds=(0,), corpora: dict[str, str] | None = None, epochs=REGIME_EPOCHS,
+                 prefix: str = "") -> list[RunSpec]:  # fmt: skip
+    """Per corpus, per length (about `epochs` of its training tokens), per seed: the MoE and the
+    MoE+Engram with the default decay. Measures each corpus (tokenizing it once, cached)."""
+    from engram_lm.training.data import prepare_data
+
+    moe, train_cfg = quickstart_moe()
+    engram, _ = quickstart_engram()
+    per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
+    specs = []
+    for label, data in (corpora or regime_corpora()).items():
+        tokens = len(prepare_data(data, train_cfg.tokenizer).train)
+        for target in epochs:
+            steps = max(1, round(target * tokens / per_step))
+            t = train_cfg.with_(data=data, steps=steps, eval_every=min(train_cfg.eval_every, steps))
+            for seed in seeds:
+                for variant, model, train in (("moe", moe, paper_optimiser(t)), ("engram", engram, t)):
+                    tags = {"experiment": "regime", "corpus": label, "epochs_target": target, "variant": variant,
+                            "seed": seed}  # fmt: skip
+                    key = f"{prefix}{_slug(label)}/epochs-{target:g}/{variant}/seed-{seed}"
+                    specs.append(RunSpec(key, model, train.with_(seed=seed), tags))
+    return specs
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def regime_sweep(out_dir: Path, *, progress: bool = True, device: str | None = None, **kwargs: Any) -> list[dict]:
+    return sweep(out_dir, regime_specs(**kwargs), write_regime, progress=progress, device=device)
+
+
+def gaps_by_length(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (corpus, length): Engram minus MoE paired over seeds, with both losses and the epochs trained."""
+    out = []
+    for (corpus, target), g in group_by(runs, "corpus", "epochs_target").items():
+        engram = {r["seed"]: r["val_loss"] for r in g if r["variant"] == "engram"}
+        moe = {r["seed"]: r["val_loss"] for r in g if r["variant"] == "moe"}
+        shared = set(engram) & set(moe)
+        if not shared:
+            continue
+        c = compare(engram, moe)
+        out.append({"corpus": corpus, "target": target, "epochs": g[0]["epochs"], "steps": g[0]["requested"]["train"]["steps"],
+                    "moe": estimate([moe[s] for s in sorted(shared)]), "engram": estimate([engram[s] for s in sorted(shared)]),
+                    "gap": c.diff, "verdict": c.verdict})  # fmt: skip
+    return sorted(out, key=lambda x: (list(dict.fromkeys(r["corpus"] for r in runs)).index(x["corpus"]), x["target"]))
+
+
+def write_regime(results: list[dict[str, Any]], out_dir: Path) -> None:
+    if not results:
+        return
+    rows = [{**r, "steps": r["requested"]["train"]["steps"]} for r in results]
+    write_csv(out_dir / "regime.csv", rows, CSV_FIELDS)
+    write_json(out_dir / "regime.json", {"runs": results, **run_metadata()})
+    plot_regime(results, out_dir / "regime.png")
+
+
+def plot_regime(results: list[dict[str, Any]], path: Path) -> None:
+    with saved_figure(path, (6.5, 4)) as (fig, ax):
+        by_corpus = group_by(gaps_by_length(results), "corpus")
+        for ((corpus,), g), color in zip(by_corpus.items(), ("tab:purple", "tab:green", "tab:red", "tab:blue")):
+            ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
+                        yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color, capsize=3,
+                        label=f"{corpus} ({g[-1]['gap'].n} seed{'s' * (g[-1]['gap'].n > 1)})")  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(1, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epochs of the corpus (one finished run per length)")
+        ax.set_ylabel("Engram (table decay) minus MoE, nats")
+        ax.set_title(f"Does the default table decay hold beyond the Bible?\n{regime_caption(results)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+# ---- the page's section ------------------------------------------------------------------------
+def regime_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+    title = "## Does the default table decay hold beyond the Bible?"
+    if not runs:
+        return [], [title, "", f"Not run yet (`{STUDY_COMMAND}`; or `engram experiment regime --seeds 3`).", ""]
+    rows = gaps_by_length(runs)
+    lines = [title, "", f"The quickstart MoE and its iso-parameter MoE+Engram with the default table decay "
+             f"({DEFAULT_DECAY:g}), each trained to about {', '.join(f'{e:g}' for e in REGIME_EPOCHS)} epochs of each "
+             f"corpus (one finished run per length, with its own schedule), {seeds_of(runs)} seed(s). A slice is the "
+             f"corpus' first {SLICE_CHARS:,} characters cut into pieces of at most 20,000 (held-out pieces: every "
+             "20th). Negative: Engram better.", ""]  # fmt: skip
+    lines += md_table(["corpus", "epochs", "steps", "seeds", "MoE", "Engram", "Engram - MoE", "call"],
+                      [[x["corpus"], f"{x['epochs']:.2f}", x["steps"], x["gap"].n, fmt_estimate(x["moe"]),
+                        fmt_estimate(x["engram"]), fmt_estimate(x["gap"], True), verdict_word(x["verdict"])] for x in rows])  # fmt: skip
+    verdicts = []
+    for (corpus,), g in group_by(rows, "corpus").items():
+        numbers = ", ".join(f"{fmt_estimate(x['gap'], True)} at {x['epochs']:.2f} epochs" for x in g)
+        regime = f"{corpus}, {g[0]['epochs']:.2f}-{g[-1]['epochs']:.2f} epochs, {min(x['gap'].n for x in g)} seed(s)"
+        once = [x for x in g if x["epochs"] <= 1.05]
+        if once:
+            verdicts.append([f"{SINGLE_CLAIM} ({corpus})", claim_verdict(once[-1]["verdict"], "lower"), regime, numbers])
+        past = [x for x in g if x["epochs"] > 1.05]
+        if past:
+            worse = [x for x in past if x["verdict"] == "higher"]
+            verdict = ("not reproduced: called worse at " + ", ".join(f"{x['epochs']:.2f}" for x in worse) + " epochs"
+                       if worse else "reproduced: not called worse at any length past one epoch")  # fmt: skip
+            verdicts.append([f"{CLAIM} ({corpus})", verdict, regime, numbers])
+    return verdicts, lines + [""]
