@@ -965,8 +965,14 @@ def test_regime_section_calls_each_corpus_past_one_epoch():
     verdicts, lines = regime_section(runs)
     by_claim = {v[0]: v for v in verdicts}
     assert by_claim[f"{SINGLE_CLAIM} (code)"][1] == "reproduced"  # -0.0493 ± 0.0018 at 1 epoch
-    assert by_claim[f"{CLAIM} (code)"][1] == "reproduced: not called worse at any length past one epoch"  # +0.0007, -0.0093
+    # +0.00067 ± 0.00176 and -0.00933 ± 0.00176: the highest upper bound 0.00067 + 2 x 0.00176 = +0.0042, under 0.02
+    assert by_claim[f"{CLAIM} (code)"][1] == "reproduced: not called worse, every upper bound under +0.02 nats (highest +0.0042)"
     assert by_claim[f"{CLAIM} (prose)"][1] == "not reproduced: called worse at 2.50, 4.00 epochs"
     assert by_claim[f"{CLAIM} (prose)"][3].endswith("+0.0307 ± 0.0018 at 2.50 epochs, +0.0407 ± 0.0018 at 4.00 epochs")
     assert "| code | 2.50 | 250 | 3 | 4.0000 ± 0.0000 | 4.0007 ± 0.0018 | +0.0007 ± 0.0018 | inconclusive |" in lines
     assert regime_section([])[1][2].startswith("Not run yet")
+    noisy = [{**r, "val_loss": r["val_loss"] + (0.03 * (r["seed"] - 1) if r["variant"] == "engram" else 0.0)} for r in runs]
+    # code at 2.5 epochs, per seed -0.030, +0.004, +0.028: +0.00067 ± 0.01683, no call, upper bound +0.0343
+    verdicts = {v[0]: v for v in regime_section(noisy)[0]}
+    assert verdicts[f"{CLAIM} (code)"][1] == ("inconclusive at this scale: not called worse, but an upper bound of "
+                                             "+0.0343 nats exceeds the +0.02 margin")
