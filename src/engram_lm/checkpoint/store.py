@@ -120,7 +120,7 @@ def _save_checkpoint(final: Path, tmp: Path, model, optimizers, state, tokenizer
         _write_shard_index(tmp, world_size)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _prune(final.parent)
+        prune(final.parent)
     _barrier(world_size)
     return final
 
@@ -307,7 +307,8 @@ def _flatten_optimizers(model, optimizers, table_names: set[str]) -> tuple[dict[
     return tensors, meta
 
 
-def _prune(root: Path) -> None:
+def prune(root: Path) -> None:
+    """Keep the newest KEEP_LAST complete checkpoints under `root`."""
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)

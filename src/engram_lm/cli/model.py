@@ -139,7 +139,10 @@ def cmd_retrofit(args: argparse.Namespace) -> dict[str, Any]:
             changes[key] = json.loads(raw)
         except json.JSONDecodeError:
             changes[key] = raw
-    return retrofit(args.model, RetrofitConfig(**changes), Path(args.out), device=args.device, progress=not args.quiet)
+    if args.save_every is not None:
+        changes["save_every"] = args.save_every
+    return retrofit(args.model, RetrofitConfig(**changes), Path(args.out), device=args.device, progress=not args.quiet,
+                    allow_data_change=args.allow_data_change)  # fmt: skip
 
 
 def _print_retrofit(r: dict[str, Any]) -> None:
@@ -257,6 +260,9 @@ def _add_retrofit_command(sub) -> None:
     p.add_argument("--out", default="runs/retrofit")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RetrofitConfig field (repeatable)")
     p.add_argument("--train-base", action="store_true", help="fine-tune the base model too (at base_lr)")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 100; also every 10 minutes)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data or the model's tokenizer changed (recorded in metrics.jsonl)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")

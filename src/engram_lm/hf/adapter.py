@@ -1,13 +1,18 @@
 """The Engram adapter format: only the Engram parameters, bound to one base model and tokenizer.
 
     adapter_config.json   format, Engram config, layers, hash-layout fingerprint, base model
-                          name, base config hash, tokenizer hash, end-of-document id
+                          name, base config hash, tokenizer hash, end-of-document id, and
+                          the sha256 of adapter.safetensors
     adapter.safetensors   every parameter of model.engram (tables included)
     tokenizer.json        the tokenizer the hashing was built from (a copy)
 
 `load_engram` refuses a different base model (config hash) or tokenizer (file hash) with
-a message naming both, and can put the tables in host RAM or in a memory-mapped file
-(`memory="ram"|"mmap"`) so a retrofitted model can serve a table larger than its GPU.
+a message naming both, and an adapter.safetensors that is not the one saved (checksum), and
+can put the tables in host RAM or in a memory-mapped file (`memory="ram"|"mmap"`) so a
+retrofitted model can serve a table larger than its GPU. The mmap cache
+(`table-layer-<L>.fp32.bin`) records the checksum of the adapter it was made from and is
+rebuilt when that changed or the file is short. A save goes to `<dir>.tmp` and swaps in
+(`replace_dir`): a kill leaves the old adapter or the new one, and says where.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +46,25 @@ def _file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if not path.startswith("identity:") else path
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`: the old one is moved aside first and removed
+    last, so a kill at any point leaves `out` whole, or `out.old` and `tmp` whole beside it."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_engram(model: nn.Module, out_dir: str | Path) -> Path:
     retrofit = _retrofit(model)
     out = Path(out_dir)
@@ -53,16 +78,21 @@ def save_engram(model: nn.Module, out_dir: str | Path) -> Path:
         shutil.copyfile(spec, tmp / "tokenizer.json")
     meta = {"format": FORMAT, "engram": retrofit.config.to_dict(), "fingerprint": retrofit.fingerprint,
             "base_model": getattr(model.config, "_name_or_path", ""), "base_config_sha256": base_config_hash(model),
-            "tokenizer_sha256": _file_hash(spec), "eod_id": retrofit.eod_id}  # fmt: skip
+            "tokenizer_sha256": _file_hash(spec), "eod_id": retrofit.eod_id,
+            "adapter_sha256": file_sha256(tmp / "adapter.safetensors")}  # fmt: skip
     (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
+        left = [p for p in (Path(f"{adapter_dir}.old"), Path(f"{adapter_dir}.tmp")) if (p / "adapter_config.json").exists()]
+        if left:
+            raise ValueError(f"{adapter_dir} is missing: a save was interrupted and left {' and '.join(map(str, left))} "
+                             "(.old: the adapter before it, .tmp: the new one); rerun the command that saved it "
+                             "(engram retrofit resumes and republishes it), or use one of them")  # fmt: skip
         raise ValueError(f"{adapter_dir} is not an Engram adapter (no adapter_config.json); save one with save_engram")
     try:
         meta = json.loads(path.read_text())
@@ -96,19 +126,26 @@ def load_engram(model: nn.Module, adapter_dir: str | Path, *, tokenizer: Any = N
     if retrofit.fingerprint != meta["fingerprint"]:
         raise ValueError(f"adapter {adapter_dir}: hash layout {retrofit.fingerprint} differs from the saved "
                          f"{meta['fingerprint']}; the tokenizer copy or the config was changed")  # fmt: skip
-    tensors = load_file(str(adapter_dir / "adapter.safetensors"))
+    weights = adapter_dir / "adapter.safetensors"
+    if "adapter_sha256" in meta and file_sha256(weights) != meta["adapter_sha256"]:
+        raise ValueError(f"{weights} is not the file saved with {adapter_dir / 'adapter_config.json'} (sha256 "
+                         f"{file_sha256(weights)[:12]}, saved {meta['adapter_sha256'][:12]}): it was replaced or damaged; "
+                         "restore the adapter folder as saved")  # fmt: skip
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read {weights}: {exc}. The file is truncated or not a safetensors file") from None
     retrofit.load_state_dict(tensors, strict=True)
     device = next(model.parameters()).device
     retrofit.to(device)
     if memory != "device":
-        _move_tables(retrofit, adapter_dir, memory, device)
+        _move_tables(retrofit, adapter_dir, memory, device, meta.get("adapter_sha256") or file_sha256(weights))
     model.engram = retrofit
     retrofit.attach(model)
     return retrofit
 
 
-def _move_tables(retrofit: EngramRetrofit, adapter_dir: Path, memory: str, device: torch.device) -> None:
-    from engram_lm.memory.codec import encode_rows
+def _move_tables(retrofit: EngramRetrofit, adapter_dir: Path, memory: str, device: torch.device, source_sha256: str) -> None:
     from engram_lm.memory.host import HostTable, MmapTable
 
     for key, engram in retrofit.engrams.items():
@@ -116,12 +153,28 @@ def _move_tables(retrofit: EngramRetrofit, adapter_dir: Path, memory: str, devic
         if memory == "ram":
             engram.memory = HostTable(weight, device=device)
         elif memory == "mmap":
-            path = adapter_dir / f"table-layer-{key}.fp32.bin"
-            if not path.exists():
-                encode_rows(weight, "fp32").tofile(path)
+            path = _mmap_cache(adapter_dir / f"table-layer-{key}.fp32.bin", weight, source_sha256)
             engram.memory = MmapTable(path, weight.shape[0], weight.shape[1], "fp32", device=device)
         else:
             raise ValueError(f"unknown memory tier {memory!r}; choose device, ram or mmap")
+
+
+def _mmap_cache(path: Path, weight: torch.Tensor, source_sha256: str) -> Path:
+    """The table's rows as a flat fp32 file beside the adapter, made once; remade when the
+    adapter it came from changed (its recorded checksum) or the file is not whole."""
+    from engram_lm.memory.codec import encode_rows
+
+    meta = path.with_suffix(".json")
+    try:
+        recorded = json.loads(meta.read_text()).get("adapter_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != source_sha256 or not path.exists() or path.stat().st_size != weight.numel() * 4:
+        tmp = path.with_name(path.name + ".tmp")
+        encode_rows(weight, "fp32").tofile(tmp)
+        os.replace(tmp, path)
+        meta.write_text(json.dumps({"adapter_sha256": source_sha256, "rows": weight.shape[0], "dim": weight.shape[1]}))
+    return path
 
 
 def _retrofit(model: nn.Module) -> EngramRetrofit:

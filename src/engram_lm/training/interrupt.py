@@ -1,9 +1,11 @@
-"""Stopping a run on request: SIGINT/SIGTERM set a flag, the loop saves at the end of the
-step and raises `TrainingInterrupted` (the CLI turns it into a one-line exit, code 130)."""
+"""Stopping a run: on request (SIGINT/SIGTERM set a flag, the loop saves at the end of the
+step and raises `TrainingInterrupted`, which the CLI turns into a one-line exit, code 130),
+or because its loss stopped being finite (nothing is saved after that step)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 from pathlib import Path
@@ -37,3 +39,10 @@ def graceful_stop():
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def refuse_divergence(loss: float, step: int, last_good: Path | None, fix: str) -> None:
+    """Stop a run whose loss is no longer finite, naming the last good checkpoint and `fix`."""
+    if not math.isfinite(loss):
+        raise ValueError(f"the training loss became {loss} at step {step}: the run diverged; nothing was saved after it"
+                         f" (last good checkpoint: {last_good or 'none'}); {fix}")

@@ -31,7 +31,7 @@ from engram_lm.training.checkpointing import Checkpointer
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch, seed_step
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
-from engram_lm.training.interrupt import TrainingInterrupted, graceful_stop
+from engram_lm.training.interrupt import TrainingInterrupted, graceful_stop, refuse_divergence
 from engram_lm.training.resume import checkpoint_to_resume, data_identity, resumed_tokenizer
 from engram_lm.training.run import MetricsLog, Progress, RunLock
 
@@ -248,7 +248,9 @@ class _StepLoop:
         loss_value = _train_step(t.model, t.stepped_here, t.dense, t.replicated, self.data, cfg, step, self.device,
                                  self.ctx, stepper=t.stepper, lr_multiplier=multiplier)  # fmt: skip
         self.train_time += time.perf_counter() - t0
-        _refuse_divergence(loss_value, done, self.saver.out_dir)
+        if not math.isfinite(loss_value):
+            refuse_divergence(loss_value, done, ckpt_io.latest_checkpoint(self.saver.out_dir),
+                              "lower lr (--set lr=...) or table_lr_mult and resume or restart")  # fmt: skip
         if done % cfg.log_every == 0 or done == cfg.steps:
             lr = t.optimizers[next(iter(t.optimizers))].param_groups[0]["base_lr"] * multiplier  # not read from a worker
             self.log(step=done, loss=loss_value, lr=lr, tokens=done * self.tokens_per_step)
@@ -272,15 +274,6 @@ class _StepLoop:
     def log(self, **record: Any) -> None:
         if self.metrics is not None:
             self.metrics.write(**record)
-
-
-def _refuse_divergence(loss_value: float, done: int, out_dir: Path) -> None:
-    if not math.isfinite(loss_value):
-        good = ckpt_io.latest_checkpoint(out_dir)
-        raise ValueError(
-            f"the training loss became {loss_value} at step {done}: the run diverged; nothing was saved after it"
-            f" (last good checkpoint: {good or 'none'}); lower lr (--set lr=...) or table_lr_mult and resume or restart"
-        )
 
 
 def _train_step(model, optimizers, dense, replicated, data: TokenData, cfg: TrainConfig, step: int, device,

@@ -84,7 +84,7 @@ def prepare_run_dir(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfi
         return latest
     saved = _read_config(config_path)
     _check_request(out_dir, read_request(saved.get("requested") or {}), requested, latest, events)
-    _check_data(out_dir, saved.get("data_identity"), identity, allow_data_change, events)
+    check_data_identity(out_dir, saved.get("data_identity"), identity, allow_data_change, events)
     if events:
         write_json(config_path, {**saved, "requested": requested, "data_identity": identity})
     return latest
@@ -110,7 +110,7 @@ def _check_request(out_dir: Path, old: dict[str, Any], requested: dict[str, Any]
                        "note": "the learning-rate schedule now spans the new length"})  # fmt: skip
 
 
-def _check_data(out_dir: Path, before: dict[str, str] | None, identity: dict[str, str], allow_data_change: bool,
+def check_data_identity(out_dir: Path, before: dict[str, str] | None, identity: dict[str, str], allow_data_change: bool,
                 events: list[dict[str, Any]]) -> None:  # fmt: skip
     """Refuse resuming on other data or another tokenizer unless `allow_data_change`."""
     if before is None or before == identity:
