@@ -369,10 +369,25 @@ def test_report_command_writes_the_page_and_refuses_a_missing_folder(tmp_path, c
     from engram_lm.cli import main
 
     (tmp_path / "runs").mkdir()
-    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")]) == 0
-    assert "Not run yet" in (tmp_path / "r.md").read_text()
+    (tmp_path / "r.md").write_text("my notes\n")
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "holds no finished run" in capsys.readouterr().err and (tmp_path / "r.md").read_text() == "my notes\n"
+    _write_variant_results(tmp_path / "runs" / "ablations", {"reference": [3.8]}, epochs=0.86)
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "was not written by engram experiment report" in capsys.readouterr().err  # a page it did not write
+    assert (tmp_path / "r.md").read_text() == "my notes\n"
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "p.md")]) == 0
+    assert "Not run yet" in (tmp_path / "p.md").read_text()
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "p.md")]) == 0  # its own
     assert main(["experiment", "report", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.md")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    damaged = tmp_path / "runs" / "ablations" / "reference" / "seed-0" / "result.json"
+    damaged.write_text('{"seed": 0, "val_lo')
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "p.md")]) == 2
+    assert f"{damaged} is damaged" in capsys.readouterr().err
+    damaged.write_text('{"something": "else"}')
+    assert main(["experiment", "report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "p.md")]) == 2
+    assert f"{damaged} is not a result of engram study (no seed, val_loss)" in capsys.readouterr().err
 
 
 def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
@@ -455,6 +470,7 @@ def test_the_branch_fusion_section_answers_the_multi_branch_claim(tmp_path):
     from engram_lm.experiments.ablations import BRANCH_FUSION_CLAIM
 
     claim_row = f"| {BRANCH_FUSION_CLAIM} | not measured yet |"
+    _write_variant_results(tmp_path / "runs" / "ablations", {"reference": [3.80, 3.82, 3.81]}, epochs=0.86)
     assert claim_row in build_report(tmp_path / "runs", tmp_path / "docs" / "empty.md")
     _write_variant_results(tmp_path / "runs" / "branch-fusion", {"reference": [3.80, 3.82, 3.81],
                                                                  "no_branch_fusion": [3.83, 3.84, 3.85]}, epochs=0.86)

@@ -187,3 +187,21 @@ def test_sigint_during_retrofit_saves_and_exits_with_one_line(tmp_path, base):
     assert "interrupted at step" in err and "Traceback" not in err
     saved = sorted((out / "checkpoints").iterdir())
     assert len(saved) == 1 and (saved[0] / "state.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_model_folder_of_an_unsupported_family_names_the_supported_ones(tmp_path, base):
+    folder, docs = base
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+    with pytest.raises(ValueError, match=r"holds a 't5' model; engram retrofit supports the decoder-only families "
+                                         r"gpt2, llama, mistral, qwen2, qwen3 \(one entry"):
+        retrofit(folder, _cfg(docs), tmp_path / "run", progress=False)
+
+
+def test_a_truncated_optimizer_file_is_named_on_resume(tmp_path, base):
+    folder, docs = base
+    retrofit(folder, _cfg(docs, steps=2), tmp_path / "run", progress=False)
+    opt = tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*optimizer.safetensors.*truncated or not a safetensors file"):
+        retrofit(folder, _cfg(docs, steps=4), tmp_path / "run", progress=False)

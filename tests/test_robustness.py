@@ -236,3 +236,63 @@ def test_a_plain_text_file_splits_into_documents_at_blank_lines(tmp_path):
     f.write_text("\n\n".join(f"Paragraph {i} says something.\nIt has two lines." for i in range(30)))
     docs = load_corpus(str(f))
     assert len(docs) == 30 and docs[3] == "Paragraph 3 says something.\nIt has two lines."
+
+
+# ---- derived files follow what they were made from ---------------------------------------------
+def test_generate_refuses_tables_exported_from_another_checkpoint_or_step_unless_told(tmp_path, capsys):
+    from engram_lm.memory.export import export_memory
+
+    model, cfg = _tiny(steps=2, save_every=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    train(model, cfg.with_(seed=1), tmp_path / "other", progress=False)  # same config and layout, other weights
+    step1 = ckpt_io.checkpoint_dir(tmp_path / "run", 1)
+    export_memory(step1, tmp_path / "mem-step1", "fp32")
+    export_memory(ckpt_io.latest_checkpoint(tmp_path / "other"), tmp_path / "mem-other", "fp32")
+    export_memory(ckpt_io.latest_checkpoint(tmp_path / "run"), tmp_path / "mem-own", "fp32")
+    argv = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "a", "--max-new-tokens", "2", "--memory-dir"]
+    for export, why in (("mem-step1", "step 1"), ("mem-other", "step 2")):
+        assert main(argv + [str(tmp_path / export)]) == 2
+        err = capsys.readouterr().err
+        assert f"were exported from {step1 if export == 'mem-step1' else ckpt_io.latest_checkpoint(tmp_path / 'other')} ({why}" in err
+        assert "--allow-other-export" in err
+    assert main(argv + [str(tmp_path / "mem-own")]) == 0
+    assert main(argv + [str(tmp_path / "mem-other"), "--allow-other-export"]) == 0  # served, by the user's choice
+
+
+def test_fp8_export_refuses_non_finite_rows_naming_the_table_and_row(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from engram_lm.memory.export import export_memory
+
+    model, cfg = _tiny(steps=1)
+    train(model, cfg, tmp_path / "run", progress=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run")
+    shard = ckpt / "table-shard-000.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(shard))
+    tensors["blocks.1.engram.memory.weight"][123, 5] = float("nan")
+    save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(ValueError, match=r"the table of layer 1 in .* has non-finite values \(first at row 123\); fp8"):
+        export_memory(ckpt, tmp_path / "fp8", "fp8")
+    export_memory(ckpt, tmp_path / "bf16", "bf16")  # bf16 and fp32 hold a NaN as it is
+
+
+def test_bench_table_size_zero_names_the_flag():
+    from engram_lm.bench.offload import _engram_config
+
+    for bad in (0, -1, 1e-9):
+        with pytest.raises(ValueError, match=r"--table-gb .*must be > 0"):
+            _engram_config(bad)
+
+
+def test_a_stopped_study_says_which_worker_was_killed_instead_of_saving():
+    from engram_lm.experiments.study import stopped_message
+
+    logs = [Path("w1.log"), Path("w2.log")]
+    assert stopped_message([130, 130], logs, 7).startswith("stopped; every worker saved a checkpoint of its run; 7 runs")
+    killed = stopped_message([130, -9], logs, 7)
+    assert "worker 2 (killed by signal 9; log w2.log) did not save: its run resumes from its last checkpoint" in killed
+    assert "every worker saved" not in killed

@@ -48,6 +48,9 @@ HEAD_DIM, HEADS, MAX_NGRAM = 32, 4, 3
 
 
 def _engram_config(table_gb: float) -> EngramConfig:
+    if not table_gb > 0 or table_gb * 1e9 / (HEAD_DIM * 4) < 2 * HEADS * (MAX_NGRAM - 1):
+        raise ValueError(f"--table-gb {table_gb:g}: the table file's size in GB must be > 0 (and at least a few KB), "
+                         "e.g. --table-gb 4")  # fmt: skip
     columns = HEADS * (MAX_NGRAM - 1)
     rows = int(table_gb * 1e9 / (HEAD_DIM * 4))
     return EngramConfig(tokenizer="identity:4096", table_sizes=(rows // columns,) * (MAX_NGRAM - 1), max_ngram=MAX_NGRAM,

@@ -103,7 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         memory = "mmap"  # an export folder is read in place, in its own dtype
     model, state = load_for_inference(args.checkpoint, memory=memory, cache_rows=args.cache_rows,
                                       prefetch=args.prefetch, device=args.device or "cpu",
-                                      export_dir=Path(export_dir) if export_dir else None)  # fmt: skip
+                                      export_dir=Path(export_dir) if export_dir else None,
+                                      allow_other_export=args.allow_other_export)  # fmt: skip
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
@@ -232,6 +233,8 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--memory", default="device", choices=("device", "ram", "mmap", "ssd"),
                    help="where the Engram tables live (mmap exports them next to the checkpoint once)")
     p.add_argument("--memory-dir", help="tables exported by `engram export-memory` (implies --memory mmap)")
+    p.add_argument("--allow-other-export", action="store_true",
+                   help="serve a --memory-dir exported from another checkpoint or step (refused by default)")
     p.add_argument("--cache-rows", type=int, default=0, help="hot-row cache in front of the tables (rows)")
     p.add_argument("--prefetch", action="store_true", help="gather table rows in the background")
     p.add_argument("--device")

@@ -63,6 +63,21 @@ def load_result(root: Path, spec: RunSpec) -> dict[str, Any] | None:
     return result
 
 
+RESULT_KEYS = ("seed", "val_loss")  # what every section reads
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A finished run's result.json, or a one-line error naming the file and the fix."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); delete it to retrain that run, or restore it") from None
+    missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise ValueError(f"{path} is not a result of engram study (no {', '.join(missing)}); move it out of the runs folder")
+    return result
+
+
 def _same_request(saved: dict[str, Any] | None, planned: dict[str, Any]) -> bool:
     """Equal configs; a data path counts by its last component (folders move between machines)."""
     if saved is None:

@@ -161,8 +161,7 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
         raise ValueError(f"writing {report} failed (its error is above); every finished run is kept: fix the cause "
                          f"and run `engram experiment report --runs {out} --out {report}`")  # fmt: skip
     if stopped:
-        raise StudyStopped(f"stopped; every worker saved a checkpoint of its run and {summary['finished']} runs are "
-                           "finished; rerun the same command to continue")  # fmt: skip
+        raise StudyStopped(stopped_message(codes, logs, summary["finished"]))
     failed = [f"worker {k + 1} (exit code {c}, log {log})" for k, (c, log) in enumerate(zip(codes, logs)) if c != 0]
     if failed:
         raise ValueError(f"{', '.join(failed)} failed; read the log, fix the cause and rerun the same command")
@@ -174,7 +173,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     order of their run folders, whoever calls (the plan or `experiment report`): the same
     runs always write the same files."""
     def section(prefix: str) -> list[dict[str, Any]]:
-        return sorted((r for r in results if r["key"].startswith(prefix + "/")), key=lambda r: r["key"])
+        return sorted((r for r in results if str(r.get("key", "")).startswith(prefix + "/")), key=lambda r: r["key"])
 
     write_scaling(section("scaling"), out / "scaling")
     write_scaling(section("scaling-4x"), out / "scaling-4x")
@@ -189,3 +188,13 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
     write_curves(section("regularisation-control"), out / "regularisation-control",
                  "Repeated data: the decayed memory against its capacity-1 control")
+
+
+def stopped_message(codes: list[int], logs: list[Path], finished: int) -> str:
+    """What a stopped study says: only a worker that exited on its own (0, or 130 after saving)
+    is said to have saved; one killed by a signal (a negative code) resumes from its run's
+    last checkpoint."""
+    killed = [f"worker {k + 1} (killed by signal {-c}; log {log})" for k, (c, log) in enumerate(zip(codes, logs)) if c < 0]
+    saved = "every worker saved a checkpoint of its run" if not killed else (
+        f"{', '.join(killed)} did not save: its run resumes from its last checkpoint")  # fmt: skip
+    return f"stopped; {saved}; {finished} runs are finished; rerun the same command to continue"

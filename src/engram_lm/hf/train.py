@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from engram_lm.checkpoint import store as ckpt_io
 from engram_lm.hf.adapter import load_engram, replace_dir, save_engram
+from engram_lm.hf.families import FAMILIES
 from engram_lm.hf.retrofit import add_engram
 from engram_lm.training.checkpointing import SaveCadence
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch, seed_step
@@ -134,6 +135,13 @@ def _check_model_folder(model_path: Path) -> Path:
     if not tok_file.exists():
         raise ValueError(f"{model_path} has no tokenizer.json (a fast tokenizer file); save the tokenizer with "
                          "tokenizer.save_pretrained into the model folder")  # fmt: skip
+    try:
+        model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{model_path / 'config.json'} is not a readable model config ({err})") from None
+    if model_type not in FAMILIES:
+        raise ValueError(f"{model_path} holds a {model_type!r} model; engram retrofit supports the decoder-only families "
+                         f"{', '.join(sorted(FAMILIES))} (one entry in engram_lm/hf/families.py adds another)")  # fmt: skip
     return tok_file
 
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.dense import DenseTable
-from engram_lm.memory.export import export_memory, open_exported, read_manifest, table_key
+from engram_lm.memory.export import check_source, export_memory, open_exported, read_manifest, table_key
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.table import MemoryTable
@@ -42,7 +42,11 @@ def load_for_inference(
     export_dtype: str = "fp32",
     device: str | torch.device = "cpu",
     verify: bool = False,
+    allow_other_export: bool = False,
 ) -> tuple[EngramLM, dict[str, Any]]:
+    """A checkpoint's model for inference; `export_dir` serves tables exported from this
+    checkpoint (refused when they came from another one or another step, unless
+    `allow_other_export`)."""
     if memory not in MEMORY_TIERS:
         raise ValueError(f"unknown memory tier {memory!r}; choose one of {MEMORY_TIERS}")
     if cache_rows < 0:
@@ -71,7 +75,9 @@ def load_for_inference(
         export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
         if not (export_dir / "manifest.json").exists():
             export_memory(ckpt, export_dir, export_dtype)
-        read_manifest(export_dir, fingerprint)
+        manifest = read_manifest(export_dir, fingerprint)
+        if not allow_other_export:
+            check_source(export_dir, manifest, ckpt)
     for layer_id, block in enumerate(model.blocks):
         if block.engram is None:
             continue

@@ -1,8 +1,9 @@
 """Export a checkpoint's Engram tables to memory-mappable files, and load them back.
 
 Layout of an export folder:
-    manifest.json   format, layout fingerprint, dtype, head dim, and per layer: file,
-                    rows, bytes, sha256
+    manifest.json   format, layout fingerprint, dtype, head dim, the checkpoint it came from
+                    (path, step and the sha256 of its model.safetensors: what `source_of`
+                    compares), and per layer: file, rows, bytes, sha256
     layer-<L>.bin   rows encoded as fp32, bf16 or fp8 (memory/codec.py), row-major
 Tables are streamed chunk by chunk from the checkpoint's table shards (never a second full
 copy in memory). Loading refuses a manifest for another layout, a wrong dtype or shape, and
@@ -10,6 +11,8 @@ missing or truncated files, and files whose content does not match the manifest'
 each file is hashed once and a stamp (`verified.json`: size, mtime and hash per file) lets
 later loads skip the hash while the file is unchanged; any write to a file changes its
 mtime and forces a new check. `verify=True` (and `engram verify-memory`) always re-hash.
+fp8 refuses non-finite rows (a NaN would poison its 32-value block, an inf zero its
+neighbours), naming the table and the first such row.
 """
 
 from __future__ import annotations
@@ -46,16 +49,50 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
     for layer_id in layer_ids:
         shape = state["tables"][table_key(layer_id)]
         rows, dim = shape["rows"], shape["dim"]
-        chunks = (read_table_rows(state, table_key(layer_id), a, min(rows, a + CHUNK_ROWS)) for a in range(0, rows, CHUNK_ROWS))
+        chunks = (_finite_for(dtype, read_table_rows(state, table_key(layer_id), a, min(rows, a + CHUNK_ROWS)), a,
+                              layer_id, state["path"]) for a in range(0, rows, CHUNK_ROWS))  # fmt: skip
         layers[str(layer_id)] = _write_table(chunks, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
     manifest = {"format": FORMAT, "fingerprint": state["fingerprint"], "dtype": dtype, "head_dim": dim,
-                "checkpoint": state["path"], "step": state["step"], "layers": layers}  # fmt: skip
+                "checkpoint": state["path"], "step": state["step"], "source": source_of(Path(state["path"])),
+                "layers": layers}  # fmt: skip
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out_dir / "manifest.json")  # written last: an export without it is incomplete
     for entry in layers.values():  # just hashed while writing: no need to read them again
         _stamp(out_dir, entry["file"], entry["sha256"])
     return manifest
+
+
+def source_of(checkpoint: Path) -> dict[str, Any]:
+    """What an export was made from, by content: the step and the sha256 of the checkpoint's
+    dense weights (model.safetensors differs between any two trainings, even of one config)."""
+    h = hashlib.sha256()
+    with (Path(checkpoint) / "model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return {"step": json.loads((Path(checkpoint) / "state.json").read_text())["step"], "model_sha256": h.hexdigest()}
+
+
+def check_source(export_dir: Path, manifest: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse tables exported from another checkpoint (or another step of the same run)."""
+    here = source_of(checkpoint)
+    there = manifest.get("source") or {"step": manifest.get("step")}
+    if there.get("step") != here["step"] or there.get("model_sha256", here["model_sha256"]) != here["model_sha256"]:
+        raise ValueError(f"the tables in {export_dir} were exported from {manifest.get('checkpoint')} (step "
+                         f"{there.get('step')}, weights {str(there.get('model_sha256'))[:12]}), not from {checkpoint} (step "
+                         f"{here['step']}, weights {here['model_sha256'][:12]}): export this checkpoint's tables "
+                         "(engram export-memory), or pass --allow-other-export to serve them anyway")  # fmt: skip
+
+
+def _finite_for(dtype: str, chunk, start: int, layer_id: int, checkpoint: str):
+    if dtype == "fp8":
+        bad = (~chunk.isfinite()).any(dim=1).nonzero()
+        if len(bad):
+            row = start + int(bad[0])
+            raise ValueError(f"the table of layer {layer_id} in {checkpoint} has non-finite values (first at row {row}); "
+                             "fp8 cannot hold them (a NaN poisons its 32-value block): export as bf16 or fp32, or "
+                             "use an earlier checkpoint")  # fmt: skip
+    return chunk
 
 
 def _write_table(chunks, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
