@@ -35,3 +35,18 @@ def regime_caption(runs: list[dict[str, Any]], up_to: bool = False) -> str:
         parts.append(f"{'up to ' if up_to else ''}{span} epochs")
     parts.append(f"{len({r.get('seed') for r in runs})} seed(s)")
     return ", ".join(parts)
+
+
+def plot_gap_curve(ax, points: list[dict[str, Any]], label: str, color: str) -> None:
+    """A variant-minus-baseline curve against epochs: `points` carry "epochs" and "gap" (an
+    Estimate over seeds), drawn with standard-error bars and the seed count in the label."""
+    n = points[-1]["gap"].n
+    ax.errorbar([x["epochs"] for x in points], [x["gap"].mean for x in points],
+                yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in points], marker="o", color=color, capsize=3,
+                label=f"{label} ({n} seed{'s' * (n > 1)})")  # fmt: skip
+
+
+def zero_and_one_epoch(ax) -> None:
+    """The reference lines of a gap-against-epochs figure: no difference, and one epoch."""
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(1, color="grey", lw=0.8, ls=":")

@@ -22,7 +22,7 @@ from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, data_name, 
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
-from engram_lm.plotting import regime_caption, saved_figure
+from engram_lm.plotting import plot_gap_curve, regime_caption, saved_figure
 from engram_lm.recipes import QUICKSTART_RHO, paper_optimiser, quickstart_engram_template, quickstart_moe
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.run import run_metadata, write_json
@@ -105,9 +105,7 @@ def plot_duration(results: list[dict[str, Any]], path: Path) -> None:
         by_variant = {v: gaps(results, v) for v in ("engram", "capacity1", DECAYED)}
         for (variant, g), color in zip(by_variant.items(), ("tab:red", "tab:grey", "tab:blue")):
             if g:
-                ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
-                            yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color,
-                            capsize=3, label=f"{LABELS[variant]} minus MoE ({g[-1]['gap'].n} seed{'s' * (g[-1]['gap'].n > 1)})")  # fmt: skip
+                plot_gap_curve(ax, g, f"{LABELS[variant]} minus MoE", color)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ticks = by_variant["engram"] or by_variant["capacity1"]

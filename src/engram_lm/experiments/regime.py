@@ -24,7 +24,7 @@ from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, fmt_estimat
 from engram_lm.experiments.rows import group_by
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
-from engram_lm.plotting import regime_caption, saved_figure
+from engram_lm.plotting import plot_gap_curve, regime_caption, saved_figure, zero_and_one_epoch
 from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
 from engram_lm.training.run import run_metadata, write_json
 
@@ -105,11 +105,8 @@ def plot_regime(results: list[dict[str, Any]], path: Path) -> None:
     with saved_figure(path, (6.5, 4)) as (fig, ax):
         by_corpus = group_by(gaps_by_length(results), "corpus")
         for ((corpus,), g), color in zip(by_corpus.items(), ("tab:purple", "tab:green", "tab:red", "tab:blue")):
-            ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
-                        yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color, capsize=3,
-                        label=f"{corpus} ({g[-1]['gap'].n} seed{'s' * (g[-1]['gap'].n > 1)})")  # fmt: skip
-        ax.axhline(0, color="black", lw=0.8)
-        ax.axvline(1, color="grey", lw=0.8, ls=":")
+            plot_gap_curve(ax, g, corpus, color)
+        zero_and_one_epoch(ax)
         ax.set_xlabel("epochs of the corpus (one finished run per length)")
         ax.set_ylabel("Engram (table decay) minus MoE, nats")
         ax.set_title(f"Does the default table decay hold beyond the Bible?\n{regime_caption(results)}", fontsize=10)

@@ -17,7 +17,7 @@ from engram_lm.experiments.page import losses_of
 from engram_lm.experiments.rows import group_by
 from engram_lm.experiments.scaling import log_linearity, scaling_rows, strongest_overencoding_gap
 from engram_lm.experiments.stats import Comparison, Estimate, compare
-from engram_lm.plotting import saved_figure
+from engram_lm.plotting import plot_gap_curve, saved_figure, zero_and_one_epoch
 
 Runs = dict[str, list[dict[str, Any]]]
 
@@ -146,11 +146,8 @@ def plot_summary(sections: Runs, path: Path) -> bool:
     with saved_figure(path, (7, 4.2)) as (fig, ax):
         for g, label, color in curves:
             if g:
-                ax.errorbar([x["epochs"] for x in g], [x["gap"].mean for x in g],
-                            yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in g], marker="o", color=color, capsize=3,
-                            label=f"{label} ({g[-1]['gap'].n} seeds)")  # fmt: skip
-        ax.axhline(0, color="black", lw=0.8)
-        ax.axvline(1, color="grey", lw=0.8, ls=":")
+                plot_gap_curve(ax, g, label, color)
+        zero_and_one_epoch(ax)
         ax.set_xscale("log")
         ax.set_xlabel("epochs of the training data (log scale; dotted: one epoch); milestones of one long run per seed")
         ax.set_ylabel("validation loss gap, nats (negative: Engram better)")
