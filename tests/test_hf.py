@@ -117,3 +117,19 @@ def test_retrofit_command_trains_only_the_memory_and_beats_the_frozen_base(tmp_p
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
     assert main(argv) == 0  # finished: rerunning resumes at the end and changes nothing
     assert json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(r["val_loss"], abs=1e-6)
+
+
+def test_a_manual_prefill_without_a_cache_object_still_decodes_exactly(word_tokenizer_file):
+    # use_cache=True and no past_key_values: the model makes the cache itself; Engram's conv must still stream
+    model = tiny_model("llama")
+    perturb(add_engram(model, f"identity:{V}", layers=(1,), table_size=101, num_heads=2))
+    ids = torch.randint(2, V, (2, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :6], use_cache=True)
+        past, steps = out.past_key_values, []
+        for t in range(6, 9):
+            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, 6:9], atol=1e-5), (torch.stack(steps, 1) - full[:, 6:9]).abs().max()

@@ -77,10 +77,14 @@ class EngramRetrofit(nn.Module):
             raise ValueError("a model with Engram needs input_ids (the memory is addressed by token ids), not inputs_embeds")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        # a cache will follow when one is passed, or when the model makes one (use_cache, or its config's default):
+        # a prefill without past_key_values must still keep the conv's window for the next cached step
+        use_cache = kwargs.get("use_cache")
+        streams = cache is not None or bool(use_cache if use_cache is not None else getattr(module.config, "use_cache", False))
         s = self._stream
         if cached == 0:  # a new sequence: fresh history, and a conv stream when a cache will follow
             s.history = self.hasher.init_history(ids.shape[0], ids.device)
-            s.conv = {k: (e.short_conv.init_state(ids.shape[0], ids.device, self._dtype()) if cache is not None
+            s.conv = {k: (e.short_conv.init_state(ids.shape[0], ids.device, self._dtype()) if streams
                           and e.short_conv is not None else None) for k, e in self.engrams.items()}  # fmt: skip
         elif s.history is None or s.history.ids_BK.shape[0] != ids.shape[0]:
             raise ValueError("Engram's decoding state does not match this cache; start generation from the prompt")
