@@ -773,7 +773,8 @@ def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
         for s in specs:
             varied = section.startswith(("regularisation", "duration-repeated")) and "_table_wd_" in s.tags["variant"]
             default = section == "regime" and s.tags["variant"] == "engram"  # it asks what the default does
-            assert (s.train.table_weight_decay != 0.0) == (varied or default), s.key  # OverEncoding's tables included
+            candidate = section == "regime" and "_table_wd_" in s.tags["variant"]  # a decay in the default's place
+            assert (s.train.table_weight_decay != 0.0) == (varied or default or candidate), s.key  # OverEncoding's too
 
 
 def test_engram_is_compared_with_the_strongest_overencoding_too():
@@ -957,6 +958,12 @@ def test_regime_specs_train_each_corpus_to_its_epochs_with_the_default_decay(tmp
         (docs / f"{i:02d}.txt").write_text(" ".join(f"w{(i * 13 + k) % 500}" for k in range(400)))
     tokens = len(prepare_data(str(docs), "bpe:4096").train)
     specs = regime_specs(seeds=(0, 1), corpora={"mine": str(docs)}, epochs=(1.0, 2.5))
+    with_candidate = regime_specs(seeds=(0,), corpora={"mine": str(docs)}, epochs=(1.0,), candidates=("row_dropout_0.5",))
+    dropped = with_candidate[-1]
+    assert dropped.tags["variant"] == "engram_row_dropout_0.5" and dropped.model.engram.row_dropout == 0.5
+    assert dropped.train == specs[1].train.with_(table_weight_decay=0.0)  # the study's training (no decay), else the same
+    with pytest.raises(ValueError, match="unknown regulariser"):
+        regime_specs(seeds=(0,), corpora={"mine": str(docs)}, epochs=(1.0,), candidates=("nope",))
     assert [(s.tags["epochs_target"], s.tags["variant"], s.tags["seed"]) for s in specs] == [
         (1.0, "moe", 0), (1.0, "engram", 0), (1.0, "moe", 1), (1.0, "engram", 1),
         (2.5, "moe", 0), (2.5, "engram", 0), (2.5, "moe", 1), (2.5, "engram", 1)]  # fmt: skip
@@ -985,7 +992,14 @@ def test_regime_section_calls_each_corpus_past_one_epoch():
     assert by_claim[f"{CLAIM} (code)"][1] == "reproduced: not called worse, every upper bound under +0.02 nats (highest +0.0042)"
     assert by_claim[f"{CLAIM} (prose)"][1] == "not reproduced: called worse at 2.50, 4.00 epochs"
     assert by_claim[f"{CLAIM} (prose)"][3].endswith("+0.0307 ± 0.0018 at 2.50 epochs, +0.0407 ± 0.0018 at 4.00 epochs")
-    assert "| code | 2.50 | 250 | 3 | 4.0000 ± 0.0000 | 4.0007 ± 0.0018 | +0.0007 ± 0.0018 | inconclusive |" in lines
+    assert "| code | engram | 2.50 | 250 | 3 | 4.0000 ± 0.0000 | 4.0007 ± 0.0018 | +0.0007 ± 0.0018 | inconclusive |" in lines
+    # a candidate in the default's place is called on its own rows, under its own claim
+    rows_dropped = [{**r, "variant": "engram_row_dropout_0.5", "val_loss": r["val_loss"] - 0.05}
+                    for r in runs if r["variant"] == "engram" and r["corpus"] == "prose"]  # fmt: skip
+    with_candidate = {v[0]: v for v in regime_section(runs + rows_dropped)[0]}
+    claim = "ours: with whole-row dropout 0.5 instead of the default Engram stays level with or ahead of the MoE past one epoch"
+    assert with_candidate[f"{claim} (prose)"][1].startswith("reproduced")  # -0.0193 and -0.0093 at 2.5 and 4 epochs
+    assert with_candidate[f"{CLAIM} (prose)"][1].startswith("not reproduced")  # the default's row is unchanged
     assert regime_section([])[1][2].startswith("Not run yet")
     noisy = [{**r, "val_loss": r["val_loss"] + (0.03 * (r["seed"] - 1) if r["variant"] == "engram" else 0.0)} for r in runs]
     # code at 2.5 epochs, per seed -0.030, +0.004, +0.028: +0.00067 ± 0.01683, no call, upper bound +0.0343

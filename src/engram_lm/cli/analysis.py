@@ -100,12 +100,20 @@ def _print_duration(r: dict[str, Any]) -> None:
 
 
 def cmd_regime(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.experiments.regime import regime_corpora, regime_section, regime_sweep
+    from engram_lm.experiments.regime import REGIME_EPOCHS, regime_corpora, regime_section, regime_sweep
 
     corpora = regime_corpora(args.novels)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if not any(label.startswith(w) for label in corpora)]
+        if unknown:
+            raise ValueError(f"--only {','.join(unknown)}: no such corpus; choose from {', '.join(corpora)} (their first word)")
+        corpora = {label: data for label, data in corpora.items() if any(label.startswith(w) for w in wanted)}
     for data in args.data or []:
         corpora[Path(data).name or data] = data
-    runs = regime_sweep(Path(args.out), seeds=_seeds(args), corpora=corpora, progress=not args.quiet, device=args.device)
+    candidates = tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip())
+    runs = regime_sweep(Path(args.out), seeds=_seeds(args), corpora=corpora, candidates=candidates,
+                        epochs=tuple(args.epochs or REGIME_EPOCHS), progress=not args.quiet, device=args.device)  # fmt: skip
     verdicts, lines = regime_section(runs)
     return {"verdicts": [{"claim": v[0], "verdict": v[1], "regime": v[2], "numbers": v[3]} for v in verdicts],
             "table": lines, "csv": str(Path(args.out) / "regime.csv"), "png": str(Path(args.out) / "regime.png")}  # fmt: skip
@@ -279,6 +287,10 @@ def _add_experiment_commands(sub) -> None:
     e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
     e.add_argument("--novels", help="a folder of long texts to slice too (e.g. ../shared/data/gutenberg-novels)")
     e.add_argument("--data", action="append", help="another corpus, whole (repeatable; a slice: first:N:CORPUS)")
+    e.add_argument("--only", help="comma-separated corpora to train, by their first word: python-stdlib, novels, bible")
+    e.add_argument("--candidates", help="comma-separated regularisers of the study to try in the default's place "
+                                        "(e.g. row_dropout_0.5,table_wd_30.0)")
+    e.add_argument("--epochs", type=float_list, help="lengths in epochs (default 1,2.5,4)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--out", default="runs/regime")
     e.add_argument("--quiet", action="store_true")

@@ -51,7 +51,7 @@ from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
 from engram_lm.experiments.oe_diagnosis import oe_diagnosis_specs
-from engram_lm.experiments.regime import regime_corpora, regime_specs, write_regime
+from engram_lm.experiments.regime import REGIME_CANDIDATES, regime_corpora, regime_specs, write_regime
 from engram_lm.experiments.regularisation import regularisation_control_specs, regularisation_specs
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
 from engram_lm.experiments.scaling import SCALING_TABLE_PARAMS, scaling_specs, write_scaling
@@ -97,7 +97,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "branch-fusion": lambda: ablation_specs(seeds=seed_list, branches=4, variants=("reference", "no_branch_fusion"),
                                                 experiment="branch-fusion", prefix="branch-fusion/"),
         # measures its corpora to size the runs: the novels slice only where the folder is there
-        "regime": lambda: regime_specs(seeds=seed_list, prefix="regime/",
+        "regime": lambda: regime_specs(seeds=seed_list, prefix="regime/", candidates=REGIME_CANDIDATES,
                                        corpora=regime_corpora(long_data if long_data and Path(long_data).exists() else None)),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
