@@ -1006,3 +1006,18 @@ def test_regime_section_calls_each_corpus_past_one_epoch():
     verdicts = {v[0]: v for v in regime_section(noisy)[0]}
     assert verdicts[f"{CLAIM} (code)"][1] == ("inconclusive at this scale: not called worse, but an upper bound of "
                                              "+0.0343 nats exceeds the +0.02 margin")
+
+
+def test_summary_says_where_the_default_decay_falls_behind_beyond_the_bible_and_which_candidate_holds():
+    from engram_lm.experiments.summary import beyond_the_bible
+
+    def run(variant, seed, target, loss):
+        return {"corpus": "code slice", "epochs_target": target, "variant": variant, "seed": seed, "val_loss": loss,
+                "epochs": target, "requested": {"train": {"steps": 100}}}  # fmt: skip
+
+    runs = [run(v, seed, 4.0, 4.0 + gap + j) for seed, j in enumerate((0.0, 0.004, -0.002))
+            for v, gap in (("moe", 0.0), ("engram", 0.08), ("engram_row_dropout_0.5", -0.01))]  # fmt: skip
+    text = beyond_the_bible({"regime": runs})
+    assert "+0.081 ± 0.002 at 4.00 epochs of the code slice (behind past one epoch)" in text  # 0.08 + mean jitter 0.00067
+    assert "`engram_row_dropout_0.5` holds there (-0.009 ± 0.002 at 4.00 epochs)" in text
+    assert beyond_the_bible({}) == ""

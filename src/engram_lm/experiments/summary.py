@@ -14,6 +14,7 @@ from typing import Any
 from engram_lm.experiments.allocation import summarise, u_shape
 from engram_lm.experiments.duration import DECAYED, DEFAULT_DECAY, gaps
 from engram_lm.experiments.page import losses_of
+from engram_lm.experiments.regime import engram_variants, gaps_by_length, level_or_ahead
 from engram_lm.experiments.rows import group_by
 from engram_lm.experiments.scaling import log_linearity, scaling_rows, strongest_overencoding_gap
 from engram_lm.experiments.stats import Comparison, Estimate, compare
@@ -77,6 +78,30 @@ def repeated(sections: Runs) -> str:
     return text
 
 
+def beyond_the_bible(sections: Runs) -> str:
+    """The default decay on other corpora past one epoch (section regime), and any candidate that holds where it fails."""
+    runs = sections.get("regime", [])
+    parts, rescued = [], []
+    for corpus in dict.fromkeys(r["corpus"] for r in runs):
+        mine = [r for r in runs if r["corpus"] == corpus]
+        past = [x for x in gaps_by_length(mine) if x["epochs"] > 1.05]
+        if not past:
+            continue
+        last = past[-1]
+        call = level_or_ahead(past)
+        said = "behind" if call.startswith("not") else "level or ahead" if call.startswith("reproduced") else "not resolved"
+        parts.append(f"{nats(last['gap'])} at {last['epochs']:.2f} epochs of the {corpus} ({said} past one epoch)")
+        if level_or_ahead(past).startswith("not reproduced"):
+            for variant in engram_variants(mine)[1:]:
+                held = [x for x in gaps_by_length(mine, variant) if x["epochs"] > 1.05]
+                if held and len(held) == len(past) and level_or_ahead(held).startswith("reproduced"):
+                    rescued.append(f"`{variant}` holds there ({nats(held[-1]['gap'])} at {held[-1]['epochs']:.2f} epochs)")
+    if not parts:
+        return ""
+    text = ("**Beyond the Bible, with the default table decay:** Engram minus the MoE is " + "; ".join(parts) + ".")
+    return text + (" Of the candidates in its place, " + "; ".join(rescued) + "." if rescued else "")
+
+
 def scaling(sections: Runs) -> str:
     strongest = strongest_overencoding_gap(sections.get("scaling", []), sections.get("oe-diagnosis", []))
     shapes = {name: log_linearity([r for r in scaling_rows(sections.get(name, [])) if r["method"] == "engram"])
@@ -125,7 +150,7 @@ def allocation_and_ablations(sections: Runs) -> str:
 
 def summary_lines(sections: Runs, tally_line: str) -> list[str]:
     """"## In short" and its paragraphs (empty when no section has runs)."""
-    paragraphs = [p for p in (single_epoch(sections), repeated(sections), scaling(sections),
+    paragraphs = [p for p in (single_epoch(sections), repeated(sections), beyond_the_bible(sections), scaling(sections),
                               allocation_and_ablations(sections)) if p]  # fmt: skip
     if not paragraphs:
         return []
