@@ -303,3 +303,20 @@ def test_offload_bench_device_config_serves_the_weight_itself(tmp_path):
     table = _stack("device", weight, tmp_path / "unused.bin", 40, 8, torch.device("cpu"), 4)
     rows = torch.tensor([[3, 39, 3]])
     assert torch.equal(table(rows), weight[rows]) and not table.weight.requires_grad
+
+
+def test_every_tier_refuses_row_ids_outside_its_table(tmp_path):
+    from engram_lm.memory.ssd import SsdTable
+
+    weight = torch.randn(50, 8)
+    tiers = _tiers(weight, tmp_path)
+    tiers["ssd"] = SsdTable(tmp_path / "t.bin", 50, 8, "fp32")
+    tiers["ssd+cache"] = CachedTable(SsdTable(tmp_path / "t.bin", 50, 8, "fp32"), 8, admit_after=1)
+    for name, table in tiers.items():
+        assert torch.equal(table(torch.tensor([3, 49])), weight[[3, 49]]), name  # the last row is inside
+        for bad, shown in (([0, 50], "0..50"), ([-1, 2], "-1..2"), ([10**9], "1000000000..1000000000")):
+            with pytest.raises(ValueError, match=f"row ids {shown} fall outside this .* table's 50 rows"):
+                table(torch.tensor(bad))
+            with pytest.raises(ValueError, match="fall outside"):
+                table.prefetch(torch.tensor(bad)) if "prefetch" in name else table(torch.tensor(bad))
+        table.close()

@@ -69,6 +69,8 @@ class PrefetchingTable(MemoryTable):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         pending, self._pending = self._pending, None
+        if pending is None or pending.rows is not rows:
+            self.check_rows(rows)  # prefetched rows were checked by prefetch
         if pending is not None and pending.rows is rows:
             if pending.future is not None:
                 vectors = self._hand_over(*pending.future.result(timeout=WAIT_TIMEOUT_S))  # re-raises worker errors

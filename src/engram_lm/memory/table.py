@@ -32,5 +32,13 @@ class MemoryTable(nn.Module):
         return {"tier": self.tier, "rows": self.num_rows, "dim": self.dim}
 
     def check_rows(self, rows: torch.Tensor) -> None:
+        """int64 ids inside [0, num_rows): a tier never returns another row (or stale bytes) for an id it lacks.
+        The host tiers read the ids on the host anyway, so the range check costs no extra sync there."""
         if rows.dtype != torch.int64:
             raise ValueError(f"row ids must be int64, got {rows.dtype}")
+        if rows.numel():
+            lo, hi = (int(v) for v in torch.aminmax(rows))
+            if lo < 0 or hi >= self.num_rows:
+                raise ValueError(f"row ids {lo}..{hi} fall outside this {self.tier} table's {self.num_rows:,} rows: the "
+                                 "hashing and the table disagree (another layout, model or export); use the table "
+                                 "exported for this model")  # fmt: skip
