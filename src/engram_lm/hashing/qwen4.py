@@ -87,6 +87,16 @@ class Qwen4NgramLayout:
     def context_len(self) -> int:
         return self.ngram_size - 1
 
+    @property
+    def fingerprint(self) -> str:
+        """What decides every row id, hashed: a table exported for another layout is refused by it."""
+        import hashlib
+        import json
+
+        fields = [self.vocab_size, self.ngram_size, self.heads_per_ngram, self.eos_id, list(self.multipliers),
+                  list(self.head_sizes), self.padded_rows]  # fmt: skip
+        return "qwen4-" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
 
 def qwen4_layout(*, vocab_size: int, eos_id: int, ngram_size: int = 3, heads_per_ngram: int = 8,
                  ngram_vocab_size_base: int = 20_000_000, seed: int = 1234, ple_layer_index: int = 0,

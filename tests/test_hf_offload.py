@@ -1,0 +1,71 @@
+"""The official qwen4_exp model (transformers) with its n-gram table served by engram-lm tiers
+(hf/offload.py): the same logits and generated tokens as in memory, exports checked."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+modeling = pytest.importorskip("transformers.models.qwen4_exp.modeling_qwen4_exp")
+
+from engram_lm.hf.offload import TierEmbedding, offload_tables  # noqa: E402
+
+EOS = 7
+
+
+def tiny_qwen4(seed: int = 0, **kw):
+    cfg = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+               ple_layer_ids=[1], ple_embed_dim=24, ngram_size=3, heads_per_ngram=2, ngram_vocab_size_base=1000,
+               eos_token_id=EOS, pad_token_id=0, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+               indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4)  # fmt: skip
+    torch.manual_seed(seed)
+    model = modeling.Qwen4ExpForCausalLM(modeling.Qwen4ExpTextConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():  # the random init leaves most rows near zero: make every row count
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding) and m.weight.shape[0] > 1000:
+                m.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("tier, cache_rows", [("ram", 0), ("mmap", 0), ("ssd", 0), ("ssd", 64), ("mmap", 64)])
+def test_an_offloaded_table_gives_the_in_memory_logits_and_tokens(tmp_path, tier, cache_rows):
+    model = tiny_qwen4()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[0, 7] = EOS
+    with torch.no_grad():
+        want = model(ids).logits
+        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
+                                do_sample=False)  # fmt: skip
+    placements = offload_tables(model, tier=tier, dir=tmp_path / "tables", cache_rows=cache_rows)
+    assert [p["module"] for p in placements] == ["model.layers.0.ple.ple_embedding"]
+    assert isinstance(model.model.layers[0].ple.ple_embedding.ngram_embedding, TierEmbedding)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+        again = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
+                               do_sample=False)  # fmt: skip
+    assert torch.equal(again, tokens)
+
+
+def test_an_export_is_reused_for_its_model_and_refused_for_another(tmp_path):
+    offload_tables(tiny_qwen4(), tier="mmap", dir=tmp_path / "tables")
+    before = (tmp_path / "tables" / "layer-0.bin").stat().st_mtime_ns
+    model = tiny_qwen4()
+    offload_tables(model, tier="mmap", dir=tmp_path / "tables")  # the same model: served from the files as they are
+    assert (tmp_path / "tables" / "layer-0.bin").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="exported for another model or dtype"):
+        offload_tables(tiny_qwen4(seed=0, heads_per_ngram=4, ple_embed_dim=24), tier="mmap", dir=tmp_path / "tables")
+    data = bytearray((tmp_path / "tables" / "layer-0.bin").read_bytes())
+    data[40] ^= 1
+    (tmp_path / "tables" / "layer-0.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its manifest checksum"):
+        offload_tables(tiny_qwen4(), tier="ssd", dir=tmp_path / "tables", verify=True)
+
+
+def test_bad_requests_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="pass dir="):
+        offload_tables(tiny_qwen4(), tier="mmap")
+    with pytest.raises(ValueError, match="unknown tier"):
+        offload_tables(tiny_qwen4(), tier="disk", dir=tmp_path)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="'gpt2' model has no n-gram table engram-lm can serve; supported: qwen4_exp"):
+        offload_tables(gpt2, tier="ram")
