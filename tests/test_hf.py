@@ -133,3 +133,40 @@ def test_a_manual_prefill_without_a_cache_object_still_decodes_exactly(word_toke
             past = out.past_key_values
             steps.append(out.logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full[:, 6:9], atol=1e-5), (torch.stack(steps, 1) - full[:, 6:9]).abs().max()
+
+
+def test_engram_on_a_peft_lora_model_trains_lora_and_memory_with_their_own_optimizers(tmp_path):
+    peft = pytest.importorskip("peft")
+    from engram_lm.hf.train import engram_optimizers
+
+    base = tiny_model("llama")
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    retrofit = add_engram(model, f"identity:{V}", layers=(1,), table_size=101, num_heads=2)
+    perturb(retrofit)  # the memory active from the start (its value projection starts at zero)
+    opts = engram_optimizers(model, lr=1e-2)
+    assert set(opts) == {"table", "engram", "other"}
+    assert all("lora_" in n for n, p in model.named_parameters() if any(p is q for q in opts["other"].param_groups[0]["params"]))
+    ids = torch.randint(2, V, (2, 12))
+    before = model(ids).logits.detach()
+    tables = [e.memory.weight.detach().clone() for e in retrofit.engrams.values()]
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert not torch.equal(model(ids).logits, before)
+    assert all(not torch.equal(t, e.memory.weight) for t, e in zip(tables, retrofit.engrams.values()))  # rows read moved
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA trained (B starts at zero)
+    checked = 0
+    for n, p in base.named_parameters():  # the base weights themselves never move (LoRA wraps q/v: base_layer)
+        if n.replace(".base_layer", "") in frozen:
+            assert torch.equal(p, frozen[n.replace(".base_layer", "")]), n
+            checked += 1
+    assert checked == len(frozen)
+    save_engram(model, tmp_path / "adapter")  # the memory saves from the peft model like from the base
+    fresh = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    load_engram(fresh, tmp_path / "adapter")
+    assert all(torch.equal(a, b) for a, b in zip(retrofit.state_dict().values(), fresh.engram.state_dict().values()))

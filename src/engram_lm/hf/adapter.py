@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engram_lm.config import EngramConfig
+from engram_lm.hf.families import causal_lm
 from engram_lm.hf.retrofit import EngramRetrofit, tokenizer_spec
 
 FORMAT = "engram-lm-adapter/1"
@@ -140,7 +141,7 @@ def load_engram(model: nn.Module, adapter_dir: str | Path, *, tokenizer: Any = N
     retrofit.to(device)
     if memory != "device":
         _move_tables(retrofit, adapter_dir, memory, device, meta.get("adapter_sha256") or file_sha256(weights))
-    model.engram = retrofit
+    causal_lm(model).engram = retrofit
     retrofit.attach(model)
     return retrofit
 

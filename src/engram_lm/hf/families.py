@@ -17,7 +17,7 @@ class Family:
     layers_path: str  # attribute path from the *ForCausalLM model to its decoder-layer ModuleList
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        obj = model
+        obj = causal_lm(model)
         for part in self.layers_path.split("."):
             obj = getattr(obj, part)
         return obj
@@ -30,6 +30,12 @@ FAMILIES = {
     "qwen3": Family("qwen3", "model.layers"),
     "gpt2": Family("gpt2", "transformer.h"),
 }
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a wrapper (a `peft` model: its base model), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def family_of(model: nn.Module) -> Family:

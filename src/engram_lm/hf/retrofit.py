@@ -26,7 +26,7 @@ from engram_lm.config import EngramConfig
 from engram_lm.engram.conv import ConvState
 from engram_lm.engram.module import Engram
 from engram_lm.hashing.hasher import NgramHasher, NgramHistory
-from engram_lm.hf.families import family_of, hidden_size
+from engram_lm.hf.families import causal_lm, family_of, hidden_size
 from engram_lm.memory.dense import DenseTable
 from engram_lm.tokenizer.cache import default_cache_dir
 
@@ -62,7 +62,8 @@ class EngramRetrofit(nn.Module):
     # ---- hooks -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         layers = family_of(model).layers(model)
-        self._handles.append(model.register_forward_pre_hook(self._hash_inputs, with_kwargs=True))
+        # on the *ForCausalLM itself: a peft wrapper calls it with the same input_ids
+        self._handles.append(causal_lm(model).register_forward_pre_hook(self._hash_inputs, with_kwargs=True))
         for key in self.engrams:
             self._handles.append(layers[int(key)].register_forward_pre_hook(self._layer_hook(key), with_kwargs=True))
 
@@ -146,7 +147,7 @@ def add_engram(
     retrofit = EngramRetrofit(cfg, eod_id if eod_id is not None else eos)
     param = next(model.parameters())
     retrofit.to(device=param.device)
-    model.engram = retrofit
+    causal_lm(model).engram = retrofit  # a peft wrapper reaches it by attribute, and saves it with the base
     retrofit.attach(model)
     return retrofit
 

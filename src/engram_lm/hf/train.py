@@ -301,21 +301,34 @@ class _RetrofitSaver:
         replace_dir(tmp, self.out_dir / "adapter")
 
 
+def engram_optimizers(model, *, lr: float = 1e-3, table_lr_mult: float = 5.0,
+                      other_lr: float | None = None) -> dict[str, torch.optim.Optimizer]:  # fmt: skip
+    """The optimizers for a model with Engram added (`add_engram`, also on a `peft` model), over
+    its parameters that require grad: "table" (the Engram tables: sparse-row Adam at
+    lr x table_lr_mult, updating only the rows a step read), "engram" (the rest of the module:
+    AdamW at lr) and, when anything else trains (LoRA weights, or the base), "other" (AdamW at
+    `other_lr`, default lr). Step and zero every one of them each step (a `Trainer` takes one
+    optimizer: see docs/hf.md)."""
+    from engram_lm.hf.adapter import _retrofit
+
+    retrofit = _retrofit(model)
+    tables = {id(e.memory.weight) for e in retrofit.engrams.values()}
+    engram = {id(p) for p in retrofit.parameters()}
+    groups: dict[str, list[torch.nn.Parameter]] = {"table": [], "engram": [], "other": []}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            groups["table" if id(p) in tables else "engram" if id(p) in engram else "other"].append(p)
+    opts: dict[str, torch.optim.Optimizer] = {"table": SparseRowAdam(groups["table"], lr=lr * table_lr_mult)}
+    opts["engram"] = torch.optim.AdamW(groups["engram"], lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    if groups["other"]:
+        opts["other"] = torch.optim.AdamW(groups["other"], lr=lr if other_lr is None else other_lr, weight_decay=0.0)
+    return opts
+
+
 def _optimizers(model, cfg: RetrofitConfig) -> dict[str, torch.optim.Optimizer]:
-    tables, engram, base = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("engram.") and name.endswith(".memory.weight"):
-            tables.append(p)
-        elif name.startswith("engram."):
-            engram.append(p)
-        else:
-            base.append(p)
-    opts: dict[str, torch.optim.Optimizer] = {"table": SparseRowAdam(tables, lr=cfg.lr * cfg.table_lr_mult)}
-    opts["engram"] = torch.optim.AdamW(engram, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    if base:
-        opts["base"] = torch.optim.AdamW(base, lr=cfg.base_lr, weight_decay=0.0)
+    opts = engram_optimizers(model, lr=cfg.lr, table_lr_mult=cfg.table_lr_mult, other_lr=cfg.base_lr)
+    if "other" in opts:  # the fine-tuned base, under the name its saved state has
+        opts["base"] = opts.pop("other")
     return opts
 
 
