@@ -205,3 +205,43 @@ def test_a_truncated_optimizer_file_is_named_on_resume(tmp_path, base):
     opt.write_bytes(opt.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cannot read .*optimizer.safetensors.*truncated or not a safetensors file"):
         retrofit(folder, _cfg(docs, steps=4), tmp_path / "run", progress=False)
+
+
+def test_retrofit_with_lora_trains_both_saves_both_and_loads_back_to_identical_logits(tmp_path, base):
+    pytest.importorskip("peft")
+    from engram_lm.hf.adapter import load_adapter
+
+    folder, docs = base
+    r = retrofit(folder, _cfg(docs, lora_r=4, lora_targets=("q_proj", "v_proj")), tmp_path / "run", progress=False)
+    plain = retrofit(folder, _cfg(docs), tmp_path / "plain", progress=False)
+    assert r["trainable_params"] > plain["trainable_params"]  # the LoRA weights train too
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "lora" / "adapter_config.json").exists() and (adapter / "adapter.safetensors").exists()
+    served = load_adapter(transformers.AutoModelForCausalLM.from_pretrained(folder), adapter)
+    again = load_adapter(transformers.AutoModelForCausalLM.from_pretrained(folder), adapter)
+    ids = torch.randint(2, 300, (2, 20))
+    with torch.no_grad():
+        a, b = served(ids).logits, again(ids).logits
+    assert torch.equal(a, b) and not torch.equal(a, transformers.AutoModelForCausalLM.from_pretrained(folder)(ids).logits)
+    # the served model is the trained one: its held-out loss is the run's
+    from engram_lm.hf.train import evaluate_lm
+    from engram_lm.training.data import eval_windows, prepare_data
+
+    data = prepare_data(str(docs), str(folder / "tokenizer.json"))
+    assert evaluate_lm(served, eval_windows(data.val, 4, 32, 1), "cpu") == pytest.approx(r["val_loss"], abs=1e-6)
+    other = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))  # fmt: skip
+    with pytest.raises(ValueError, match="was trained on base"):
+        load_adapter(other, adapter)
+
+
+def test_a_lora_retrofit_resumes_to_the_unbroken_run(tmp_path, base):
+    pytest.importorskip("peft")
+    folder, docs = base
+    unbroken = retrofit(folder, _cfg(docs, lora_r=4), tmp_path / "unbroken", progress=False)
+    retrofit(folder, _cfg(docs, lora_r=4, steps=2), tmp_path / "run", progress=False)
+    resumed = retrofit(folder, _cfg(docs, lora_r=4), tmp_path / "run", progress=False)
+    assert resumed["val_loss"] == unbroken["val_loss"] and _losses(tmp_path / "run") == _losses(tmp_path / "unbroken")
+    with pytest.raises(ValueError, match="choose LoRA or --train-base"):
+        _cfg(docs, lora_r=4, train_base=True)

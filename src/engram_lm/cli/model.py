@@ -142,6 +142,9 @@ def cmd_retrofit(args: argparse.Namespace) -> dict[str, Any]:
             changes[key] = raw
     if args.save_every is not None:
         changes["save_every"] = args.save_every
+    if args.lora_r:
+        changes["lora_r"] = args.lora_r
+        changes["lora_targets"] = tuple(t for t in (args.lora_targets or "").split(",") if t)
     return retrofit(args.model, RetrofitConfig(**changes), Path(args.out), device=args.device, progress=not args.quiet,
                     allow_data_change=args.allow_data_change)  # fmt: skip
 
@@ -264,6 +267,8 @@ def _add_retrofit_command(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RetrofitConfig field (repeatable)")
     p.add_argument("--train-base", action="store_true", help="fine-tune the base model too (at base_lr)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 100; also every 10 minutes)")
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA (through peft) of this rank beside the memory")
+    p.add_argument("--lora-targets", help="comma-separated module names for LoRA (default: every linear layer)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although the data or the model's tokenizer changed (recorded in metrics.jsonl)")
     p.add_argument("--device", default="cpu")

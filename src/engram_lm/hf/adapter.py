@@ -109,10 +109,7 @@ def load_engram(model: nn.Module, adapter_dir: str | Path, *, tokenizer: Any = N
     """Attach a saved adapter to `model` (which must not have Engram yet)."""
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_config(adapter_dir)
-    if meta["base_config_sha256"] != base_config_hash(model):
-        raise ValueError(f"adapter {adapter_dir} was trained on base {meta['base_model']!r} (config "
-                         f"{meta['base_config_sha256'][:12]}), this model is {getattr(model.config, '_name_or_path', '?')!r} "
-                         f"(config {base_config_hash(model)[:12]}); load it onto the model it was trained on")  # fmt: skip
+    _check_base(model, adapter_dir, meta)
     cfg = EngramConfig.from_dict(meta["engram"])
     spec = cfg.tokenizer if cfg.tokenizer.startswith("identity:") else str(adapter_dir / "tokenizer.json")
     if tokenizer is not None:
@@ -144,6 +141,30 @@ def load_engram(model: nn.Module, adapter_dir: str | Path, *, tokenizer: Any = N
     causal_lm(model).engram = retrofit
     retrofit.attach(model)
     return retrofit
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, **kwargs: Any) -> nn.Module:
+    """A retrofit's adapter folder onto a fresh base: its LoRA weights (`lora/`, peft's format)
+    when it has them, then the memory (`load_engram`, which takes `kwargs`). Returns the model to
+    use: the peft model with LoRA, else `model`. A different base is refused before anything loads."""
+    adapter_dir = Path(adapter_dir)
+    _check_base(model, adapter_dir, read_adapter_config(adapter_dir))
+    if (adapter_dir / "lora").is_dir():
+        try:
+            from peft import PeftModel
+        except ImportError as err:
+            raise ValueError(f"{adapter_dir} holds LoRA weights: loading them needs peft ({err}); "
+                             "pip install 'engram-lm[hf]'") from None  # fmt: skip
+        model = PeftModel.from_pretrained(model, adapter_dir / "lora")
+    load_engram(model, adapter_dir, **kwargs)
+    return model
+
+
+def _check_base(model: nn.Module, adapter_dir: Path, meta: dict[str, Any]) -> None:
+    if meta["base_config_sha256"] != base_config_hash(model):
+        raise ValueError(f"adapter {adapter_dir} was trained on base {meta['base_model']!r} (config "
+                         f"{meta['base_config_sha256'][:12]}), this model is {getattr(model.config, '_name_or_path', '?')!r} "
+                         f"(config {base_config_hash(model)[:12]}); load it onto the model it was trained on")  # fmt: skip
 
 
 def _move_tables(retrofit: EngramRetrofit, adapter_dir: Path, memory: str, device: torch.device, source_sha256: str) -> None:

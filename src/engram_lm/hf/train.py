@@ -66,15 +66,22 @@ class RetrofitConfig:
     save_every: int = 100
     save_minutes: float = 10.0  # also save after this much wall time (0: only every save_every steps)
     seed: int = 0
+    lora_r: int = 0  # > 0: LoRA (through peft) of this rank trains beside the memory
+    lora_targets: tuple[str, ...] = ()  # module names for LoRA; empty: every linear layer of the base
+    lora_lr: float | None = None  # LoRA's learning rate (default: lr)
 
     def __post_init__(self) -> None:
         from engram_lm.config import check_field_types
 
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         check_field_types(self)
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "eval_every", "save_every", "table_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid RetrofitConfig.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.lora_r < 0 or self.lora_r and self.train_base:
+            raise ValueError(f"invalid RetrofitConfig.lora_r={self.lora_r!r} (train_base={self.train_base}): LoRA needs "
+                             "lora_r >= 1 and a frozen base; choose LoRA or --train-base")  # fmt: skip
         if self.save_minutes < 0:
             raise ValueError(f"invalid RetrofitConfig.save_minutes={self.save_minutes!r}: must be >= 0 (0: by steps only)")
 
@@ -108,7 +115,7 @@ def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *
         model = _load_base(model_path, latest, cfg, data.vocab_size, device)
         windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         base_val = evaluate_lm(model, windows, device)
-        start, optimizers = _attach_or_resume(model, cfg, latest, tok_file, data.eod_id)
+        model, start, optimizers = _attach_or_resume(model, cfg, latest, tok_file, data.eod_id)
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None)
         if latest is None:
             metrics.write(step=0, base_val_loss=base_val)
@@ -160,12 +167,13 @@ def _check_resume(out_dir: Path, latest: Path | None, cfg: RetrofitConfig, ident
         return []
     state = _read_retrofit_state(latest)
     now = json.loads(json.dumps(asdict(cfg)))
-    changed = sorted(k for k in set(now) | set(state["config"]) if now.get(k) != state["config"].get(k))
+    saved = {**json.loads(json.dumps(asdict(RetrofitConfig()))), **state["config"]}  # a field added since: its default
+    changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
     if cfg.steps < state["step"]:
         raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}; resume with --steps >= "
                          f"{state['step']}, or pass a new --out")  # fmt: skip
     if set(changed) - FREE_ON_RESUME:
-        shown = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now.get(k)!r}" for k in changed if k not in FREE_ON_RESUME)
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed if k not in FREE_ON_RESUME)
         raise ValueError(f"{out_dir} holds a retrofit with another configuration ({shown}); pass a new --out, or the "
                          "same flags to resume it")  # fmt: skip
     events: list[dict[str, Any]] = []
@@ -197,21 +205,38 @@ def _load_base(model_path: Path, latest: Path | None, cfg: RetrofitConfig, vocab
 
 
 def _attach_or_resume(model, cfg: RetrofitConfig, latest: Path | None, tok_file: Path,
-                      eod_id: int) -> tuple[int, dict[str, torch.optim.Optimizer]]:  # fmt: skip
-    """Add the memory (or load the checkpoint's adapter), freeze what does not train and build
-    the optimizers (with their saved state on resume): (start step, optimizers)."""
+                      eod_id: int) -> tuple[Any, int, dict[str, torch.optim.Optimizer]]:  # fmt: skip
+    """Wrap the base in LoRA (with lora_r), add the memory (or load the checkpoint's adapter),
+    freeze what does not train and build the optimizers (with their saved state on resume):
+    (the model, start step, optimizers)."""
+    if cfg.lora_r:
+        model = _with_lora(model, cfg, latest / "adapter" / "lora" if latest is not None else None)
     if latest is not None:
         load_engram(model, latest / "adapter")
     else:
         add_engram(model, str(tok_file), layers=cfg.layers, table_size=cfg.table_size, num_heads=cfg.num_heads,
                    max_ngram=cfg.max_ngram, eod_id=eod_id, pad_id=eod_id)  # fmt: skip
+    engram = {id(p) for p in model.engram.parameters()}
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("engram.") or cfg.train_base)
+        p.requires_grad_(id(p) in engram or cfg.train_base or bool(cfg.lora_r and "lora_" in name))
     optimizers = _optimizers(model, cfg)
     if latest is None:
-        return 0, optimizers
+        return model, 0, optimizers
     _load_optimizers(model, optimizers, latest / "optimizer.safetensors")
-    return _read_retrofit_state(latest)["step"], optimizers
+    return model, _read_retrofit_state(latest)["step"], optimizers
+
+
+def _with_lora(model, cfg: RetrofitConfig, saved: Path | None):
+    """The base wrapped in peft's LoRA: new, or the checkpoint's LoRA weights."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError as err:
+        raise ValueError(f"--lora-r needs peft ({err}); install the extra: pip install 'engram-lm[hf]'") from None
+    if saved is not None:
+        return PeftModel.from_pretrained(model, saved, is_trainable=True)
+    targets = list(cfg.lora_targets) or "all-linear"
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=targets,
+                                            lora_dropout=0.0))  # fmt: skip
 
 
 def _train_memory(model, optimizers, data: TokenData, windows, cfg: RetrofitConfig, start: int, metrics: MetricsLog,
@@ -284,6 +309,8 @@ class _RetrofitSaver:
     def _write(self, folder: Path, step: int) -> None:
         folder.mkdir(parents=True)
         save_engram(self.model, folder / "adapter")
+        if self.cfg.lora_r:  # peft's own format, inside the adapter folder
+            self.model.save_pretrained(folder / "adapter" / "lora")
         if self.cfg.train_base:  # the fine-tuned base goes with the adapter (without Engram's keys)
             state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("engram.")}
             self.model.save_pretrained(folder / "base", state_dict=state)
@@ -326,9 +353,10 @@ def engram_optimizers(model, *, lr: float = 1e-3, table_lr_mult: float = 5.0,
 
 
 def _optimizers(model, cfg: RetrofitConfig) -> dict[str, torch.optim.Optimizer]:
-    opts = engram_optimizers(model, lr=cfg.lr, table_lr_mult=cfg.table_lr_mult, other_lr=cfg.base_lr)
-    if "other" in opts:  # the fine-tuned base, under the name its saved state has
-        opts["base"] = opts.pop("other")
+    other_lr = cfg.base_lr if cfg.train_base else (cfg.lora_lr if cfg.lora_lr is not None else cfg.lr)
+    opts = engram_optimizers(model, lr=cfg.lr, table_lr_mult=cfg.table_lr_mult, other_lr=other_lr)
+    if "other" in opts:  # the fine-tuned base or the LoRA weights, by name in the saved state
+        opts["base" if cfg.train_base else "lora"] = opts.pop("other")
     return opts
 
 
