@@ -69,3 +69,49 @@ def test_bad_requests_name_the_fix(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="'gpt2' model has no n-gram table engram-lm can serve; supported: qwen4_exp"):
         offload_tables(gpt2, tier="ram")
+
+
+def test_tables_exported_from_a_sharded_checkpoint_are_the_models_and_are_served_as_they_are(tmp_path):
+    from engram_lm.hf.offload import export_checkpoint_tables
+
+    model = tiny_qwen4()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="50KB")  # many files; the table stored as 512 parts
+    index = (tmp_path / "ckpt" / "model.safetensors.index.json").read_text()
+    assert "ngram_embedding.shard_511.weight" in index and "ngram_embedding.weight" not in index
+    manifest = export_checkpoint_tables(tmp_path / "ckpt", tmp_path / "from-ckpt")
+    assert manifest["modules"] == ["model.layers.0.ple.ple_embedding"] and manifest["shapes"] == [[4096, 6]]
+    offload_tables(tiny_qwen4(), tier="mmap", dir=tmp_path / "from-model")  # the same tables, from memory
+    assert (tmp_path / "from-ckpt" / "layer-0.bin").read_bytes() == (tmp_path / "from-model" / "layer-0.bin").read_bytes()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = loaded(ids).logits
+    stamp = (tmp_path / "from-ckpt" / "layer-0.bin").stat().st_mtime_ns
+    offload_tables(loaded, tier="ssd", dir=tmp_path / "from-ckpt")  # reused, not rewritten
+    assert (tmp_path / "from-ckpt" / "layer-0.bin").stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+
+
+def test_exporting_from_a_folder_without_tables_or_with_a_truncated_shard_names_the_problem(tmp_path):
+    from engram_lm.hf.offload import export_checkpoint_tables
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="holds a 'gpt2' model; n-gram tables are exported from qwen4_exp"):
+        export_checkpoint_tables(tmp_path / "gpt2", tmp_path / "out")
+    tiny_qwen4().save_pretrained(tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated|cannot read"):
+        export_checkpoint_tables(tmp_path / "ckpt", tmp_path / "out2")
+
+
+def test_the_tables_export_command(tmp_path, capsys):
+    from engram_lm.cli import main
+
+    tiny_qwen4().save_pretrained(tmp_path / "ckpt")
+    assert main(["tables", "export", "--model", str(tmp_path / "ckpt"), "--to", str(tmp_path / "t"), "--dtype", "fp32"]) == 0
+    assert "1 table(s) [[4096, 6]] as fp32" in capsys.readouterr().out
+    assert main(["tables", "export", "--model", str(tmp_path / "nothing"), "--to", str(tmp_path / "t2")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err

@@ -120,6 +120,13 @@ def _print_generate(r: dict[str, Any]) -> None:
         print(c["prompt"] + c["text"])
 
 
+def cmd_tables_export(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.hf.offload import export_checkpoint_tables
+
+    manifest = export_checkpoint_tables(Path(args.model), Path(args.to), args.dtype)
+    return {"to": args.to, "modules": manifest["modules"], "shapes": manifest["shapes"], "dtype": manifest["dtype"]}
+
+
 def cmd_export_memory(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.memory.export import export_memory
 
@@ -250,6 +257,16 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
+
+    p = sub.add_parser("tables", help="the n-gram tables of released models (qwen4_exp)")
+    tables = p.add_subparsers(dest="tables", required=True)
+    t = tables.add_parser("export", help="stream a checkpoint folder's n-gram tables into an engram-lm export")
+    t.add_argument("--model", required=True, help="a checkpoint folder (config.json and safetensors)")
+    t.add_argument("--to", required=True, help="output folder (manifest.json + layer-<k>.bin)")
+    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(run=cmd_tables_export, show=lambda r: print(f"{len(r['modules'])} table(s) {r['shapes']} as "
+                                                                f"{r['dtype']} in {r['to']}"))  # fmt: skip
 
     p = sub.add_parser("verify-memory", help="re-hash exported table files against their manifest")
     p.add_argument("dir", help="an export folder (manifest.json + layer-<L>.bin)")

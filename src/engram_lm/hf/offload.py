@@ -11,7 +11,11 @@ table module is replaced by `TierEmbedding`, which reads the rows the official c
 from the tier (on the host) and hands them back; fp32 and bf16 exports give the in-memory
 model's logits exactly (fp32 always; bf16 when the weights are bf16), fp8 within its codec's
 bound. An export for another layout (fingerprint) or with damaged files is refused.
-Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1, loading a checkpoint without
+`export_checkpoint_tables(model_dir, out_dir)` writes the same export straight from a
+checkpoint folder's safetensors (one file or shards with index.json; a table whole or split
+into `ngram_embedding.shard_<i>` parts, concatenated in order as transformers does), one part
+at a time: the table is never in memory as a whole. `offload_tables` then reuses it.
+Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1, loading the rest of a checkpoint without
 materialising its tables, and requesting rows before the layer runs (prefetch).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +135,110 @@ def _export_once(tables: dict[str, tuple[nn.Module, str]], export_dir: Path, dty
 def _text_config(model: nn.Module):
     config = model.config
     return getattr(config, "text_config", None) or config
+
+
+def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> dict[str, Any]:
+    """The n-gram tables of a qwen4_exp checkpoint folder as an engram-lm export, streamed from
+    its safetensors one stored part at a time (the manifest `offload_tables` reuses)."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    from engram_lm.hashing.qwen4 import qwen4_layout_from_config
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
+    config = _read_config(model_dir)
+    where = _tensor_files(model_dir)
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for key in where:
+        m = re.fullmatch(r"(.+)\.ngram_embedding(?:\.shard_(\d+))?\.weight", key)
+        if m:
+            parts.setdefault(m.group(1), []).append((int(m.group(2) or 0), key))
+    if not parts:
+        raise ValueError(f"{model_dir} holds no n-gram table (no '*.ngram_embedding.weight' or '*.ngram_embedding.shard_N.weight' "
+                         "tensor); point --model at a qwen4_exp checkpoint folder")  # fmt: skip
+    modules = sorted(parts, key=lambda name: int(re.search(r"layers\.(\d+)\.", name).group(1)))
+    ple_ids = sorted(config.get("ple_layer_ids") or [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers, layouts, shapes = {}, [], []
+    for k, module in enumerate(modules):
+        layer_idx = int(re.search(r"layers\.(\d+)\.", module).group(1))
+        if layer_idx + 1 not in ple_ids:
+            raise ValueError(f"{model_dir}: {module} is no PLE layer of its config.json (ple_layer_ids {ple_ids})")
+        layout = qwen4_layout_from_config(SimpleNamespace(**config), ple_ids.index(layer_idx + 1))
+        keys = [key for _, key in sorted(parts[module])]
+        try:
+            shape = _stacked_shape(model_dir, where, keys)
+            if shape[0] != layout.padded_rows:
+                raise ValueError(f"{model_dir}: {module}'s table has {shape[0]:,} rows, its config's layout "
+                                 f"{layout.padded_rows:,}: the checkpoint and config.json disagree")  # fmt: skip
+            chunks = (part for key in keys for part in _row_chunks(model_dir / where[key], key))
+            layers[str(k)] = _write_table(chunks, shape[0], shape[1], dtype, out_dir / f"layer-{k}.bin")
+        except SafetensorError as exc:
+            raise ValueError(f"cannot read the table of {module} in {model_dir}: {exc}; the shard is truncated or "
+                             "damaged: download it again") from None  # fmt: skip
+        layouts.append(layout.fingerprint)
+        shapes.append(list(shape))
+    manifest = {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
+                "head_dim": shapes[0][1], "modules": modules, "layers": layers, "checkpoint": str(model_dir)}  # fmt: skip
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / "manifest.json")
+    return manifest
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{model_dir / 'config.json'} is missing or not JSON ({err}); point --model at a checkpoint folder") from None
+    config = config.get("text_config", config)  # the multimodal config nests the text model's
+    if config.get("model_type") not in ("qwen4_exp", "qwen4_exp_text"):
+        raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model; n-gram tables are exported from "
+                         "qwen4_exp checkpoints")  # fmt: skip
+    defaults = {"ngram_size": 3, "heads_per_ngram": 8, "ngram_vocab_size_base": 20_000_000, "seed": 1234,
+                "make_ngram_vocab_size_divisible_by": 128}  # Qwen4ExpTextConfig's, for fields a config leaves out
+    return {**defaults, **config}
+
+
+def _tensor_files(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> the safetensors file holding it (index.json, or the single model.safetensors)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        raise ValueError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {key: single.name for key in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read {single}: {exc}; the file is truncated or damaged: download it again") from None
+
+
+def _stacked_shape(model_dir: Path, where: dict[str, str], keys: list[str]) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    rows, dims = 0, set()
+    for key in keys:
+        with safe_open(str(model_dir / where[key]), framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        rows, dims = rows + shape[0], dims | {shape[1]}
+    if len(dims) != 1:
+        raise ValueError(f"{model_dir}: the parts of one table have different widths {sorted(dims)}")
+    return rows, dims.pop()
+
+
+def _row_chunks(path: Path, key: str):
+    """One stored tensor's rows as fp32, CHUNK_ROWS at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        part = f.get_slice(key)
+        rows = part.get_shape()[0]
+        for a in range(0, rows, CHUNK_ROWS):
+            yield part[a : min(rows, a + CHUNK_ROWS)].float()
