@@ -93,20 +93,8 @@ def test_unsupported_family_and_bad_layers_are_refused():
         add_engram(model, f"identity:{V}")
 
 
-def test_retrofit_command_trains_only_the_memory_and_beats_the_frozen_base(tmp_path, capsys):
-    from engram_lm.tokenizer.bpe import train_bpe
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(30):
-        (docs / f"{i:02d}.txt").write_text(f"The little fox number {i} ran over the hill and the dog barked. " * 12)
-    tok = train_bpe([p.read_text() for p in docs.iterdir()], 300)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    base = tmp_path / "base"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
-    tok.save(str(base / "tokenizer.json"))
+def test_retrofit_command_trains_only_the_memory_and_beats_the_frozen_base(tmp_path, capsys, hf_base):
+    base, docs = hf_base
     argv = ["retrofit", "--model", str(base), "--data", str(docs), "--steps", "40", "--out", str(tmp_path / "run"),
             "--set", "batch_size=8", "--set", "seq_len=32", "--set", "eval_batches=2", "--set", "table_size=997",
             "--set", "lr=0.003", "--quiet", "--json"]  # fmt: skip

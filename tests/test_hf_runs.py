@@ -22,22 +22,8 @@ class Killed(BaseException):
 
 
 @pytest.fixture()
-def base(tmp_path):
-    """A tiny Llama folder with its BPE tokenizer.json, and a folder of documents."""
-    from engram_lm.tokenizer.bpe import train_bpe
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(30):
-        (docs / f"{i:02d}.txt").write_text(f"The little fox number {i} ran over the hill and the dog barked. " * 12)
-    tok = train_bpe([p.read_text() for p in sorted(docs.iterdir())], 300)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    folder = tmp_path / "base"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder, docs
+def base(hf_base):
+    return hf_base
 
 
 def _cfg(docs, **kw):
