@@ -1019,5 +1019,5 @@ def test_summary_says_where_the_default_decay_falls_behind_beyond_the_bible_and_
             for v, gap in (("moe", 0.0), ("engram", 0.08), ("engram_row_dropout_0.5", -0.01))]  # fmt: skip
     text = beyond_the_bible({"regime": runs})
     assert "+0.081 ± 0.002 at 4.00 epochs of the code slice (behind past one epoch)" in text  # 0.08 + mean jitter 0.00067
-    assert "`engram_row_dropout_0.5` holds there (-0.009 ± 0.002 at 4.00 epochs)" in text  # -0.01 + 0.00067
+    assert "In its place, at the longest run: `engram_row_dropout_0.5` -0.009 ± 0.002 on the code slice (holds)." in text
     assert beyond_the_bible({}) == ""

@@ -79,9 +79,9 @@ def repeated(sections: Runs) -> str:
 
 
 def beyond_the_bible(sections: Runs) -> str:
-    """The default decay on other corpora past one epoch (section regime), and any candidate that holds where it fails."""
+    """The default decay on other corpora past one epoch (section regime), and where it falls behind, each candidate in its place."""
     runs = sections.get("regime", [])
-    parts, rescued = [], []
+    parts, tried = [], []
     for corpus in dict.fromkeys(r["corpus"] for r in runs):
         mine = [r for r in runs if r["corpus"] == corpus]
         past = [x for x in gaps_by_length(mine) if x["epochs"] > 1.05]
@@ -94,12 +94,13 @@ def beyond_the_bible(sections: Runs) -> str:
         if level_or_ahead(past).startswith("not reproduced"):
             for variant in engram_variants(mine)[1:]:
                 held = [x for x in gaps_by_length(mine, variant) if x["epochs"] > 1.05]
-                if held and len(held) == len(past) and level_or_ahead(held).startswith("reproduced"):
-                    rescued.append(f"`{variant}` holds there ({nats(held[-1]['gap'])} at {held[-1]['epochs']:.2f} epochs)")
+                if held and len(held) == len(past):
+                    holds = level_or_ahead(held).startswith("reproduced")
+                    tried.append(f"`{variant}` {nats(held[-1]['gap'])} on the {corpus}" + (" (holds)" if holds else ""))
     if not parts:
         return ""
     text = ("**Beyond the Bible, with the default table decay:** Engram minus the MoE is " + "; ".join(parts) + ".")
-    return text + (" Of the candidates in its place, " + "; ".join(rescued) + "." if rescued else "")
+    return text + (" In its place, at the longest run: " + ", ".join(tried) + "." if tried else "")
 
 
 def scaling(sections: Runs) -> str:
