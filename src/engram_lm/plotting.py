@@ -37,12 +37,12 @@ def regime_caption(runs: list[dict[str, Any]], up_to: bool = False) -> str:
     return ", ".join(parts)
 
 
-def plot_gap_curve(ax, points: list[dict[str, Any]], label: str, color: str) -> None:
+def plot_gap_curve(ax, points: list[dict[str, Any]], label: str, color: str, ls: str = "-") -> None:
     """A variant-minus-baseline curve against epochs: `points` carry "epochs" and "gap" (an
     Estimate over seeds), drawn with standard-error bars and the seed count in the label."""
     n = points[-1]["gap"].n
     ax.errorbar([x["epochs"] for x in points], [x["gap"].mean for x in points],
-                yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in points], marker="o", color=color, capsize=3,
+                yerr=[0 if x["gap"].n < 2 else x["gap"].se for x in points], marker="o", color=color, capsize=3, ls=ls,
                 label=f"{label} ({n} seed{'s' * (n > 1)})")  # fmt: skip
 
 

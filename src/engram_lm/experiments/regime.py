@@ -25,7 +25,7 @@ from engram_lm.experiments.regularisation import REGULARISERS, regulariser_words
 from engram_lm.experiments.rows import group_by
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
-from engram_lm.plotting import plot_gap_curve, regime_caption, saved_figure, zero_and_one_epoch
+from engram_lm.plotting import plot_gap_curve, saved_figure, zero_and_one_epoch
 from engram_lm.models.config import ModelConfig
 from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
 from engram_lm.training.config import TrainConfig
@@ -133,14 +133,21 @@ def write_regime(results: list[dict[str, Any]], out_dir: Path) -> None:
 
 def plot_regime(results: list[dict[str, Any]], path: Path) -> None:
     with saved_figure(path, (6.5, 4)) as (fig, ax):
-        curves = group_by([x for v in engram_variants(results) for x in gaps_by_length(results, v)], "corpus", "variant")
-        colors = ("tab:purple", "tab:green", "tab:red", "tab:blue", "tab:orange", "tab:brown", "tab:pink", "tab:grey")
-        for ((corpus, variant), g), color in zip(curves.items(), colors):
-            plot_gap_curve(ax, g, corpus if variant == "engram" else f"{corpus}, {variant}", color)
+        variants = engram_variants(results)  # a colour per variant, a line style per corpus
+        colors = dict(zip(variants, ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")))
+        corpora = list(dict.fromkeys(r["corpus"] for r in results))
+        styles = dict(zip(corpora, ("-", "--", ":", "-.")))
+        curves = group_by([x for v in variants for x in gaps_by_length(results, v)], "corpus", "variant")
+        for (corpus, variant), g in curves.items():
+            label = f"{corpus}: " + ("default (decay 10)" if variant == "engram" else variant.removeprefix("engram_"))
+            plot_gap_curve(ax, g, label, colors[variant], styles[corpus])
         zero_and_one_epoch(ax)
         ax.set_xlabel("epochs of the corpus (one finished run per length)")
         ax.set_ylabel("Engram minus MoE, nats")
-        ax.set_title(f"Does the default table decay hold beyond the Bible?\n{regime_caption(results)}", fontsize=10)
+        seeds = len({r["seed"] for r in results})
+        ax.set_title(f"Does the default table decay hold beyond the Bible?\n{', '.join(corpora)}; "
+                     f"{min(r['epochs'] for r in results):.2g}-{max(r['epochs'] for r in results):.2g} epochs, "
+                     f"up to {seeds} seed(s)", fontsize=10)  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
