@@ -20,6 +20,7 @@ the latest checkpoint's adapter, published after the checkpoint (the one a user 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -109,8 +110,8 @@ def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *
         raise ValueError(f"--out {out_dir} is a file; give a folder for the run")
     with RunLock(out_dir), graceful_stop() as stop:
         data = prepare_data(cfg.data, str(tok_file))
-        latest = _checkpoint_to_resume(out_dir)
-        events = _check_resume(out_dir, latest, cfg, data_identity(data), allow_data_change)
+        latest, identity = _checkpoint_to_resume(out_dir), data_identity(data)
+        events = _check_resume(out_dir, latest, cfg, identity, allow_data_change)
         torch.manual_seed(cfg.seed)
         model = _load_base(model_path, latest, cfg, data.vocab_size, device)
         windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
@@ -125,7 +126,7 @@ def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *
             print(f"retrofit: resuming from step {start} ({latest})", file=sys.stderr, flush=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        saver = _RetrofitSaver(model, optimizers, out_dir, cfg, data_identity(data), str(model_path))
+        saver = _RetrofitSaver(model, optimizers, out_dir, cfg, identity, str(model_path))
         val = _train_memory(model, optimizers, data, windows, cfg, start, metrics, saver, stop, device, progress)
         saver.publish(ckpt_io.latest_checkpoint(out_dir), only_if_stale=True)  # a save killed before it published
         result = {"base_val_loss": base_val, "val_loss": val, "trainable_params": trainable, "total_params": total,
@@ -263,7 +264,7 @@ def _train_memory(model, optimizers, data: TokenData, windows, cfg: RetrofitConf
         rate = (done - start) * cfg.batch_size * cfg.seq_len / max(time.time() - t0, 1e-9)
         bar.update(done, loss, rate, (cfg.steps - done) * cfg.batch_size * cfg.seq_len / max(rate, 1e-9))
     bar.close()
-    return evaluate_lm(model, windows, device) if val != val else val
+    return evaluate_lm(model, windows, device) if math.isnan(val) else val
 
 
 def _step(model, optimizers, data: TokenData, cfg: RetrofitConfig, step: int, device: str) -> float:
