@@ -21,7 +21,7 @@ from typing import Any
 
 from engram_lm.experiments.duration import DEFAULT_DECAY
 from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, fmt_estimate, md_table, seeds_of, verdict_word
-from engram_lm.experiments.regularisation import REGULARISERS, regulariser_words
+from engram_lm.experiments.regularisation import regulariser_words, with_regulariser
 from engram_lm.experiments.rows import group_by
 from engram_lm.experiments.runner import RunSpec, sweep, write_csv
 from engram_lm.experiments.stats import compare, estimate
@@ -83,12 +83,7 @@ def regime_specs(*, seeds=(0,), corpora: dict[str, str] | None = None, epochs=RE
 
 def candidate(engram: ModelConfig, train: TrainConfig, name: str) -> tuple[str, ModelConfig, TrainConfig]:
     """A regulariser of the study in place of the default decay, as the study trains it (decay 0 unless it sets one)."""
-    if name not in REGULARISERS:
-        raise ValueError(f"unknown regulariser {name!r}; choose from {sorted(REGULARISERS)}")
-    change = REGULARISERS[name]
-    dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
-    return (f"engram_{name}", engram.with_(engram=engram.engram.with_(**dropouts)),
-            train.with_(table_weight_decay=change.get("table_weight_decay", 0.0)))
+    return (f"engram_{name}", *with_regulariser(engram, train, name))
 
 
 def _slug(label: str) -> str:

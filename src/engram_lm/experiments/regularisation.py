@@ -18,7 +18,9 @@ from engram_lm.experiments.page import (
 )  # fmt: skip
 from engram_lm.experiments.runner import RunSpec
 from engram_lm.experiments.stats import compare, estimate, held_out_best
+from engram_lm.models.config import ModelConfig
 from engram_lm.recipes import paper_optimiser, quickstart_engram, quickstart_moe
+from engram_lm.training.config import TrainConfig
 
 
 # table weight decay: 0.1 and 1.0 first; 1.0, the top of that range, was best by far (-0.145 vs none, 3 seeds),
@@ -64,13 +66,22 @@ def regularisation_specs(*, seeds, steps: int = 1600, data: str = "bible", prefi
     engram, _ = quickstart_engram()
     train_cfg = paper_optimiser(train_cfg).with_(steps=steps, eval_every=train_cfg.eval_every, data=data)
     variants = {"moe": (moe, train_cfg)}
-    for name, change in REGULARISERS.items():
-        dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
-        model = engram.with_(engram=engram.engram.with_(**dropouts))
-        variants[f"engram_{name}"] = (model, train_cfg.with_(table_weight_decay=change.get("table_weight_decay", 0.0)))
+    for name in REGULARISERS:
+        variants[f"engram_{name}"] = with_regulariser(engram, train_cfg, name)
     return [RunSpec(f"{prefix}{variant}/seed-{seed}", model, t.with_(seed=seed),
                     {"experiment": experiment, "variant": variant, "seed": seed})
             for variant, (model, t) in variants.items() for seed in seeds]  # fmt: skip
+
+
+def with_regulariser(engram: ModelConfig, train: TrainConfig, name: str) -> tuple[ModelConfig, TrainConfig]:
+    """The MoE+Engram and its training with the regulariser `name` of REGULARISERS, as the study
+    trains it: its dropouts, and its table decay (0 unless it sets one)."""
+    if name not in REGULARISERS:
+        raise ValueError(f"unknown regulariser {name!r}; choose from {sorted(REGULARISERS)}")
+    change = REGULARISERS[name]
+    dropouts = {k: change.get(k, 0.0) for k in ("dropout", "row_dropout", "output_dropout")}
+    return (engram.with_(engram=engram.engram.with_(**dropouts)),
+            train.with_(table_weight_decay=change.get("table_weight_decay", 0.0)))
 
 
 def regularisation_control_specs(*, seeds, steps: int, prefix: str = "") -> list[RunSpec]:

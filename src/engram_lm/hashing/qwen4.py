@@ -116,12 +116,17 @@ def qwen4_layout(*, vocab_size: int, eos_id: int, ngram_size: int = 3, heads_per
 
 
 def qwen4_layout_from_config(config, ple_layer_index: int) -> Qwen4NgramLayout:
-    """The layout from a transformers Qwen4ExpTextConfig (or any object with its fields)."""
+    """The layout from a transformers Qwen4ExpTextConfig (or any object with its fields; one
+    that leaves a field out, as a saved config.json may, gets Qwen4ExpTextConfig's default)."""
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    return qwen4_layout(vocab_size=config.vocab_size, eos_id=eos, ngram_size=config.ngram_size,
-                        heads_per_ngram=config.heads_per_ngram, ngram_vocab_size_base=config.ngram_vocab_size_base,
-                        seed=config.seed, ple_layer_index=ple_layer_index,
-                        divisible_by=config.make_ngram_vocab_size_divisible_by)  # fmt: skip
+    given = {name: getattr(config, field) for name, field in _CONFIG_FIELDS.items() if hasattr(config, field)}
+    return qwen4_layout(vocab_size=config.vocab_size, eos_id=eos, ple_layer_index=ple_layer_index, **given)
+
+
+# qwen4_layout's argument -> Qwen4ExpTextConfig's field
+_CONFIG_FIELDS = {"ngram_size": "ngram_size", "heads_per_ngram": "heads_per_ngram",
+                  "ngram_vocab_size_base": "ngram_vocab_size_base", "seed": "seed",
+                  "divisible_by": "make_ngram_vocab_size_divisible_by"}  # fmt: skip
 
 
 def init_history(layout: Qwen4NgramLayout, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import nn
 from engram_lm.config import EngramConfig
 from engram_lm.hf.families import causal_lm
 from engram_lm.hf.retrofit import EngramRetrofit, tokenizer_spec
+from engram_lm.memory.export import file_sha256
 
 FORMAT = "engram-lm-adapter/1"
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
@@ -45,14 +46,6 @@ def base_config_hash(model: nn.Module) -> str:
 
 def _file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if not path.startswith("identity:") else path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -22,7 +22,6 @@ materialising its tables, and requesting rows before the layer runs (prefetch).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,11 @@ from torch import nn
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import DTYPES
-from engram_lm.memory.export import FORMAT, _write_table, open_exported, read_manifest
+from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.table import MemoryTable
 
 TIERS = ("ram", "mmap", "ssd")
-CHUNK_ROWS = 1 << 16
 
 
 class TierEmbedding(nn.Module):
@@ -124,12 +122,9 @@ def _export_once(tables: dict[str, tuple[nn.Module, str]], export_dir: Path, dty
                              "checkpoint) before offloading")  # fmt: skip
         rows = weight.shape[0]
         chunks = (weight[a : a + CHUNK_ROWS].detach().float().cpu() for a in range(0, rows, CHUNK_ROWS))
-        layers[str(k)] = _write_table(chunks, rows, weight.shape[1], dtype, export_dir / f"layer-{k}.bin")
-    manifest = {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
-                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers}  # fmt: skip
-    tmp = export_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, export_dir / "manifest.json")
+        layers[str(k)] = write_table(chunks, rows, weight.shape[1], dtype, export_dir / f"layer-{k}.bin")
+    write_manifest(export_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
+                                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers})  # fmt: skip
 
 
 def _text_config(model: nn.Module):
@@ -143,8 +138,6 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
     from types import SimpleNamespace
 
     from safetensors import SafetensorError
-
-    from engram_lm.hashing.qwen4 import qwen4_layout_from_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -175,18 +168,15 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
                 raise ValueError(f"{model_dir}: {module}'s table has {shape[0]:,} rows, its config's layout "
                                  f"{layout.padded_rows:,}: the checkpoint and config.json disagree")  # fmt: skip
             chunks = (part for key in keys for part in _row_chunks(model_dir / where[key], key))
-            layers[str(k)] = _write_table(chunks, shape[0], shape[1], dtype, out_dir / f"layer-{k}.bin")
+            layers[str(k)] = write_table(chunks, shape[0], shape[1], dtype, out_dir / f"layer-{k}.bin")
         except SafetensorError as exc:
             raise ValueError(f"cannot read the table of {module} in {model_dir}: {exc}; the shard is truncated or "
                              "damaged: download it again") from None  # fmt: skip
         layouts.append(layout.fingerprint)
         shapes.append(list(shape))
-    manifest = {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
-                "head_dim": shapes[0][1], "modules": modules, "layers": layers, "checkpoint": str(model_dir)}  # fmt: skip
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / "manifest.json")
-    return manifest
+    return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
+                                    "dtype": dtype, "head_dim": shapes[0][1], "modules": modules, "layers": layers,
+                                    "checkpoint": str(model_dir)})  # fmt: skip
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -198,9 +188,7 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if config.get("model_type") not in ("qwen4_exp", "qwen4_exp_text"):
         raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model; n-gram tables are exported from "
                          "qwen4_exp checkpoints")  # fmt: skip
-    defaults = {"ngram_size": 3, "heads_per_ngram": 8, "ngram_vocab_size_base": 20_000_000, "seed": 1234,
-                "make_ngram_vocab_size_divisible_by": 128}  # Qwen4ExpTextConfig's, for fields a config leaves out
-    return {**defaults, **config}
+    return config
 
 
 def _tensor_files(model_dir: Path) -> dict[str, str]:

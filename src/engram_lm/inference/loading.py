@@ -72,11 +72,12 @@ def load_for_inference(
         weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
         model.overencoding.memory = _device_table(weight, device)
     if memory in ("mmap", "ssd"):
+        chosen = export_dir is not None  # a folder the user named may hold another checkpoint's tables
         export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
         if not (export_dir / "manifest.json").exists():
             export_memory(ckpt, export_dir, export_dtype)
         manifest = read_manifest(export_dir, fingerprint)
-        if not allow_other_export:
+        if chosen and not allow_other_export:
             check_source(export_dir, manifest, ckpt)
     for layer_id, block in enumerate(model.blocks):
         if block.engram is None:

@@ -51,26 +51,38 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
         rows, dim = shape["rows"], shape["dim"]
         chunks = (_finite_for(dtype, read_table_rows(state, table_key(layer_id), a, min(rows, a + CHUNK_ROWS)), a,
                               layer_id, state["path"]) for a in range(0, rows, CHUNK_ROWS))  # fmt: skip
-        layers[str(layer_id)] = _write_table(chunks, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
+        layers[str(layer_id)] = write_table(chunks, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
     manifest = {"format": FORMAT, "fingerprint": state["fingerprint"], "dtype": dtype, "head_dim": dim,
                 "checkpoint": state["path"], "step": state["step"], "source": source_of(Path(state["path"])),
                 "layers": layers}  # fmt: skip
+    return write_manifest(out_dir, manifest)
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """manifest.json, written last (an export without it is incomplete), and the stamps of
+    its table files, hashed while they were written: the first load need not read them again."""
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / "manifest.json")  # written last: an export without it is incomplete
-    for entry in layers.values():  # just hashed while writing: no need to read them again
+    os.replace(tmp, out_dir / "manifest.json")
+    for entry in manifest["layers"].values():
         _stamp(out_dir, entry["file"], entry["sha256"])
     return manifest
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def source_of(checkpoint: Path) -> dict[str, Any]:
     """What an export was made from, by content: the step and the sha256 of the checkpoint's
     dense weights (model.safetensors differs between any two trainings, even of one config)."""
-    h = hashlib.sha256()
-    with (Path(checkpoint) / "model.safetensors").open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return {"step": json.loads((Path(checkpoint) / "state.json").read_text())["step"], "model_sha256": h.hexdigest()}
+    return {"step": json.loads((Path(checkpoint) / "state.json").read_text())["step"],
+            "model_sha256": file_sha256(Path(checkpoint) / "model.safetensors")}  # fmt: skip
 
 
 def check_source(export_dir: Path, manifest: dict[str, Any], checkpoint: Path) -> None:
@@ -95,7 +107,7 @@ def _finite_for(dtype: str, chunk, start: int, layer_id: int, checkpoint: str):
     return chunk
 
 
-def _write_table(chunks, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
+def write_table(chunks, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as out:
@@ -155,11 +167,7 @@ def verify_file(export_dir: Path, entry: dict[str, Any], *, force: bool = False)
     path = export_dir / entry["file"]
     if not force and _stamps(export_dir).get(entry["file"]) == _stamp_key(path, entry["sha256"]):
         return False
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    if digest.hexdigest() != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export it again "
                          "(engram export-memory)")  # fmt: skip
     _stamp(export_dir, entry["file"], entry["sha256"])
