@@ -8,11 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engram_lm.distributed.context import init_process_group
+
 
 def _worker(rank, world, init_file, out_dir, fn, args):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:

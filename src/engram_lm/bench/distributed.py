@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from engram_lm.distributed.context import init_process_group
 from engram_lm.distributed.sharded_table import ShardedTable
 
 
@@ -29,7 +30,7 @@ def _rows(rank: int, step: int, rows: int, shape: tuple[int, ...]) -> torch.Tens
 
 def _worker(rank: int, world: int, init: str, out: str, rows: int, dim: int, shape, steps: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         table = ShardedTable(rows, dim)
         times = []

@@ -21,6 +21,18 @@ from engram_lm.layers.moe import MoE
 from engram_lm.memory.dense import DenseTable
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """`dist.init_process_group`, with torch._dynamo imported first. Imported after the group
+    exists (any torch.optim optimizer's constructor imports it), dynamo keeps references to the
+    group that outlive `destroy_process_group`, so gloo's worker threads stay alive and may free
+    the last collective's tensors while the interpreter finalises: SIGABRT ("terminate called
+    without an active exception") at exit, in about 1 of 10 two-rank runs (torch 2.13; seen
+    with gdb: ~AsyncBarrierWork -> decref_pyobject -> take_gil during Py_FinalizeEx)."""
+    import torch._dynamo  # noqa: F401  (before the group; see above)
+
+    dist.init_process_group(backend, **kwargs)
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0
@@ -41,7 +53,7 @@ class DistContext:
         if world <= 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            init_process_group("nccl" if device_type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
     def barrier(self) -> None:
