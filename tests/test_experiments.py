@@ -302,16 +302,16 @@ def test_duration_section_calls_the_default_decays_gap_at_the_last_milestone():
             runs.append({"variant": variant, "seed": seed, "val_curve": curve, "base_steps": 10, "train_tokens": 10**5,
                          "data": "bible", "requested": {"train": {"batch_size": 16, "seq_len": 128, "grad_accum": 1}}})  # fmt: skip
     verdicts, lines = duration_section(runs, "t", "repeated data")
-    row = next(v for v in verdicts if v[0].startswith("ours: with the default table decay (10)"))
+    row = next(v for v in verdicts if v[0].startswith("ours: with table decay 10 Engram"))
     # jitter 0, 0.004, -0.002: mean +0.00067, SE 0.0018; at 8x -0.02 + jitter -> -0.0193 ± 0.0018 (called lower),
     # at 1x -0.0025 + jitter -> -0.0018 ± 0.0018 (inconclusive); the row's call is the last milestone's
     assert row[1] == "reproduced" and row[3].startswith("-0.0018 ± 0.0018 at 1x") and row[3].endswith("-0.0193 ± 0.0018 at 8x")
     assert sum(line.startswith(f"| {DECAYED} |") for line in lines) == 4  # one table row per milestone
-    assert "except `engram_table_wd_10.0`: the same Engram with the default's table weight decay 10." in lines[2]
+    assert "except `engram_table_wd_10.0`: the same Engram with table weight decay 10 (the default at every" in lines[2]
     assert not any("capacity-1 control" in v[0] for v in verdicts)  # no capacity-1 runs: no control row
     control = [{**r, "variant": "capacity1"} for r in runs if r["variant"] == "moe"]  # the control level with the MoE
     row = next(v for v in duration_section(runs + control, "t", "repeated data")[0]
-               if v[0].startswith("ours: with the default table decay (10) the memory itself still helps"))  # fmt: skip
+               if v[0].startswith("ours: with table decay 10 the memory itself still helps"))  # fmt: skip
     assert row[1] == "reproduced" and row[3].endswith("-0.0193 ± 0.0018 at 8x")  # the same per-seed gaps as to the MoE
 
 
@@ -763,17 +763,19 @@ def test_the_control_sections_answer_one_claim_per_controlled_regulariser():
 
 
 def test_study_trains_the_papers_optimiser_except_where_it_varies_the_decay():
-    """The default decays table rows; the study's paper-claim runs (and its finished run
-    folders) use the paper's optimiser, so flipping the default retrains nothing."""
+    """The default chooses the table regulariser by the data's regime (None); the study's
+    paper-claim runs (and its finished run folders) use the paper's optimiser and every study
+    run names its decay, so changing the default retrains nothing."""
     from engram_lm.recipes import quickstart_engram
 
-    assert quickstart_engram()[1].table_weight_decay == 10.0  # what `engram train` and the quickstart use
+    assert quickstart_engram()[1].table_weight_decay is None  # what `engram train` and the quickstart use
     plan = study_plan(seeds=1, long_data="novels")
     for section, specs in plan.items():
         for s in specs:
             varied = section.startswith(("regularisation", "duration-repeated")) and "_table_wd_" in s.tags["variant"]
             default = section == "regime" and s.tags["variant"] == "engram"  # it asks what the default does
             candidate = section == "regime" and "_table_wd_" in s.tags["variant"]  # a decay in the default's place
+            assert s.train.table_weight_decay is not None, s.key  # never the regime's choice: like for like
             assert (s.train.table_weight_decay != 0.0) == (varied or default or candidate), s.key  # OverEncoding's too
 
 
@@ -997,7 +999,7 @@ def test_regime_section_calls_each_corpus_past_one_epoch():
     rows_dropped = [{**r, "variant": "engram_row_dropout_0.5", "val_loss": r["val_loss"] - 0.05}
                     for r in runs if r["variant"] == "engram" and r["corpus"] == "prose"]  # fmt: skip
     with_candidate = {v[0]: v for v in regime_section(runs + rows_dropped)[0]}
-    claim = "ours: with whole-row dropout 0.5 instead of the default Engram stays level with or ahead of the MoE past one epoch"
+    claim = "ours: with whole-row dropout 0.5 instead of decay 10 Engram stays level with or ahead of the MoE past one epoch"
     assert with_candidate[f"{claim} (prose)"][1].startswith("reproduced")  # -0.0193 and -0.0093 at 2.5 and 4 epochs
     assert with_candidate[f"{CLAIM} (prose)"][1].startswith("not reproduced")  # the default's row is unchanged
     assert regime_section([])[1][2].startswith("Not run yet")

@@ -57,7 +57,7 @@ def test_resume_on_changed_data_is_refused_unless_allowed_and_then_recorded(tmp_
     train(model, b_cfg, tmp_path / "run", progress=False, allow_data_change=True)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     events = [r for r in map(json.loads, lines) if "event" in r]
-    assert [e["event"] for e in events] == ["steps_changed", "data_changed"] and events[1]["step"] == 2
+    assert [e["event"] for e in events] == ["table_regime", "steps_changed", "data_changed"] and events[2]["step"] == 2
 
 
 def test_a_resumed_bpe_run_survives_the_pruning_of_the_checkpoint_it_resumed_from(tmp_path):

@@ -19,9 +19,9 @@ class TrainConfig:
     lr: float = 3e-3
     table_lr_mult: float = 5.0  # paper: Engram tables at 5x the base lr (Adam)
     weight_decay: float = 0.1
-    # decoupled decay (x the table lr) of the table rows a step touches: keeps the tables from memorising data
-    # that repeats, at no measured cost where nothing repeats (docs/results.md); 0 is the paper's optimiser
-    table_weight_decay: float = 10.0
+    # decoupled decay (x the table lr) of the table rows a step touches; 0 is the paper's optimiser. None: chosen
+    # by how often the run reads its data (training/regime.py): 10 when at most once, else 0 with row dropout 0.7
+    table_weight_decay: float | None = None
     warmup_steps: int = 20
     decay_at: tuple[float, ...] = (0.8, 0.9)  # fractions of the run where lr steps down
     decay_factor: float = 0.316
@@ -45,7 +45,7 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "seed", "save_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"invalid TrainConfig.{name}={getattr(self, name)!r}: must be >= 0")
-        if not self.table_weight_decay >= 0:
+        if self.table_weight_decay is not None and not self.table_weight_decay >= 0:
             raise ValueError(f"invalid TrainConfig.table_weight_decay={self.table_weight_decay!r}: must be >= 0")
         if not self.lr > 0 or not self.table_lr_mult > 0:
             raise ValueError(f"invalid TrainConfig.lr={self.lr} / table_lr_mult={self.table_lr_mult}: must be > 0")
@@ -58,6 +58,11 @@ class TrainConfig:
         d = asdict(self)
         d["decay_at"] = list(self.decay_at)
         return d
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens one optimizer step reads (the global batch, over every rank)."""
+        return self.batch_size * self.seq_len * self.grad_accum
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -32,7 +32,8 @@ from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData, eval_windows, prepare_data, sample_batch, seed_step
 from engram_lm.training.optim import OptimConfig, build_optimizers, lr_multiplier, param_roles, set_lr
 from engram_lm.training.interrupt import TrainingInterrupted, graceful_stop, refuse_divergence
-from engram_lm.training.resume import checkpoint_to_resume, data_identity, resumed_tokenizer
+from engram_lm.training.regime import with_row_dropout
+from engram_lm.training.resume import checkpoint_to_resume, data_identity, resumed_tokenizer, run_table_regime
 from engram_lm.training.run import MetricsLog, Progress, RunLock
 
 __all__ = ["TrainResult", "TrainingInterrupted", "autocast", "evaluate", "resolve_model_config", "train"]
@@ -142,16 +143,21 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
     resolved = resolve_model_config(model_cfg, data)
     latest, events = checkpoint_to_resume(out_dir, model_cfg, train_cfg, resolved, data_identity(data),
                                           allow_data_change, resume_from, ctx)  # fmt: skip
-    trainee = _build_trainee(resolved, train_cfg, ctx, device, memory)
+    regime, chosen_now = run_table_regime(out_dir, latest, train_cfg, resolved, len(data.train), ctx)
+    if chosen_now:
+        events.append({"event": "table_regime", **regime.to_dict()})
+    resolved = with_row_dropout(resolved, regime)
+    trainee = _build_trainee(resolved, train_cfg.with_(table_weight_decay=regime.table_weight_decay), ctx, device, memory)
     start = _restore(trainee, latest)
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if ctx.is_main else None
     if metrics is not None:
-        for event in events:  # deliberate changes on resume, kept with the losses they affect
+        for event in events:  # the table regime, deliberate changes on resume: kept with the losses they affect
             metrics.write(step=start, **event)
-    if latest is not None and progress and ctx.is_main:
-        print(f"{name}: resuming from step {start} ({latest})", file=sys.stderr, flush=True)
+    if progress and ctx.is_main:
+        print(f"{name}: " + (f"resuming from step {start} ({latest}); " if latest is not None else "") + regime.line(),
+              file=sys.stderr, flush=True)  # fmt: skip
     state = {"fingerprint": trainee.fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
-             "name": name, "corpus": data.corpus}  # fmt: skip
+             "table_regime": regime.to_dict(), "name": name, "corpus": data.corpus}  # fmt: skip
     saver = Checkpointer(out_dir, train_cfg, trainee.model, trainee.optimizers, state, data.tokenizer_path, ctx,
                          trainee.stepper)  # fmt: skip
     bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every)
@@ -224,7 +230,7 @@ class _StepLoop:
         self.trainee, self.data, self.cfg, self.device, self.ctx = trainee, data, cfg, device, ctx
         self.metrics, self.saver, self.bar, self.stop = metrics, saver, bar, stop
         self.windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.tokens_per_step = cfg.tokens_per_step
         self.train_time = 0.0
 
     def run(self, start: int, stop_after: int | None) -> tuple[int, float]:

@@ -3,8 +3,8 @@
 Roles (every parameter gets exactly one, by `param_roles`):
 - "table":      memory-table rows (Engram, OverEncoding) -> SparseRowAdam at
                 table_lr_mult x lr (paper: 5x), touched rows only, with decoupled decay
-                table_weight_decay (TrainConfig's default 10 keeps the tables from
-                memorising repeated data; the paper has none: 0);
+                table_weight_decay (by default chosen by how often the run reads its
+                data, training/regime.py: 10 at most once; the paper has none: 0);
 - "matrix":     2-D weights inside blocks (attention, FFN, experts, Engram key/value)
                 -> Muon (torch's update, batched fp32 Newton-Schulz on CPU: training/muon.py)
                 with Moonshot's RMS matching, so one lr serves all;

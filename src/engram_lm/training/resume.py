@@ -21,6 +21,7 @@ from engram_lm.distributed.context import DistContext
 from engram_lm.models.config import ModelConfig
 from engram_lm.training.config import TrainConfig
 from engram_lm.training.data import TokenData
+from engram_lm.training.regime import TableRegime, choose_table_regime, planned_epochs
 from engram_lm.training.run import read_request, run_metadata, write_json
 
 FREE_ON_RESUME = {"train.save_every", "train.save_minutes", "train.log_every"}  # cadence, not results
@@ -122,6 +123,24 @@ def check_data_identity(out_dir: Path, before: dict[str, str] | None, identity: 
                          "pass --allow-data-change to continue on the new data deliberately (recorded in "
                          "metrics.jsonl), or a new --out")  # fmt: skip
     events.append({"event": "data_changed", "from": before, "to": identity})
+
+
+def run_table_regime(out_dir: Path, latest: Path | None, train_cfg: TrainConfig, resolved: ModelConfig,
+                     train_tokens: int, ctx: DistContext) -> tuple[TableRegime, bool]:  # fmt: skip
+    """The decay and row dropout the run trains its tables with (training/regime.py), and
+    whether it was chosen now: a resumed run keeps the one config.json recorded when it
+    started (a longer --steps does not switch it); a new one chooses from its planned epochs
+    and the main rank records it."""
+    config_path = Path(out_dir) / "config.json"
+    saved = _read_config(config_path) if config_path.exists() else {}
+    if latest is not None and "table_regime" in saved:
+        return TableRegime.from_dict(saved["table_regime"]), False
+    row_dropout = resolved.engram.row_dropout if resolved.engram is not None else 0.0
+    epochs = planned_epochs(train_cfg.steps, train_cfg.tokens_per_step, train_tokens)
+    regime = choose_table_regime(epochs, train_cfg.table_weight_decay, row_dropout)
+    if ctx.is_main:
+        write_json(config_path, {**saved, "table_regime": regime.to_dict()})
+    return regime, True
 
 
 def resume_point(out_dir: Path, resume_from: str | Path | None) -> Path | None:
