@@ -153,9 +153,10 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
     if metrics is not None:
         for event in events:  # the table regime, deliberate changes on resume: kept with the losses they affect
             metrics.write(step=start, **event)
-    if progress and ctx.is_main:
-        print(f"{name}: " + (f"resuming from step {start} ({latest}); " if latest is not None else "") + regime.line(),
-              file=sys.stderr, flush=True)  # fmt: skip
+    said = [f"resuming from step {start} ({latest})"] if latest is not None else []
+    said += [regime.line()] if resolved.engram is not None or resolved.overencoding is not None else []  # has tables
+    if progress and ctx.is_main and said:
+        print(f"{name}: " + "; ".join(said), file=sys.stderr, flush=True)
     state = {"fingerprint": trainee.fingerprint, "model_config": resolved.to_dict(), "train_config": train_cfg.to_dict(),
              "table_regime": regime.to_dict(), "name": name, "corpus": data.corpus}  # fmt: skip
     saver = Checkpointer(out_dir, train_cfg, trainee.model, trainee.optimizers, state, data.tokenizer_path, ctx,
