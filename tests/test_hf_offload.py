@@ -115,3 +115,30 @@ def test_the_tables_export_command(tmp_path, capsys):
     assert "1 table(s) [[4096, 6]] as fp32" in capsys.readouterr().out
     assert main(["tables", "export", "--model", str(tmp_path / "nothing"), "--to", str(tmp_path / "t2")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tier", ["mmap", "ssd"])
+def test_prefetch_requests_each_forwards_rows_before_the_layer_and_changes_no_output(tmp_path, tier):
+    model = tiny_qwen4()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[0, 7] = EOS
+    ids[1, 2] = EOS  # a document ends early in the second sequence too
+    with torch.no_grad():
+        want = model(ids).logits
+        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
+                                do_sample=False)  # fmt: skip
+    offload_tables(model, tier=tier, dir=tmp_path / "tables", prefetch=True)
+    emb = model.model.layers[0].ple.ple_embedding.ngram_embedding
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+        again = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
+                               do_sample=False)  # fmt: skip
+    assert torch.equal(again, tokens)
+    stats = emb.stats()
+    # one full forward, then the prompt and 5 cached decoding steps (the 6th token needs no forward): every one
+    # prefetched, and each prefetch was the rows the official code asked for (the history read from the cache)
+    assert stats["calls"] == 7 and stats["prefetch_hits"] == 7 and stats["prefetch_misses"] == 0
+    assert emb.table.prefetched == 7  # the tier handed over the prefetched reads, none redone
+    with torch.no_grad():  # embeddings instead of ids: nothing to hash ahead, the layer reads its rows itself
+        model(inputs_embeds=model.get_input_embeddings()(ids))
+    assert emb.stats()["calls"] == 8 and emb.stats()["prefetch_hits"] == 7

@@ -15,25 +15,29 @@ bound. An export for another layout (fingerprint) or with damaged files is refus
 checkpoint folder's safetensors (one file or shards with index.json; a table whole or split
 into `ngram_embedding.shard_<i>` parts, concatenated in order as transformers does), one part
 at a time: the table is never in memory as a whole. `offload_tables` then reuses it.
-Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1, loading the rest of a checkpoint without
-materialising its tables, and requesting rows before the layer runs (prefetch).
+`prefetch=True` requests each forward's rows as soon as its input ids are known (a pre-hook
+on the model), not when the PLE layer runs; `TierEmbedding.stats()` says how long the layer
+still waited. Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1, and loading the rest of
+a checkpoint without materialising its tables.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from engram_lm.hashing.qwen4 import qwen4_layout_from_config
+from engram_lm.hashing.qwen4 import Qwen4NgramLayout, qwen4_layout_from_config, qwen4_row_ids
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
 from engram_lm.memory.host import HostTable
+from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.table import MemoryTable
 
 TIERS = ("ram", "mmap", "ssd")
@@ -42,18 +46,70 @@ TIERS = ("ram", "mmap", "ssd")
 class TierEmbedding(nn.Module):
     """An `nn.Embedding` stand-in whose rows live in an engram-lm memory tier. `weight` is an
     empty host tensor: code that asks where the table lives (as qwen4_exp does) sends the ids
-    to the host, where the tier reads them."""
+    to the host, where the tier reads them. `expect(rows)` starts fetching the rows the next
+    call will ask for (the prefetch hook's doing); the call then uses them when they are the
+    rows the official code asks for, and reads its own otherwise. `stats()`: calls, prefetch
+    hits and misses, and the seconds the layer waited for its rows."""
 
     def __init__(self, table: MemoryTable, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.table, self.num_embeddings, self.embedding_dim, self.dtype = table, num_embeddings, embedding_dim, dtype
         self.register_buffer("weight", torch.empty(0), persistent=False)  # the host: where ids must go
+        self._expected: torch.Tensor | None = None
+        self.calls = self.hits = self.misses = 0
+        self.waited_s = 0.0
+
+    def expect(self, rows: torch.Tensor) -> None:
+        self._expected = rows
+        self.table.prefetch(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table(ids.long()).to(self.dtype)  # the dtype the official table had
+        t0 = time.perf_counter()
+        rows, expected, self._expected = ids.long(), self._expected, None
+        if expected is not None:
+            same = rows.shape == expected.shape and torch.equal(rows.cpu(), expected)
+            rows = expected if same else rows  # the very tensor prefetched: the tier hands over its fetch
+            self.hits, self.misses = self.hits + same, self.misses + (not same)
+        out = self.table(rows).to(self.dtype)  # the dtype the official table had
+        self.calls += 1
+        self.waited_s += time.perf_counter() - t0
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls, "prefetch_hits": self.hits, "prefetch_misses": self.misses,
+                "waited_ms_per_call": 1e3 * self.waited_s / max(self.calls, 1)}  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tier={self.table.placement()}"
+
+
+class _PrefetchHook:
+    """A forward pre-hook on the whole model: as soon as a forward's input ids are known, each
+    n-gram table starts fetching the rows its layer will ask for (hashing/qwen4.py, bit-exact;
+    the ids before them from the cache, where the official layer keeps them)."""
+
+    def __init__(self, tables: list[tuple[nn.Module, Qwen4NgramLayout]]) -> None:
+        self.tables = tables
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return  # embeddings given, not ids: nothing to hash ahead; the layers read as usual
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        for ngram, layout in self.tables:
+            history = _cached_ids(cache, ngram.layer_idx)
+            rows, _ = qwen4_row_ids(layout, ids.cpu(), None if history is None else history.cpu().long())
+            ngram.ngram_embedding.expect(rows)
+
+
+def _cached_ids(cache: Any, layer_idx: int) -> torch.Tensor | None:
+    """The ids before this forward that the official layer keeps in the cache (None: a new sequence)."""
+    if cache is None or not hasattr(cache, "get_conv_state"):
+        return None
+    try:
+        return cache.get_conv_state(layer_idx, state_idx=2)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None  # nothing cached for this layer yet
 
 
 def ngram_tables(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -72,9 +128,11 @@ def ngram_tables(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | None = None, dtype: str = "fp32",
-                   cache_rows: int = 0, verify: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+                   cache_rows: int = 0, verify: bool = False, prefetch: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Serve every n-gram table of `model` from `tier`; the tables are exported to `dir` first
-    (reused when `dir` already holds this model's export). Returns each table's placement."""
+    (reused when `dir` already holds this model's export). With `prefetch`, a forward pre-hook
+    on `model` starts each table's reads as soon as the input ids are known, on a worker thread,
+    while the layers before run. Returns each table's placement."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {TIERS}")
     if dtype not in DTYPES:
@@ -96,8 +154,14 @@ def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | No
                                   verify=verify, tier=tier)  # fmt: skip
         if cache_rows:
             table = CachedTable(table, cache_rows, device=device)
+        if prefetch:
+            table = PrefetchingTable(table, device, policy="always")
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         placements.append({"module": name, **table.placement()})
+    if prefetch:
+        hooked = [(module, qwen4_layout_from_config(_text_config(model), module.ple_layer_index))
+                  for module, _ in tables.values()]  # fmt: skip
+        model.register_forward_pre_hook(_PrefetchHook(hooked), with_kwargs=True)
     return placements
 
 
