@@ -87,6 +87,31 @@ def _print_big_table(r: dict[str, Any]) -> None:
           + (f", peak while serving {gb(peak)}" if peak else ""))  # fmt: skip
 
 
+def cmd_bench_real_table(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.real_table import bench_real_table
+
+    return bench_real_table(model=args.model, workdir=args.workdir, keep=args.keep, progress=None if args.json else print)
+
+
+def _print_real_table(r: dict[str, Any]) -> None:
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    made = "reused" if r["reused_file"] else f"written in {r['write_seconds']:.0f} s"
+    print(f"{r['model']} n-gram table: {r['table_rows']:,} rows x {r['dim']} {r['dtype']} = {gb(r['table_bytes'])} "
+          f"({made}) on a machine with {gb(r['mem_total_bytes'])} RAM; {r['rows_per_token']} rows per token")  # fmt: skip
+    iops = r["reference_iops"]
+    fio32 = iops["qd32_iops"]
+    print(f"random 4 KiB reads of the file: {iops['qd1_iops']:,.0f}/s at depth 1, {fio32:,.0f}/s at depth 32 ({iops['tool']})")
+    print(f"{'tier':<10}{'workload':<14}{'cold tok/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'rows/s':>10}{'x d32':>7}"
+          f"{'warm tok/s':>12}{'p50 ms':>9}{'p99 ms':>9}")  # fmt: skip
+    for tier, t in r["tiers"].items():
+        for work, c in t["cold"].items():
+            w = t["warm"][work]
+            print(f"{tier:<10}{work:<14}{c['tok_s']:>11,.0f}{c['p50_ms']:>9.2f}{c['p99_ms']:>9.2f}{c['rows_s']:>10,.0f}"
+                  f"{c['rows_s'] / fio32:>7.2f}{w['tok_s']:>12,.0f}{w['p50_ms']:>9.2f}{w['p99_ms']:>9.2f}")  # fmt: skip
+    peak = r["peak_rss_bytes"]
+    print(f"resident memory after serving: {gb(r['rss_bytes_after'])}" + (f", peak {gb(peak)}" if peak else ""))
+
+
 def cmd_bench_train_throughput(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.train_throughput import bench_train_throughput
 
@@ -188,6 +213,13 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--keep", action="store_true", help="keep the table file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_big_table, show=_print_big_table)
+    b = bench.add_parser("real-table", help="a released model's n-gram table at its real size (larger than RAM): "
+                                            "lookup tok/s and latency per tier, cold and warm")  # fmt: skip
+    b.add_argument("--model", default="qwen3.8", choices=("qwen3.8",))
+    b.add_argument("--workdir", default=".", help="folder for the table file (qwen3.8: 52.8 GB + 1 GB free)")
+    b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_real_table, show=_print_real_table)
     b = bench.add_parser("offload", help="prefill/decode throughput with tables in RAM vs mmap (+prefetch, +cache)")
     b.add_argument("--table-gb", type=float, default=4.0)
     b.add_argument("--cache-rows", type=int, default=1 << 18)
