@@ -142,3 +142,46 @@ def test_prefetch_requests_each_forwards_rows_before_the_layer_and_changes_no_ou
     with torch.no_grad():  # embeddings instead of ids: nothing to hash ahead, the layer reads its rows itself
         model(inputs_embeds=model.get_input_embeddings()(ids))
     assert emb.stats()["calls"] == 8 and emb.stats()["prefetch_hits"] == 7
+
+
+_PEAK_RSS = """
+import sys, resource, torch
+from engram_lm.hf.load import from_pretrained_offloaded
+import transformers
+if sys.argv[1] == "offloaded":
+    model = from_pretrained_offloaded(sys.argv[2], tables_dir=sys.argv[3], tier="mmap")
+else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], local_files_only=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_a_checkpoint_loads_with_its_table_served_from_a_tier_never_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from engram_lm.hf.load import from_pretrained_offloaded
+
+    model = tiny_qwen4(ngram_vocab_size_base=2_000_000, ple_embed_dim=96)  # 8,000,128 rows x 24: a 768 MB table
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[0, 7] = EOS
+    with torch.no_grad():
+        want = model(ids).logits
+        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=4,
+                                do_sample=False)  # fmt: skip
+    del model
+    loaded = from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", tier="ssd", prefetch=True).eval()
+    assert isinstance(loaded.model.layers[0].ple.ple_embedding.ngram_embedding, TierEmbedding)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+        assert torch.equal(loaded.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long),
+                                           max_new_tokens=4, do_sample=False), tokens)  # fmt: skip
+    peak = {how: int(subprocess.run([sys.executable, "-c", _PEAK_RSS, how, str(tmp_path / "ckpt"), str(tmp_path / "tables")],
+                                    capture_output=True, text=True, check=True).stdout.split()[-1])
+            for how in ("offloaded", "whole")}  # fmt: skip
+    assert peak["whole"] - peak["offloaded"] > 500e6  # the 768 MB table never came into the offloaded process
+    other = tiny_qwen4(ngram_vocab_size_base=1000)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="another model"):
+        from_pretrained_offloaded(tmp_path / "other", tables_dir=tmp_path / "tables")

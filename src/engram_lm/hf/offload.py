@@ -17,8 +17,8 @@ into `ngram_embedding.shard_<i>` parts, concatenated in order as transformers do
 at a time: the table is never in memory as a whole. `offload_tables` then reuses it.
 `prefetch=True` requests each forward's rows as soon as its input ids are known (a pre-hook
 on the model), not when the PLE layer runs; `TierEmbedding.stats()` says how long the layer
-still waited. Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1, and loading the rest of
-a checkpoint without materialising its tables.
+still waited. hf/load.py loads a checkpoint with its tables served this way, never in memory.
+Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1.
 """
 
 from __future__ import annotations
@@ -149,20 +149,35 @@ def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | No
         device = emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
         if tier == "ram":
             table: MemoryTable = HostTable(emb.weight.detach().float().cpu(), device=device)
+            table = _wrapped(table, cache_rows, prefetch, device)
         else:
-            table = open_exported(export_dir, k, emb.num_embeddings, emb.embedding_dim, fingerprint=None, device=device,
-                                  verify=verify, tier=tier)  # fmt: skip
-        if cache_rows:
-            table = CachedTable(table, cache_rows, device=device)
-        if prefetch:
-            table = PrefetchingTable(table, device, policy="always")
+            table = tier_table(export_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
+                               prefetch=prefetch, verify=verify, device=device)  # fmt: skip
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         placements.append({"module": name, **table.placement()})
     if prefetch:
-        hooked = [(module, qwen4_layout_from_config(_text_config(model), module.ple_layer_index))
-                  for module, _ in tables.values()]  # fmt: skip
-        model.register_forward_pre_hook(_PrefetchHook(hooked), with_kwargs=True)
+        install_prefetch(model, [module for module, _ in tables.values()])
     return placements
+
+
+def tier_table(export_dir: Path, k: int, rows: int, dim: int, *, tier: str, cache_rows: int = 0, prefetch: bool = False,
+               verify: bool = False, device: torch.device | str = "cpu") -> MemoryTable:  # fmt: skip
+    """Table `k` of an export, served by `tier` (mmap or ssd), behind the hot-row cache and the prefetcher when asked."""
+    table = open_exported(export_dir, k, rows, dim, fingerprint=None, device=device, verify=verify, tier=tier)
+    return _wrapped(table, cache_rows, prefetch, device)
+
+
+def _wrapped(table: MemoryTable, cache_rows: int, prefetch: bool, device) -> MemoryTable:
+    if cache_rows:
+        table = CachedTable(table, cache_rows, device=device)
+    return PrefetchingTable(table, device, policy="always") if prefetch else table
+
+
+def install_prefetch(model: nn.Module, ngram_modules: list[nn.Module]) -> None:
+    """The pre-hook that starts each table's reads when a forward's input ids are known (`_PrefetchHook`)."""
+    config = _text_config(model)
+    hooked = [(module, qwen4_layout_from_config(config, module.ple_layer_index)) for module in ngram_modules]
+    model.register_forward_pre_hook(_PrefetchHook(hooked), with_kwargs=True)
 
 
 def _export_once(tables: dict[str, tuple[nn.Module, str]], export_dir: Path, dtype: str) -> None:

@@ -1,0 +1,89 @@
+"""A qwen4_exp checkpoint loaded with its n-gram tables served from a tier, never materialised:
+`from_pretrained_offloaded(model_dir, tables_dir=..., tier="ssd")`.
+
+The tables are exported from the checkpoint's safetensors first, streamed one stored part at
+a time (`export_checkpoint_tables`; reused when `tables_dir` already holds them). Then
+transformers loads the model as usual, except that each PLE layer's n-gram module is built
+around its table's tier: the placeholder `nn.Embedding` it creates lives on the meta device
+(transformers builds models there), is replaced before any weight is read, and the
+checkpoint's table tensors are skipped as unexpected keys. So a machine loads the model with
+RAM for everything but the tables. Each table's layout fingerprint is checked against the
+export's: an export made for another model is refused before loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from engram_lm.hashing.qwen4 import qwen4_layout_from_config
+from engram_lm.hf.offload import TierEmbedding, export_checkpoint_tables, install_prefetch, tier_table
+from engram_lm.memory.export import read_manifest
+
+TABLE_KEYS = [r"ngram_embedding\.(shard_\d+\.)?weight$"]  # the checkpoint's table tensors: read from the tier instead
+
+
+def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "mmap", dtype: str = "fp32",
+                              cache_rows: int = 0, prefetch: bool = False, verify: bool = False,
+                              **from_pretrained: Any) -> nn.Module:  # fmt: skip
+    """`AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained)` with every n-gram
+    table served from `tier` ("mmap" or "ssd", optionally behind the hot-row cache and the
+    prefetch hook); `dtype` is the export's row encoding when it has to be written."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as modeling
+
+    if tier not in ("mmap", "ssd"):
+        raise ValueError(f"tier {tier!r}: a table loaded without materialising it is served from a file (mmap or ssd); "
+                         "for host RAM load the model as usual and call offload_tables(model, tier='ram')")  # fmt: skip
+    model_dir, tables_dir = Path(model_dir), Path(tables_dir)
+    if not (tables_dir / "manifest.json").exists():
+        export_checkpoint_tables(model_dir, tables_dir, dtype)
+    manifest = read_manifest(tables_dir, None)
+    by_layer = {int(re.search(r"layers\.(\d+)\.", name).group(1)): k for k, name in enumerate(manifest.get("modules", []))}
+    built: list[nn.Module] = []
+
+    def build(module: nn.Module, config, layer_idx: int, ple_layer_index: int) -> None:
+        if layer_idx not in by_layer:
+            raise ValueError(f"{tables_dir} holds no table for layer {layer_idx} (it has layers {sorted(by_layer)}): "
+                             f"export this checkpoint's tables there (engram tables export --model {model_dir})")  # fmt: skip
+        k = by_layer[layer_idx]
+        if manifest["layouts"][k] != qwen4_layout_from_config(config, ple_layer_index).fingerprint:
+            raise ValueError(f"{tables_dir} holds tables exported for another model (layer {layer_idx}'s layout "
+                             "differs): give another tables_dir, or remove that export")  # fmt: skip
+        emb = module.ngram_embedding
+        table = tier_table(tables_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
+                           prefetch=prefetch, verify=verify)  # fmt: skip
+        module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
+        module._keys_to_ignore_on_load_unexpected = TABLE_KEYS  # transformers collects these from every module
+        built.append(module)
+
+    with _building_with(modeling.Qwen4ExpTextNGramEmbedding, build):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **from_pretrained)
+    if not built:
+        raise ValueError(f"{model_dir} built no n-gram module: not a qwen4_exp checkpoint with tables")
+    if prefetch:
+        install_prefetch(model, built)
+    return model
+
+
+@contextlib.contextmanager
+def _building_with(cls: type, build):
+    """`cls.__init__` followed by `build(module, config, layer_idx, ple_layer_index)`, inside the block only."""
+    original = cls.__init__
+
+    def init(self, config, embedding_dim, layer_idx, ple_layer_index=0):
+        original(self, config, embedding_dim, layer_idx, ple_layer_index)  # its table: a placeholder on meta
+        build(self, config, layer_idx, ple_layer_index)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+
+
+__all__ = ["from_pretrained_offloaded"]
