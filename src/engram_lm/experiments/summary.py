@@ -114,7 +114,9 @@ def _repeated_default(runs: list[dict]) -> str:
         if past:
             call = level_or_ahead(past)
             said = "behind" if call.startswith("not") else "level or ahead" if call.startswith("reproduced") else "not resolved"
-            held.append(f"{nats(past[-1]['gap'])} at {past[-1]['epochs']:.2f} epochs of the {corpus} ({said})")
+            seeds = past[-1]["gap"].n
+            held.append(f"{nats(past[-1]['gap'])} at {past[-1]['epochs']:.2f} epochs of the {corpus} ({said}"
+                        + (f", {seeds} seeds)" if seeds < 3 else ")"))  # fmt: skip
     if not held:
         return ""
     return (f" So a run that reads its data more than once now trains its tables with whole-row dropout "
