@@ -1,6 +1,8 @@
 """The official qwen4_exp model (transformers) with its n-gram table served by engram-lm tiers
 (hf/offload.py): the same logits and generated tokens as in memory, exports checked."""
 
+import os
+
 import pytest
 import torch
 
@@ -145,17 +147,18 @@ def test_prefetch_requests_each_forwards_rows_before_the_layer_and_changes_no_ou
 
 
 _PEAK_RSS = """
-import sys, resource, torch
+import sys
 from engram_lm.hf.load import from_pretrained_offloaded
 import transformers
 if sys.argv[1] == "offloaded":
     model = from_pretrained_offloaded(sys.argv[2], tables_dir=sys.argv[3], tier="mmap")
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], local_files_only=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
+print([int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""  # VmHWM, the peak of this process alone: getrusage's maxrss keeps the parent's from before exec
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak resident memory from /proc (Linux)")
 def test_a_checkpoint_loads_with_its_table_served_from_a_tier_never_in_memory(tmp_path):
     import subprocess
     import sys
@@ -180,7 +183,7 @@ def test_a_checkpoint_loads_with_its_table_served_from_a_tier_never_in_memory(tm
     peak = {how: int(subprocess.run([sys.executable, "-c", _PEAK_RSS, how, str(tmp_path / "ckpt"), str(tmp_path / "tables")],
                                     capture_output=True, text=True, check=True).stdout.split()[-1])
             for how in ("offloaded", "whole")}  # fmt: skip
-    assert peak["whole"] - peak["offloaded"] > 500e6  # the 768 MB table never came into the offloaded process
+    assert peak["whole"] - peak["offloaded"] > 700e6  # the 768 MB table never came into the offloaded process
     other = tiny_qwen4(ngram_vocab_size_base=1000)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):
