@@ -29,15 +29,22 @@ def tiny_qwen4(seed: int = 0, **kw):
     return model
 
 
+def reference(model, new_tokens: int = 6, eos_at=((0, 7),)):
+    """Ids with EOS inside (at `eos_at`), and the in-memory model's logits and greedy tokens for them."""
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    for b, t in eos_at:
+        ids[b, t] = EOS
+    with torch.no_grad():
+        want = model(ids).logits
+        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False)  # fmt: skip
+    return ids, want, tokens
+
+
 @pytest.mark.parametrize("tier, cache_rows", [("ram", 0), ("mmap", 0), ("ssd", 0), ("ssd", 64), ("mmap", 64)])
 def test_an_offloaded_table_gives_the_in_memory_logits_and_tokens(tmp_path, tier, cache_rows):
     model = tiny_qwen4()
-    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
-    ids[0, 7] = EOS
-    with torch.no_grad():
-        want = model(ids).logits
-        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
-                                do_sample=False)  # fmt: skip
+    ids, want, tokens = reference(model)
     placements = offload_tables(model, tier=tier, dir=tmp_path / "tables", cache_rows=cache_rows)
     assert [p["module"] for p in placements] == ["model.layers.0.ple.ple_embedding"]
     assert isinstance(model.model.layers[0].ple.ple_embedding.ngram_embedding, TierEmbedding)
@@ -122,13 +129,7 @@ def test_the_tables_export_command(tmp_path, capsys):
 @pytest.mark.parametrize("tier", ["mmap", "ssd"])
 def test_prefetch_requests_each_forwards_rows_before_the_layer_and_changes_no_output(tmp_path, tier):
     model = tiny_qwen4()
-    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
-    ids[0, 7] = EOS
-    ids[1, 2] = EOS  # a document ends early in the second sequence too
-    with torch.no_grad():
-        want = model(ids).logits
-        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6,
-                                do_sample=False)  # fmt: skip
+    ids, want, tokens = reference(model, eos_at=((0, 7), (1, 2)))  # a document ends early in the second too
     offload_tables(model, tier=tier, dir=tmp_path / "tables", prefetch=True)
     emb = model.model.layers[0].ple.ple_embedding.ngram_embedding
     with torch.no_grad():
@@ -167,12 +168,7 @@ def test_a_checkpoint_loads_with_its_table_served_from_a_tier_never_in_memory(tm
 
     model = tiny_qwen4(ngram_vocab_size_base=2_000_000, ple_embed_dim=96)  # 8,000,128 rows x 24: a 768 MB table
     model.save_pretrained(tmp_path / "ckpt")
-    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
-    ids[0, 7] = EOS
-    with torch.no_grad():
-        want = model(ids).logits
-        tokens = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=4,
-                                do_sample=False)  # fmt: skip
+    ids, want, tokens = reference(model, new_tokens=4)
     del model
     loaded = from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", tier="ssd", prefetch=True).eval()
     assert isinstance(loaded.model.layers[0].ple.ple_embedding.ngram_embedding, TierEmbedding)
