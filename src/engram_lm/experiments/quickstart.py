@@ -62,7 +62,7 @@ def quickstart(out_dir: Path, *, data: str | None = None, steps: int | None = No
     if data is not None:
         base_train = base_train.with_(data=data)
     train_tokens = len(prepare_data(base_train.data, base_train.tokenizer).train)
-    tokens_per_step = base_train.batch_size * base_train.seq_len * base_train.grad_accum
+    tokens_per_step = base_train.tokens_per_step
     chosen, chosen_by = plan_steps(train_tokens, tokens_per_step, base_train.steps, steps)
     line = steps_line(base_train.data, train_tokens, tokens_per_step, base_train.steps, chosen, chosen_by)
     if line:

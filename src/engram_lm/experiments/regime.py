@@ -65,7 +65,7 @@ def regime_specs(*, seeds=(0,), corpora: dict[str, str] | None = None, epochs=RE
 
     moe, train_cfg = quickstart_moe()
     engram, _ = quickstart_engram()
-    per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
+    per_step = train_cfg.tokens_per_step
     specs = []
     for label, data in (corpora or regime_corpora()).items():
         tokens = len(prepare_data(data, train_cfg.tokenizer).train)

@@ -40,7 +40,7 @@ class RunSpec:
     @property
     def tokens(self) -> int:
         t = self.train
-        return t.steps * t.batch_size * t.seq_len * t.grad_accum
+        return t.steps * t.tokens_per_step
 
     def requested(self) -> dict[str, Any]:
         return json.loads(json.dumps({"model": self.model.to_dict(), "train": self.train.to_dict()}))

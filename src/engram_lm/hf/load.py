@@ -14,14 +14,13 @@ export's: an export made for another model is refused before loading.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config
-from engram_lm.hf.offload import TierEmbedding, export_checkpoint_tables, install_prefetch, tier_table
+from engram_lm.hf.offload import TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, tier_table
 from engram_lm.memory.export import read_manifest
 
 TABLE_KEYS = [r"ngram_embedding\.(shard_\d+\.)?weight$"]  # the checkpoint's table tensors: read from the tier instead
@@ -43,7 +42,7 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
     if not (tables_dir / "manifest.json").exists():
         export_checkpoint_tables(model_dir, tables_dir, dtype)
     manifest = read_manifest(tables_dir, None)
-    by_layer = {int(re.search(r"layers\.(\d+)\.", name).group(1)): k for k, name in enumerate(manifest.get("modules", []))}
+    by_layer = {layer_of(name): k for k, name in enumerate(manifest.get("modules", []))}
     built: list[nn.Module] = []
 
     def build(module: nn.Module, config, layer_idx: int, ple_layer_index: int) -> None:

@@ -95,10 +95,10 @@ class _PrefetchHook:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return  # embeddings given, not ids: nothing to hash ahead; the layers read as usual
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache, ids = kwargs.get("cache", kwargs.get("past_key_values")), ids.cpu()
         for ngram, layout in self.tables:
             history = _cached_ids(cache, ngram.layer_idx)
-            rows, _ = qwen4_row_ids(layout, ids.cpu(), None if history is None else history.cpu().long())
+            rows, _ = qwen4_row_ids(layout, ids, None if history is None else history.cpu().long())
             ngram.ngram_embedding.expect(rows)
 
 
@@ -231,12 +231,12 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
     if not parts:
         raise ValueError(f"{model_dir} holds no n-gram table (no '*.ngram_embedding.weight' or '*.ngram_embedding.shard_N.weight' "
                          "tensor); point --model at a qwen4_exp checkpoint folder")  # fmt: skip
-    modules = sorted(parts, key=lambda name: int(re.search(r"layers\.(\d+)\.", name).group(1)))
+    modules = sorted(parts, key=layer_of)
     ple_ids = sorted(config.get("ple_layer_ids") or [])
     out_dir.mkdir(parents=True, exist_ok=True)
     layers, layouts, shapes = {}, [], []
     for k, module in enumerate(modules):
-        layer_idx = int(re.search(r"layers\.(\d+)\.", module).group(1))
+        layer_idx = layer_of(module)
         if layer_idx + 1 not in ple_ids:
             raise ValueError(f"{model_dir}: {module} is no PLE layer of its config.json (ple_layer_ids {ple_ids})")
         layout = qwen4_layout_from_config(SimpleNamespace(**config), ple_ids.index(layer_idx + 1))
@@ -256,6 +256,11 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
     return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
                                     "dtype": dtype, "head_dim": shapes[0][1], "modules": modules, "layers": layers,
                                     "checkpoint": str(model_dir)})  # fmt: skip
+
+
+def layer_of(module_name: str) -> int:
+    """The decoder layer a module name belongs to ('model.layers.3.ple.ple_embedding' -> 3)."""
+    return int(re.search(r"layers\.(\d+)\.", module_name).group(1))
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
