@@ -41,7 +41,7 @@ def reference(model, new_tokens: int = 6, eos_at=((0, 7),)):
     return ids, want, tokens
 
 
-@pytest.mark.parametrize("tier, cache_rows", [("ram", 0), ("mmap", 0), ("ssd", 0), ("ssd", 64), ("mmap", 64)])
+@pytest.mark.parametrize("tier, cache_rows", [("ram", 0), ("mmap", 0), ("ssd", 0), ("ssd", 64), ("mmap", 64), ("tiered", 0)])
 def test_an_offloaded_table_gives_the_in_memory_logits_and_tokens(tmp_path, tier, cache_rows):
     model = tiny_qwen4()
     ids, want, tokens = reference(model)
@@ -126,7 +126,7 @@ def test_the_tables_export_command(tmp_path, capsys):
     assert "config.json is missing" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tier", ["mmap", "ssd"])
+@pytest.mark.parametrize("tier", ["mmap", "ssd", "tiered"])
 def test_prefetch_requests_each_forwards_rows_before_the_layer_and_changes_no_output(tmp_path, tier):
     model = tiny_qwen4()
     ids, want, tokens = reference(model, eos_at=((0, 7), (1, 2)))  # a document ends early in the second too

@@ -14,6 +14,7 @@ from engram_lm.memory.dense import DenseTable
 from engram_lm.memory.export import export_memory, open_exported
 from engram_lm.memory.host import HostTable, MmapTable
 from engram_lm.memory.prefetch import PrefetchingTable
+from engram_lm.memory.tiered import TieredTable
 from engram_lm.recipes import get_recipe
 from engram_lm.training.loop import train
 
@@ -57,6 +58,8 @@ def _tiers(weight, tmp_path, dtype="fp32"):
         "mmap+cache": CachedTable(mmap(), 8, admit_after=1),
         "mmap+prefetch": PrefetchingTable(mmap(), policy="always"),
         "mmap+prefetch+cache": PrefetchingTable(CachedTable(mmap(), 8, admit_after=1), policy="always"),
+        "tiered": TieredTable(path, *weight.shape, dtype, budget_bytes=12 * row_bytes(dtype, weight.shape[1])),
+        "tiered+prefetch": PrefetchingTable(TieredTable(path, *weight.shape, dtype, budget_bytes=1 << 20), policy="always"),
     }
 
 
@@ -178,7 +181,8 @@ def test_export_round_trip_and_manifest_checks(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(memory="ram"), dict(memory="mmap"), dict(memory="mmap", prefetch=True),
-     dict(memory="mmap", prefetch=True, cache_rows=64), dict(memory="ram", cache_rows=1)],
+     dict(memory="mmap", prefetch=True, cache_rows=64), dict(memory="ram", cache_rows=1), dict(memory="tiered"),
+     dict(memory="tiered", memory_budget="4K", prefetch=True)],
 )  # fmt: skip
 def test_generation_is_identical_on_every_memory_tier(tiny_ckpt, kwargs, monkeypatch):
     prompts = [[17, 250, 31, 9], [5, 6, 7, 8], [100, 3]]
@@ -197,6 +201,11 @@ def test_bad_memory_requests(tiny_ckpt):
         load_for_inference(tiny_ckpt, memory="tape")
     with pytest.raises(ValueError, match=">= 1 row"):
         load_for_inference(tiny_ckpt, cache_rows=-1)
+    with pytest.raises(ValueError, match="applies to --memory tiered, not 'mmap'"):
+        load_for_inference(tiny_ckpt, memory="mmap", memory_budget="1G")
+    model, _ = load_for_inference(tiny_ckpt, memory="tiered", memory_budget="64K")  # shared by the layers, by size
+    budgets = [b.engram.memory.placement()["budget_bytes"] for b in model.blocks if b.engram is not None]
+    assert (64 << 10) - 4096 < sum(budgets) <= 64 << 10  # whole rows of the 64 KiB (the rows are < 4 KiB)
 
 
 @pytest.mark.parametrize("engine", ["aio", "threads"])

@@ -99,12 +99,13 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.inference.loading import load_for_inference
 
     memory, export_dir = args.memory, args.memory_dir
-    if export_dir is not None and memory not in ("mmap", "ssd"):
+    if export_dir is not None and memory not in ("mmap", "ssd", "tiered"):
         memory = "mmap"  # an export folder is read in place, in its own dtype
     model, state = load_for_inference(args.checkpoint, memory=memory, cache_rows=args.cache_rows,
                                       prefetch=args.prefetch, device=args.device or "cpu",
                                       export_dir=Path(export_dir) if export_dir else None,
-                                      allow_other_export=args.allow_other_export)  # fmt: skip
+                                      allow_other_export=args.allow_other_export,
+                                      memory_budget=args.memory_budget)  # fmt: skip
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
@@ -240,8 +241,11 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory", default="device", choices=("device", "ram", "mmap", "ssd"),
-                   help="where the Engram tables live (mmap exports them next to the checkpoint once)")
+    p.add_argument("--memory", default="device", choices=("device", "ram", "mmap", "ssd", "tiered"),
+                   help="where the Engram tables live (mmap, ssd and tiered export them next to the checkpoint once; "
+                        "tiered: rows held in RAM up to --memory-budget, misses read from the disk at depth)")
+    p.add_argument("--memory-budget", help="--memory tiered: RAM for table rows, all layers together, e.g. 512M or 4G "
+                                           "(default: half the available memory)")
     p.add_argument("--memory-dir", help="tables exported by `engram export-memory` (implies --memory mmap)")
     p.add_argument("--allow-other-export", action="store_true",
                    help="serve a --memory-dir exported from another checkpoint or step (refused by default)")

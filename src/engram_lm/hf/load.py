@@ -20,29 +20,34 @@ from typing import Any
 from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config
-from engram_lm.hf.offload import TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, tier_table
+from engram_lm.hf.offload import (
+    TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, tier_budgets, tier_table,
+)  # fmt: skip
 from engram_lm.memory.export import read_manifest
 
 TABLE_KEYS = [r"ngram_embedding\.(shard_\d+\.)?weight$"]  # the checkpoint's table tensors: read from the tier instead
 
 
-def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "mmap", dtype: str = "fp32",
+def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "tiered", dtype: str = "fp32",
                               cache_rows: int = 0, prefetch: bool = False, verify: bool = False,
-                              **from_pretrained: Any) -> nn.Module:  # fmt: skip
+                              budget: int | str | None = None, **from_pretrained: Any) -> nn.Module:  # fmt: skip
     """`AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained)` with every n-gram
-    table served from `tier` ("mmap" or "ssd", optionally behind the hot-row cache and the
-    prefetch hook); `dtype` is the export's row encoding when it has to be written."""
+    table served from `tier` ("tiered": rows held in RAM up to `budget` for all tables, default
+    half the available memory, the rest read from the disk at depth; "mmap"; "ssd"; optionally
+    behind the hot-row cache and the prefetch hook); `dtype` is the export's row encoding when
+    it has to be written."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen4_exp import modeling_qwen4_exp as modeling
 
-    if tier not in ("mmap", "ssd"):
-        raise ValueError(f"tier {tier!r}: a table loaded without materialising it is served from a file (mmap or ssd); "
+    if tier not in ("mmap", "ssd", "tiered"):
+        raise ValueError(f"tier {tier!r}: a table loaded without materialising it is served from a file (tiered, mmap or ssd); "
                          "for host RAM load the model as usual and call offload_tables(model, tier='ram')")  # fmt: skip
     model_dir, tables_dir = Path(model_dir), Path(tables_dir)
     if not (tables_dir / "manifest.json").exists():
         export_checkpoint_tables(model_dir, tables_dir, dtype)
     manifest = read_manifest(tables_dir, None)
     by_layer = {layer_of(name): k for k, name in enumerate(manifest.get("modules", []))}
+    budgets = tier_budgets(tier, budget, tables_dir, [tuple(shape) for shape in manifest["shapes"]])
     built: list[nn.Module] = []
 
     def build(module: nn.Module, config, layer_idx: int, ple_layer_index: int) -> None:
@@ -55,7 +60,7 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
                              "differs): give another tables_dir, or remove that export")  # fmt: skip
         emb = module.ngram_embedding
         table = tier_table(tables_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
-                           prefetch=prefetch, verify=verify)  # fmt: skip
+                           prefetch=prefetch, verify=verify, budget=budgets[k])  # fmt: skip
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         module._keys_to_ignore_on_load_unexpected = TABLE_KEYS  # transformers collects these from every module
         built.append(module)

@@ -34,13 +34,13 @@ from torch import nn
 
 from engram_lm.hashing.qwen4 import Qwen4NgramLayout, qwen4_layout_from_config, qwen4_row_ids
 from engram_lm.memory.cache import CachedTable
-from engram_lm.memory.codec import DTYPES
+from engram_lm.memory.codec import DTYPES, row_bytes
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.table import MemoryTable
 
-TIERS = ("ram", "mmap", "ssd")
+TIERS = ("ram", "mmap", "ssd", "tiered")
 
 
 class TierEmbedding(nn.Module):
@@ -127,12 +127,15 @@ def ngram_tables(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return found
 
 
-def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | None = None, dtype: str = "fp32",
-                   cache_rows: int = 0, verify: bool = False, prefetch: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | None = None, dtype: str = "fp32",
+                   cache_rows: int = 0, verify: bool = False, prefetch: bool = False,
+                   budget: int | str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Serve every n-gram table of `model` from `tier`; the tables are exported to `dir` first
-    (reused when `dir` already holds this model's export). With `prefetch`, a forward pre-hook
-    on `model` starts each table's reads as soon as the input ids are known, on a worker thread,
-    while the layers before run. Returns each table's placement."""
+    (reused when `dir` already holds this model's export). The default tier, `tiered`, holds rows
+    in RAM up to `budget` (all tables together, e.g. "8G"; default half the available memory) and
+    reads the rest from the disk at depth. With `prefetch`, a forward pre-hook on `model` starts
+    each table's reads as soon as the input ids are known, on a worker thread, while the layers
+    before run. Returns each table's placement."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {TIERS}")
     if dtype not in DTYPES:
@@ -144,6 +147,7 @@ def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | No
     export_dir = Path(dir) if dir is not None else None
     if export_dir is not None:
         _export_once(tables, export_dir, dtype)
+    budgets = tier_budgets(tier, budget, export_dir, [tuple(m.ngram_embedding.weight.shape) for m, _ in tables.values()])
     for k, (name, (module, fingerprint)) in enumerate(tables.items()):
         emb = module.ngram_embedding
         device = emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
@@ -152,7 +156,7 @@ def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | No
             table = _wrapped(table, cache_rows, prefetch, device)
         else:
             table = tier_table(export_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
-                               prefetch=prefetch, verify=verify, device=device)  # fmt: skip
+                               prefetch=prefetch, verify=verify, device=device, budget=budgets[k])  # fmt: skip
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         placements.append({"module": name, **table.placement()})
     if prefetch:
@@ -161,10 +165,25 @@ def offload_tables(model: nn.Module, *, tier: str = "mmap", dir: str | Path | No
 
 
 def tier_table(export_dir: Path, k: int, rows: int, dim: int, *, tier: str, cache_rows: int = 0, prefetch: bool = False,
-               verify: bool = False, device: torch.device | str = "cpu") -> MemoryTable:  # fmt: skip
-    """Table `k` of an export, served by `tier` (mmap or ssd), behind the hot-row cache and the prefetcher when asked."""
-    table = open_exported(export_dir, k, rows, dim, fingerprint=None, device=device, verify=verify, tier=tier)
+               verify: bool = False, device: torch.device | str = "cpu", budget: int | None = None) -> MemoryTable:  # fmt: skip
+    """Table `k` of an export, served by `tier` (mmap, ssd or tiered with `budget` bytes), behind the
+    hot-row cache and the prefetcher when asked."""
+    table = open_exported(export_dir, k, rows, dim, fingerprint=None, device=device, verify=verify, tier=tier,
+                          budget_bytes=budget)  # fmt: skip
     return _wrapped(table, cache_rows, prefetch, device)
+
+
+def tier_budgets(tier: str, budget: int | str | None, export_dir: Path | None,
+                 shapes: list[tuple[int, int]]) -> list[int | None]:  # fmt: skip
+    """Each table's share of the tiered tier's budget, by file size (None for the other tiers)."""
+    if tier != "tiered":
+        if budget is not None:
+            raise ValueError(f"budget= applies to tier 'tiered', not {tier!r}")
+        return [None] * len(shapes)
+    from engram_lm.memory.tiered import budget_shares
+
+    dtype = read_manifest(export_dir, None)["dtype"]
+    return budget_shares(budget, [rows * row_bytes(dtype, dim) for rows, dim in shapes])
 
 
 def _wrapped(table: MemoryTable, cache_rows: int, prefetch: bool, device) -> MemoryTable:

@@ -29,7 +29,8 @@ from engram_lm.models.config import ModelConfig
 from engram_lm.models.transformer import EngramLM
 from engram_lm.checkpoint.store import check_fingerprint, read_state, read_table_rows
 
-MEMORY_TIERS = ("device", "ram", "mmap", "ssd")
+MEMORY_TIERS = ("device", "ram", "mmap", "ssd", "tiered")
+FILE_TIERS = ("mmap", "ssd", "tiered")  # served from an export folder
 
 
 def load_for_inference(
@@ -43,10 +44,12 @@ def load_for_inference(
     device: str | torch.device = "cpu",
     verify: bool = False,
     allow_other_export: bool = False,
+    memory_budget: int | str | None = None,
 ) -> tuple[EngramLM, dict[str, Any]]:
     """A checkpoint's model for inference; `export_dir` serves tables exported from this
     checkpoint (refused when they came from another one or another step, unless
-    `allow_other_export`)."""
+    `allow_other_export`). `memory_budget` (tier "tiered"): the memory the tables' rows may hold,
+    all layers together (default: half the available memory)."""
     if memory not in MEMORY_TIERS:
         raise ValueError(f"unknown memory tier {memory!r}; choose one of {MEMORY_TIERS}")
     if cache_rows < 0:
@@ -71,7 +74,7 @@ def load_for_inference(
         oe = model.overencoding.memory
         weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
         model.overencoding.memory = _device_table(weight, device)
-    if memory in ("mmap", "ssd"):
+    if memory in FILE_TIERS:
         chosen = export_dir is not None  # a folder the user named may hold another checkpoint's tables
         export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
         if not (export_dir / "manifest.json").exists():
@@ -79,10 +82,12 @@ def load_for_inference(
         manifest = read_manifest(export_dir, fingerprint)
         if chosen and not allow_other_export:
             check_source(export_dir, manifest, ckpt)
-    for layer_id, block in enumerate(model.blocks):
-        if block.engram is None:
-            continue
-        table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify)
+    layers = [layer_id for layer_id, block in enumerate(model.blocks) if block.engram is not None]
+    budgets = dict(zip(layers, _budgets(memory, memory_budget, export_dir, [model.blocks[i].engram.memory for i in layers])))
+    for layer_id in layers:
+        block = model.blocks[layer_id]
+        table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify,
+                            budgets[layer_id])  # fmt: skip
         if cache_rows:
             table = CachedTable(table, cache_rows, device=device)
         if prefetch:
@@ -92,10 +97,24 @@ def load_for_inference(
     return model.eval(), state
 
 
-def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify) -> MemoryTable:
+def _budgets(memory: str, total: int | str | None, export_dir: Path | None, tables: list) -> list[int | None]:
+    """Each layer's share of the tiered tier's budget (None for the other tiers)."""
+    if memory != "tiered":
+        if total is not None:
+            raise ValueError(f"a memory budget applies to --memory tiered, not {memory!r}")
+        return [None] * len(tables)
+    from engram_lm.memory.codec import row_bytes
+    from engram_lm.memory.tiered import budget_shares
+
+    dtype = read_manifest(export_dir, None)["dtype"]
+    return budget_shares(total, [t.num_rows * row_bytes(dtype, t.dim) for t in tables])
+
+
+def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify, budget) -> MemoryTable:
     rows, dim = meta_table.num_rows, meta_table.dim
-    if memory in ("mmap", "ssd"):
-        return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify, tier=memory)
+    if memory in FILE_TIERS:
+        return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify, tier=memory,
+                             budget_bytes=budget)  # fmt: skip
     weight = read_table_rows(state, table_key(layer_id), 0, rows)
     if tuple(weight.shape) != (rows, dim):
         raise ValueError(f"checkpoint table of layer {layer_id} has shape {tuple(weight.shape)}, expected {(rows, dim)}")

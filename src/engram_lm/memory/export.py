@@ -138,10 +138,12 @@ def read_manifest(export_dir: Path, fingerprint: str | None) -> dict[str, Any]:
 
 def open_exported(
     export_dir: Path, layer_id: int, rows: int, dim: int, fingerprint: str | None, *, device="cpu", verify: bool = False,
-    tier: str = "mmap",
+    tier: str = "mmap", budget_bytes: int | None = None,
 ) -> MmapTable:
-    """The exported table of one layer as an mmap table, or with tier="ssd" as the
-    deep-queue reader (memory/ssd.py); checked against the manifest either way."""
+    """The exported table of one layer as an mmap table, with tier="ssd" as the deep-queue
+    reader (memory/ssd.py), with tier="tiered" as rows held within `budget_bytes` in front of
+    that reader (memory/tiered.py; default: the whole file, or half the available memory);
+    checked against the manifest either way."""
     manifest = read_manifest(export_dir, fingerprint)
     entry = manifest["layers"].get(str(layer_id))
     if entry is None:
@@ -155,6 +157,11 @@ def open_exported(
         from engram_lm.memory.ssd import SsdTable
 
         table = SsdTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
+    elif tier == "tiered":
+        from engram_lm.memory.tiered import TieredTable, budget_shares
+
+        budget = budget_bytes if budget_bytes is not None else budget_shares(None, [row_bytes(manifest["dtype"], dim) * rows])[0]
+        table = TieredTable(path, rows, dim, manifest["dtype"], budget_bytes=budget, device=device)  # checks the file size
     else:
         table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
     verify_file(Path(export_dir), entry, force=verify)

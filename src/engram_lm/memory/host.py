@@ -84,13 +84,12 @@ class MmapTable(MemoryTable):
     def gather_host(self, rows: torch.Tensor) -> torch.Tensor:
         # torch ops release the GIL (numpy fancy indexing does not), so a prefetch thread
         # reading pages here does not stall the compute thread's Python dispatch
-        unique, inverse = torch.unique(rows.reshape(-1).cpu(), return_inverse=True)  # sorted reads
-        vectors = decode_rows(self.data_t.index_select(0, unique), self.dtype, self.dim)
+        unique, inverse = self.unique_rows(rows)  # sorted reads, range-checked
+        vectors = decode_rows(self.data_t.index_select(0, torch.from_numpy(unique)), self.dtype, self.dim)
         return vectors.index_select(0, inverse).view(*rows.shape, self.dim)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        self.check_rows(rows)
-        return upload(self.gather_host(rows), self.device)
+        return upload(self.gather_host(rows), self.device)  # gather_host checks the ids
 
     def close(self) -> None:
         """Drop the mapping (unmapped once no gathered view refers to it): only pages no

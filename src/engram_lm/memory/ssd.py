@@ -20,6 +20,7 @@ Shape legend: U distinct rows of a call, K distinct block runs.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,24 @@ from engram_lm.memory.host import upload
 from engram_lm.memory.table import MemoryTable
 
 
+_BUFFERED_DEVICES: set[int] = set()  # file systems already said to refuse O_DIRECT (said once each)
+
+
 def _open(path: Path) -> tuple[int, bool]:
-    """A read-only descriptor, O_DIRECT when the file system supports it."""
+    """A read-only descriptor, O_DIRECT when the file system supports it. The fallback to
+    buffered reads (tmpfs and some overlay file systems refuse O_DIRECT) is said once per
+    file system on stderr: reads stay correct but go through the page cache."""
     flag = getattr(os, "O_DIRECT", 0)
     if flag:
         try:
             return os.open(path, os.O_RDONLY | flag), True
-        except OSError:  # tmpfs and some overlay file systems refuse O_DIRECT
-            pass
+        except OSError:
+            device = os.stat(path).st_dev
+            if device not in _BUFFERED_DEVICES:
+                _BUFFERED_DEVICES.add(device)
+                print(f"engram-lm: {path.parent} refuses O_DIRECT; reading its tables through the page cache instead "
+                      "(correct, but the rows also take page-cache memory; put the tables on a disk file system "
+                      "such as ext4 or xfs for direct reads)", file=sys.stderr)  # fmt: skip
     return os.open(path, os.O_RDONLY), False
 
 
@@ -71,9 +82,13 @@ class SsdTable(MemoryTable):
         return first, span
 
     def gather_host(self, rows: torch.Tensor) -> torch.Tensor:
-        flat = rows.reshape(-1).cpu()
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        u = unique.numpy().astype(np.int64)
+        unique, inverse = self.unique_rows(rows)  # range-checked
+        vectors = decode_rows(self.read_raw(unique), self.dtype, self.dim)
+        return vectors.index_select(0, inverse).view(*rows.shape, self.dim)
+
+    def read_raw(self, unique_U: np.ndarray) -> np.ndarray:
+        """The encoded bytes (U, row_bytes) of sorted, distinct, in-range rows, read from the disk."""
+        u = np.asarray(unique_U, dtype=np.int64)
         first, span = self.blocks_of(u)
         starts = (np.cumsum(span) - span) * BLOCK  # where each block run lands in the buffer
         total = int(span.sum()) * BLOCK
@@ -89,12 +104,10 @@ class SsdTable(MemoryTable):
         windows = np.lib.stride_tricks.sliding_window_view(data, self.row_bytes)
         raw = windows[at]  # (U, row_bytes), a copy: the buffer is reused by the next call
         del data, windows
-        vectors = decode_rows(raw, self.dtype, self.dim)
-        return vectors.index_select(0, inverse).view(*rows.shape, self.dim)
+        return raw
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        self.check_rows(rows)
-        return upload(self.gather_host(rows), self.device)
+        return upload(self.gather_host(rows), self.device)  # gather_host checks the ids
 
     def close(self) -> None:
         if getattr(self, "reader", None) is not None:

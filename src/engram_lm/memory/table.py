@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,21 @@ class MemoryTable(nn.Module):
         if rows.numel():
             lo, hi = (int(v) for v in torch.aminmax(rows))
             if lo < 0 or hi >= self.num_rows:
-                raise ValueError(f"row ids {lo}..{hi} fall outside this {self.tier} table's {self.num_rows:,} rows: the "
-                                 "hashing and the table disagree (another layout, model or export); use the table "
-                                 "exported for this model")  # fmt: skip
+                self._refuse(lo, hi)
+
+    def unique_rows(self, rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """The sorted distinct ids of `rows` (host, NumPy) and each id's place among them, range-checked
+        as check_rows does but from the sorted ids' two ends (no pass of its own: the tiers that
+        deduplicate anyway check here)."""
+        if rows.dtype != torch.int64:
+            raise ValueError(f"row ids must be int64, got {rows.dtype}")
+        unique, inverse = torch.unique(rows.reshape(-1).cpu(), return_inverse=True)
+        u = unique.numpy()
+        if len(u) and (u[0] < 0 or u[-1] >= self.num_rows):
+            self._refuse(int(u[0]), int(u[-1]))
+        return u, inverse
+
+    def _refuse(self, lo: int, hi: int) -> None:
+        raise ValueError(f"row ids {lo}..{hi} fall outside this {self.tier} table's {self.num_rows:,} rows: the "
+                         "hashing and the table disagree (another layout, model or export); use the table "
+                         "exported for this model")  # fmt: skip
