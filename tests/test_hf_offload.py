@@ -76,7 +76,7 @@ def test_bad_requests_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="unknown tier"):
         offload_tables(tiny_qwen4(), tier="disk", dir=tmp_path)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="'gpt2' model has no n-gram table engram-lm can serve; supported: qwen4_exp"):
+    with pytest.raises(ValueError, match="'gpt2' model has no table engram-lm can serve; supported: qwen4_exp .* gemma3n"):
         offload_tables(gpt2, tier="ram")
 
 
@@ -184,3 +184,39 @@ def test_a_checkpoint_loads_with_its_table_served_from_a_tier_never_in_memory(tm
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):
         from_pretrained_offloaded(tmp_path / "other", tables_dir=tmp_path / "tables")
+
+
+def tiny_gemma3n(seed: int = 0):
+    from transformers.models.gemma3n import modeling_gemma3n as gemma
+
+    cfg = gemma.Gemma3nTextConfig(vocab_size=160, vocab_size_per_layer_input=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4,
+                                  altup_num_inputs=2, sliding_window=16, max_position_embeddings=64,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  activation_sparsity_pattern=[0.0, 0.0])  # fmt: skip
+    torch.manual_seed(seed)
+    model = gemma.Gemma3nForCausalLM(cfg).eval()
+    with torch.no_grad():  # make every per-layer row count
+        model.model.embed_tokens_per_layer.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("tier, prefetch", [("ram", False), ("ssd", False), ("tiered", True)])
+def test_gemma_per_layer_embeddings_are_served_by_a_tier_with_the_same_logits(tmp_path, tier, prefetch):
+    model = tiny_gemma3n()
+    ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(3))  # ids >= 128 read row 0, as official
+    with torch.no_grad():
+        want = model(ids).logits
+        tokens = model.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=5,
+                                do_sample=False)  # fmt: skip
+    placements = offload_tables(model, tier=tier, dir=tmp_path / "tables", prefetch=prefetch)
+    assert [p["module"] for p in placements] == ["model.embed_tokens_per_layer"] and placements[0]["rows"] == 128
+    emb = model.model.embed_tokens_per_layer
+    assert isinstance(emb, TierEmbedding) and emb.embed_scale is not None  # the official scale, kept
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+        assert torch.equal(model.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long),
+                                          max_new_tokens=5, do_sample=False), tokens)  # fmt: skip
+    if prefetch:
+        assert emb.stats()["prefetch_hits"] == emb.stats()["calls"] > 1  # every forward's rows were requested ahead

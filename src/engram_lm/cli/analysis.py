@@ -126,6 +126,32 @@ def _print_regime(r: dict[str, Any]) -> None:
     print(f"written: {r['csv']}, {r['png']}")
 
 
+def cmd_retrofit_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from engram_lm.experiments.retrofit import METHODS, RetrofitSettings, retrofit_section, retrofit_sweep
+    except ImportError as err:
+        raise ValueError(f"engram experiment retrofit needs transformers and peft ({err}); install the extra: "
+                         "pip install 'engram-lm[hf]'") from None  # fmt: skip
+    methods = METHODS
+    if args.methods:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(names) - {m.name for m in METHODS})
+        if unknown:
+            raise ValueError(f"--methods {','.join(unknown)}: no such method; choose from {', '.join(m.name for m in METHODS)}")
+        methods = tuple(m for m in METHODS if m.name in names)
+    settings = RetrofitSettings(**({"steps": args.steps} if args.steps else {}), threads=args.threads)
+    runs = retrofit_sweep(Path(args.out), seeds=_seeds(args), methods=methods, settings=settings, progress=not args.quiet)
+    verdicts, lines = retrofit_section(runs)
+    return {"verdicts": [{"claim": v[0], "verdict": v[1], "regime": v[2], "numbers": v[3]} for v in verdicts],
+            "table": lines}  # fmt: skip
+
+
+def _print_section(r: dict[str, Any]) -> None:
+    print("\n".join(r["table"]))
+    for v in r["verdicts"]:
+        print(f"{v['claim']}: {v['verdict']} ({v['numbers']})")
+
+
 def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.study import SECTIONS, run_study, run_study_in_workers
 
@@ -296,6 +322,17 @@ def _add_experiment_commands(sub) -> None:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_regime, show=_print_regime)
+
+    e = exp.add_parser("retrofit", help="adapt a locally pretrained Llama: frozen, Engram, LoRA 8/64, LoRA+Engram, full "
+                                        "fine-tuning (held-out loss, facts, forgetting, cost)")  # fmt: skip
+    e.add_argument("--seeds", type=int, default=3, help="train every method with seeds 0..K-1 (report: mean ± SE)")
+    e.add_argument("--steps", type=int, help="fine-tuning steps (default 400)")
+    e.add_argument("--methods", help="comma-separated subset of: frozen, engram, lora8, lora64, lora8+engram, full")
+    e.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: s/step comparable)")
+    e.add_argument("--out", default="results/study", help="runs go to OUT/retrofit/ (the base model to OUT/retrofit/base)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=cmd_retrofit_experiment, show=_print_section)
 
     e = exp.add_parser("report", help="write docs/results.md from the study's result folders")
     e.add_argument("--runs", default="results/study")

@@ -28,6 +28,8 @@ from engram_lm.experiments.regularisation import (
     CONTROL_CLAIMS, DEFAULT_CLAIM, control_sections, regularisation_cost_section, regularisation_section,
     regularised_gain, regulariser_default, repeated_gain,
 )  # fmt: skip
+from engram_lm.experiments.retrofit import CLAIMS as RETROFIT_CLAIMS
+from engram_lm.experiments.retrofit import retrofit_section
 from engram_lm.experiments.runner import read_result
 from engram_lm.experiments.scaling import SCALING_4X, scaling_4x_section, scaling_section, versus_strongest_overencoding
 from engram_lm.experiments.sensitivity import sensitivity_section
@@ -86,7 +88,8 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           *(("regularisation-control", claim) for claim in CONTROL_CLAIMS.values()),
           ("table-lr", "table lr: the paper's 5x beats 1x"),
           ("regime", REGIME_CLAIM),
-          ("scaling-4x", f"{SCALING_4X}: Engram's loss falls log-linearly with table size")]  # fmt: skip
+          ("scaling-4x", f"{SCALING_4X}: Engram's loss falls log-linearly with table size"),
+          *(("retrofit", claim[0]) for claim in RETROFIT_CLAIMS)]  # fmt: skip
 
 
 def load_results(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -161,6 +164,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("ablations", ablations_section),
     ("branch-fusion", branch_fusion_section),
     ("regime", regime_section),
+    ("retrofit", retrofit_section),
 ]  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config
 from engram_lm.hf.offload import (
-    TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, tier_budgets, tier_table,
+    TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, qwen4_served, tier_budgets, tier_table,
 )  # fmt: skip
 from engram_lm.memory.export import read_manifest
 
@@ -70,7 +70,7 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
     if not built:
         raise ValueError(f"{model_dir} built no n-gram module: not a qwen4_exp checkpoint with tables")
     if prefetch:
-        install_prefetch(model, built)
+        install_prefetch(model, [qwen4_served(model, module) for module in built])
     return model
 
 

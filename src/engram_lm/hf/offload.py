@@ -18,7 +18,9 @@ at a time: the table is never in memory as a whole. `offload_tables` then reuses
 `prefetch=True` requests each forward's rows as soon as its input ids are known (a pre-hook
 on the model), not when the PLE layer runs; `TierEmbedding.stats()` says how long the layer
 still waited. hf/load.py loads a checkpoint with its tables served this way, never in memory.
-Not yet: Gemma's per-layer embeddings, DeepSeek-V4.1.
+Also served: Gemma 3n / Gemma 4's per-layer embeddings (`embed_tokens_per_layer`, one row per
+token id, scaled as the official forward scales them), with the same tiers and prefetch.
+Not yet: DeepSeek-V4.1 (not in transformers).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from engram_lm.hashing.qwen4 import Qwen4NgramLayout, qwen4_layout_from_config, qwen4_row_ids
+from engram_lm.hashing.qwen4 import qwen4_layout_from_config, qwen4_row_ids
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import DTYPES, row_bytes
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
@@ -51,10 +54,13 @@ class TierEmbedding(nn.Module):
     rows the official code asks for, and reads its own otherwise. `stats()`: calls, prefetch
     hits and misses, and the seconds the layer waited for its rows."""
 
-    def __init__(self, table: MemoryTable, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, table: MemoryTable, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 scale: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         self.table, self.num_embeddings, self.embedding_dim, self.dtype = table, num_embeddings, embedding_dim, dtype
         self.register_buffer("weight", torch.empty(0), persistent=False)  # the host: where ids must go
+        # a scaled embedding (Gemma's): rows times the scale, cast to the table's dtype, as the official forward does
+        self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
         self._expected: torch.Tensor | None = None
         self.calls = self.hits = self.misses = 0
         self.waited_s = 0.0
@@ -71,6 +77,8 @@ class TierEmbedding(nn.Module):
             rows = expected if same else rows  # the very tensor prefetched: the tier hands over its fetch
             self.hits, self.misses = self.hits + same, self.misses + (not same)
         out = self.table(rows).to(self.dtype)  # the dtype the official table had
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(self.dtype)
         self.calls += 1
         self.waited_s += time.perf_counter() - t0
         return out
@@ -83,23 +91,63 @@ class TierEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, tier={self.table.placement()}"
 
 
+@dataclass(frozen=True)
+class ServedTable:
+    """One table `offload_tables` serves: `holder.<attr>` is the official embedding module;
+    `rows_for(ids, cache)` gives the rows its layer will ask for, from a forward's input ids on
+    the host (and the cache, for the ids before them); `scale`, a scaled embedding's factor."""
+
+    holder: nn.Module
+    attr: str
+    fingerprint: str
+    rows_for: Callable[[torch.Tensor, Any], torch.Tensor]
+    scale: torch.Tensor | None = None
+
+    @property
+    def embedding(self) -> nn.Module:
+        return getattr(self.holder, self.attr)
+
+
 class _PrefetchHook:
     """A forward pre-hook on the whole model: as soon as a forward's input ids are known, each
-    n-gram table starts fetching the rows its layer will ask for (hashing/qwen4.py, bit-exact;
-    the ids before them from the cache, where the official layer keeps them)."""
+    table starts fetching the rows its layer will ask for (qwen4_exp: hashing/qwen4.py,
+    bit-exact, the ids before them from the cache, where the official layer keeps them; a
+    per-layer embedding: the ids themselves)."""
 
-    def __init__(self, tables: list[tuple[nn.Module, Qwen4NgramLayout]]) -> None:
+    def __init__(self, tables: list[ServedTable]) -> None:
         self.tables = tables
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
-            return  # embeddings given, not ids: nothing to hash ahead; the layers read as usual
+            return  # embeddings given, not ids: nothing to read ahead; the layers read as usual
         cache, ids = kwargs.get("cache", kwargs.get("past_key_values")), ids.cpu()
-        for ngram, layout in self.tables:
-            history = _cached_ids(cache, ngram.layer_idx)
-            rows, _ = qwen4_row_ids(layout, ids, None if history is None else history.cpu().long())
-            ngram.ngram_embedding.expect(rows)
+        for table in self.tables:
+            table.embedding.expect(table.rows_for(ids, cache))
+
+
+def qwen4_served(model: nn.Module, module: nn.Module) -> ServedTable:
+    """A qwen4_exp n-gram module's table: rows hashed as the official layer hashes them."""
+    layout = qwen4_layout_from_config(_text_config(model), module.ple_layer_index)
+
+    def rows_for(ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        history = _cached_ids(cache, module.layer_idx)
+        return qwen4_row_ids(layout, ids, None if history is None else history.cpu().long())[0]
+
+    return ServedTable(module, "ngram_embedding", layout.fingerprint, rows_for)
+
+
+def per_layer_served(holder: nn.Module) -> ServedTable:
+    """Gemma 3n / Gemma 4's per-layer embedding (`embed_tokens_per_layer`): one row per token id
+    below `vocab_size_per_layer_input` (others read row 0, as the official code does), scaled."""
+    emb = holder.embed_tokens_per_layer
+    rows, dim = emb.weight.shape
+    scale = getattr(emb, "embed_scale", None)
+
+    def rows_for(ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        return torch.where((ids >= 0) & (ids < rows), ids, 0)
+
+    return ServedTable(holder, "embed_tokens_per_layer", f"per-layer-embedding:{rows}x{dim}", rows_for, scale)
 
 
 def _cached_ids(cache: Any, layer_idx: int) -> torch.Tensor | None:
@@ -112,18 +160,19 @@ def _cached_ids(cache: Any, layer_idx: int) -> torch.Tensor | None:
         return None  # nothing cached for this layer yet
 
 
-def ngram_tables(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Module name -> (the module holding the table, its layout fingerprint), for every n-gram
-    table this module knows how to serve; refuses a model that has none."""
+def served_tables(model: nn.Module) -> dict[str, ServedTable]:
+    """Module name -> the table, for every table this module knows how to serve: qwen4_exp's
+    PLE n-gram tables and Gemma 3n / Gemma 4's per-layer embeddings; refuses a model that has none."""
     found = {}
     for name, module in model.named_modules():
         if type(module).__name__ == "Qwen4ExpTextNGramEmbedding":
-            config = _text_config(model)
-            found[name] = (module, qwen4_layout_from_config(config, module.ple_layer_index).fingerprint)
+            found[name] = qwen4_served(model, module)
+        elif isinstance(getattr(module, "embed_tokens_per_layer", None), nn.Embedding):
+            found[f"{name}.embed_tokens_per_layer" if name else "embed_tokens_per_layer"] = per_layer_served(module)
     if not found:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ValueError(f"this {kind!r} model has no n-gram table engram-lm can serve; supported: qwen4_exp "
-                         "(Qwen3.8-Flash-Next's PLE n-gram tables)")  # fmt: skip
+        raise ValueError(f"this {kind!r} model has no table engram-lm can serve; supported: qwen4_exp (Qwen3.8-Flash-Next's "
+                         "PLE n-gram tables), gemma3n and gemma4 (per-layer embeddings)")  # fmt: skip
     return found
 
 
@@ -142,14 +191,14 @@ def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | 
         raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
     if tier != "ram" and dir is None:
         raise ValueError(f"tier {tier!r} serves tables from files: pass dir=... (a folder on the disk to serve from)")
-    tables = ngram_tables(model)
+    tables = served_tables(model)
     placements = []
     export_dir = Path(dir) if dir is not None else None
     if export_dir is not None:
         _export_once(tables, export_dir, dtype)
-    budgets = tier_budgets(tier, budget, export_dir, [tuple(m.ngram_embedding.weight.shape) for m, _ in tables.values()])
-    for k, (name, (module, fingerprint)) in enumerate(tables.items()):
-        emb = module.ngram_embedding
+    budgets = tier_budgets(tier, budget, export_dir, [tuple(t.embedding.weight.shape) for t in tables.values()])
+    for k, (name, served) in enumerate(tables.items()):
+        emb = served.embedding
         device = emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
         if tier == "ram":
             table: MemoryTable = HostTable(emb.weight.detach().float().cpu(), device=device)
@@ -157,10 +206,11 @@ def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | 
         else:
             table = tier_table(export_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
                                prefetch=prefetch, verify=verify, device=device, budget=budgets[k])  # fmt: skip
-        module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
+        setattr(served.holder, served.attr, TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype,
+                                                          scale=served.scale))  # fmt: skip
         placements.append({"module": name, **table.placement()})
     if prefetch:
-        install_prefetch(model, [module for module, _ in tables.values()])
+        install_prefetch(model, list(tables.values()))
     return placements
 
 
@@ -192,18 +242,16 @@ def _wrapped(table: MemoryTable, cache_rows: int, prefetch: bool, device) -> Mem
     return PrefetchingTable(table, device, policy="always") if prefetch else table
 
 
-def install_prefetch(model: nn.Module, ngram_modules: list[nn.Module]) -> None:
+def install_prefetch(model: nn.Module, tables: list[ServedTable]) -> None:
     """The pre-hook that starts each table's reads when a forward's input ids are known (`_PrefetchHook`)."""
-    config = _text_config(model)
-    hooked = [(module, qwen4_layout_from_config(config, module.ple_layer_index)) for module in ngram_modules]
-    model.register_forward_pre_hook(_PrefetchHook(hooked), with_kwargs=True)
+    model.register_forward_pre_hook(_PrefetchHook(tables), with_kwargs=True)
 
 
-def _export_once(tables: dict[str, tuple[nn.Module, str]], export_dir: Path, dtype: str) -> None:
+def _export_once(tables: dict[str, ServedTable], export_dir: Path, dtype: str) -> None:
     """Write the tables as an engram-lm export, unless `export_dir` already holds this model's
     (same layouts and shapes); refuses one made for another model."""
-    layouts = [fp for _, fp in tables.values()]
-    shapes = [list(m.ngram_embedding.weight.shape) for m, _ in tables.values()]
+    layouts = [t.fingerprint for t in tables.values()]
+    shapes = [list(t.embedding.weight.shape) for t in tables.values()]
     if (export_dir / "manifest.json").exists():
         manifest = read_manifest(export_dir, None)
         if manifest.get("layouts") != layouts or manifest.get("shapes") != shapes or manifest["dtype"] != dtype:
@@ -213,10 +261,10 @@ def _export_once(tables: dict[str, tuple[nn.Module, str]], export_dir: Path, dty
         return
     export_dir.mkdir(parents=True, exist_ok=True)
     layers = {}
-    for k, (module, _) in enumerate(tables.values()):
-        weight = module.ngram_embedding.weight
+    for k, served in enumerate(tables.values()):
+        weight = served.embedding.weight
         if weight.device.type == "meta":
-            raise ValueError("the model's n-gram tables are on the meta device: load them (or export them from the "
+            raise ValueError("the model's tables are on the meta device: load them (or export them from the "
                              "checkpoint) before offloading")  # fmt: skip
         rows = weight.shape[0]
         chunks = (weight[a : a + CHUNK_ROWS].detach().float().cpu() for a in range(0, rows, CHUNK_ROWS))
