@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from engram_lm.hf.train import engram_optimizers
+from engram_lm.training.allocator import keep_large_buffers_on_heap
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -79,6 +80,7 @@ class EngramTrainer(transformers.Trainer):
     Everything else is Trainer's own."""
 
     def __init__(self, *args: Any, table_lr_mult: float = 5.0, other_lr: float | None = None, **kwargs: Any) -> None:
+        keep_large_buffers_on_heap()  # the step's big buffers stay mapped (training/allocator.py)
         self.table_lr_mult, self.other_lr = table_lr_mult, other_lr
         super().__init__(*args, **kwargs)
 
