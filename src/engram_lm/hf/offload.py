@@ -280,7 +280,9 @@ def _text_config(model: nn.Module):
 
 def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> dict[str, Any]:
     """The n-gram tables of a qwen4_exp checkpoint folder as an engram-lm export, streamed from
-    its safetensors one stored part at a time (the manifest `offload_tables` reuses)."""
+    its safetensors one stored part at a time (the manifest `offload_tables` reuses); a
+    DeepSeek-V4.1 folder's Engram tables are copied in their own fp8 + ue8m0 rows whatever
+    `dtype` says (hf/v41.py)."""
     from types import SimpleNamespace
 
     from safetensors import SafetensorError
@@ -288,6 +290,10 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
+    if _model_type(model_dir).startswith("deepseek_v4"):  # V4.1: fp8 rows and ue8m0 scales, copied as they are
+        from engram_lm.hf.v41 import export_v41_tables
+
+        return export_v41_tables(model_dir, out_dir, _tensor_files(model_dir), json.loads((model_dir / "config.json").read_text()))
     config = _read_config(model_dir)
     where = _tensor_files(model_dir)
     parts: dict[str, list[tuple[int, str]]] = {}
@@ -328,6 +334,13 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
 def layer_of(module_name: str) -> int:
     """The decoder layer a module name belongs to ('model.layers.3.ple.ple_embedding' -> 3)."""
     return int(re.search(r"layers\.(\d+)\.", module_name).group(1))
+
+
+def _model_type(model_dir: Path) -> str:
+    try:
+        return str(json.loads((model_dir / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""  # _read_config says what is wrong
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:

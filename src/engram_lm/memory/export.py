@@ -107,14 +107,18 @@ def _finite_for(dtype: str, chunk, start: int, layer_id: int, checkpoint: str):
     return chunk
 
 
-def write_table(chunks, rows: int, dim: int, dtype: str, path: Path) -> dict[str, Any]:
+def write_table(chunks, rows: int, dim: int, dtype: str, path: Path, *, encoded: bool = False) -> dict[str, Any]:
+    """Write a table file from row chunks (float (R, dim); with `encoded`, rows already in the
+    dtype's bytes, (R, row_bytes) uint8) and return its manifest entry with the sha256."""
     digest = hashlib.sha256()
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as out:
         for chunk in chunks:
-            encoded = encode_rows(chunk, dtype).tobytes()
-            digest.update(encoded)
-            out.write(encoded)
+            data = (chunk if encoded else encode_rows(chunk, dtype)).tobytes()
+            if len(data) % row_bytes(dtype, dim):
+                raise ValueError(f"a chunk of {len(data)} bytes is not whole rows of {row_bytes(dtype, dim)} bytes")
+            digest.update(data)
+            out.write(data)
     os.replace(tmp, path)
     return {"file": path.name, "rows": rows, "bytes": rows * row_bytes(dtype, dim), "sha256": digest.hexdigest()}
 
