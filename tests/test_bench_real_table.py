@@ -39,7 +39,7 @@ def test_a_scaled_run_reports_every_tier_and_workload_and_removes_its_file(tmp_p
     monkeypatch.setattr(real_table, "token_stream", lambda n: tokens)
     monkeypatch.setattr(real_table, "reference_iops", lambda path: {"qd1_iops": 1.0, "qd32_iops": 1.0, "tool": "stub"})
     r = real_table.bench_real_table(workdir=tmp_path, progress=None)
-    assert set(r["tiers"]) == {"mmap", "ssd", "ssd+cache"} and r["table_rows"] == small.padded_rows
+    assert set(r["tiers"]) == {"mmap", "ssd", "ssd+cache", "tiered"} and r["table_rows"] == small.padded_rows
     for tier in r["tiers"].values():
         assert set(tier["cold"]) == {"decode_b1", "decode_b8", "decode_b32", "prefill_64"}
         assert tier["cold"]["decode_b32"]["calls"] == 4 and tier["warm"]["prefill_64"]["tok_s"] > 0

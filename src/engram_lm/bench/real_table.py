@@ -124,12 +124,16 @@ def _tier(name: str, path: Path, rows: int, dim: int):
 
     if name == "mmap":
         return MmapTable(path, rows, dim, DTYPE)
+    if name == "tiered":  # the default budget: half the available memory
+        from engram_lm.memory.tiered import TieredTable, budget_shares
+
+        return TieredTable(path, rows, dim, DTYPE, budget_bytes=budget_shares(None, [rows * row_bytes(DTYPE, dim)])[0])
     ssd = SsdTable(path, rows, dim, DTYPE)
     return CachedTable(ssd, CACHE_ROWS) if name == "ssd+cache" else ssd
 
 
 def bench_real_table(model: str = "qwen3.8", workdir: Path | str = ".", keep: bool = False,
-                     tiers: tuple[str, ...] = ("mmap", "ssd", "ssd+cache"), progress=print) -> dict[str, Any]:  # fmt: skip
+                     tiers: tuple[str, ...] = ("mmap", "ssd", "ssd+cache", "tiered"), progress=print) -> dict[str, Any]:  # fmt: skip
     layout, dim = table_layout(model)
     rows = layout.padded_rows
     workdir = Path(workdir)

@@ -90,7 +90,12 @@ def _print_big_table(r: dict[str, Any]) -> None:
 def cmd_bench_real_table(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.real_table import bench_real_table
 
-    return bench_real_table(model=args.model, workdir=args.workdir, keep=args.keep, progress=None if args.json else print)
+    tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
+    unknown = sorted(set(tiers) - {"mmap", "ssd", "ssd+cache", "tiered"})
+    if unknown or not tiers:
+        raise ValueError(f"--tiers {args.tiers!r}: choose among mmap, ssd, ssd+cache, tiered (comma-separated)")
+    return bench_real_table(model=args.model, workdir=args.workdir, keep=args.keep, tiers=tiers,
+                            progress=None if args.json else print)  # fmt: skip
 
 
 def _print_real_table(r: dict[str, Any]) -> None:
@@ -217,6 +222,7 @@ def add_bench_commands(sub) -> None:
                                             "lookup tok/s and latency per tier, cold and warm")  # fmt: skip
     b.add_argument("--model", default="qwen3.8", choices=("qwen3.8",))
     b.add_argument("--workdir", default=".", help="folder for the table file (qwen3.8: 52.8 GB + 1 GB free)")
+    b.add_argument("--tiers", default="mmap,ssd,ssd+cache,tiered", help="comma-separated tiers to time")
     b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_real_table, show=_print_real_table)

@@ -11,13 +11,13 @@ sets, and its hits cost what the mmap tier's warm reads cost (one gather from me
 
 Admission and eviction (N-gram reads are Zipfian): while the store has room, every missed row
 enters it. Once full, a missed row enters only if it has been missed before (a per-row
-saturating count, halved every `age_every` calls: one-off rows never displace anything), in
+saturating count, halved once every `age_every` calls that miss, a slice per such call:
+one-off rows never displace anything), in
 place of a slot that has not been read since a victim draw last passed over it: each entrant
 draws 8 slots at random and takes one without its read mark, and every slot drawn loses its
 mark (CLOCK's second chance, sampled: O(misses) per call, no scan of the store). A hit costs
 one mark; the warm path is one index lookup, one mark and one gather.
-Memory: the budget for rows (its pages resident as rows arrive, on transparent huge pages where
-allowed), plus 5 bytes per table row (slot index and miss count) and 9 per slot, touched when
+Memory: the budget for rows (its 4 KiB pages resident as rows arrive), plus 5 bytes per table row (slot index and miss count) and 9 per slot, touched when
 the table opens: a first touch is a page fault, and faults next to the disk reads made the
 first calls of a fresh table up to 7x slower than the ssd tier's (measured on a 4 GiB table
 in this VM), so the index is paid for once, up front.
@@ -45,14 +45,17 @@ VICTIM_SAMPLES = 8  # slots drawn per entrant when the store is full
 
 
 def anonymous_array(shape: tuple[int, ...], dtype, *, touch: bool) -> np.ndarray:
-    """Zeroed anonymous memory as an array, on transparent huge pages where the kernel allows
-    (one fault per 2 MiB instead of per 4 KiB), every page touched first with `touch`: a first
+    """Zeroed anonymous memory as an array. With `touch`, on transparent huge pages where the
+    kernel allows (one fault per 2 MiB instead of per 4 KiB) and every page touched now: a first
     touch costs a page fault (in a VM, a host fault too: measured up to 7x slower first calls
-    on a 4 GiB table's index), which does not belong beside the disk reads of a call."""
+    on a 4 GiB table's index), which does not belong beside the disk reads of a call. Without
+    `touch`, plain pages that fault in as used: a huge-page fault under page-cache pressure
+    compacts memory synchronously (measured: a 52.8 GB table's cold prefill calls at p99 3x the
+    ssd tier's), so memory filled call by call stays on 4 KiB pages."""
     nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
     buf = mmap.mmap(-1, nbytes)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
+    if advice is not None and touch:
         try:
             buf.madvise(advice)
         except OSError:
@@ -134,6 +137,7 @@ class TieredTable(MemoryTable):
         self.ref = anonymous_array((self.capacity + 1,), np.uint8, touch=True)  # per slot: read since a draw passed over it
         self.row_in = anonymous_array((self.capacity + 1,), np.int64, touch=True)  # slot -> row
         self._counts = [0, 0, 0]  # calls, hits, misses (distinct rows per call)
+        self._age_at, self._age_chunk = [0], -(-num_rows // age_every)
         self._used = [0]  # slots filled (in order) so far
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # a prefetch worker and the caller never interleave on the store
@@ -164,12 +168,11 @@ class TieredTable(MemoryTable):
             counts = self._counts  # calls, hits, misses (distinct rows)
             counts[0] += 1
             counts[1] += n_held
-            if counts[0] % self.age_every == 0:
-                np.right_shift(self.seen, 1, out=self.seen)
             if n_held == len(unique_U):  # the warm path: one mark, one gather
                 self.ref[slots] = 1
                 return self._store_t.index_select(0, torch.from_numpy(slots))  # torch's row gather beats NumPy's
             counts[2] += len(unique_U) - n_held
+            self._age()  # only where rows are missed: the only place the counts decide anything
             held = slots > 0
             self.ref[slots[held]] = 1
             out = np.empty((len(unique_U), self.row_bytes), dtype=np.uint8)
@@ -182,6 +185,15 @@ class TieredTable(MemoryTable):
             out[~held] = raw
             self._admit(missed, raw, seen)
             return torch.from_numpy(out)
+
+    def _age(self) -> None:
+        """Halve the next 1/age_every of the miss counts: every count halves once per age_every
+        calls that miss, a slice at a time (halving a 320M-row table's counts at once stalls one
+        call ~0.2 s; a warm call, all hits, pays nothing)."""
+        start = self._age_at[0]
+        stop = min(start + self._age_chunk, self.num_rows)
+        np.right_shift(self.seen[start:stop], 1, out=self.seen[start:stop])
+        self._age_at[0] = 0 if stop == self.num_rows else stop
 
     def _admit(self, missed_M: np.ndarray, raw_M: np.ndarray, seen_M: np.ndarray) -> None:
         used = self._used[0]
