@@ -61,3 +61,30 @@ def test_decode_calls_hash_each_new_token_with_its_real_history():
             break
     else:
         pytest.fail("the decode steps are not the rows of any window of the stream")
+
+
+def test_v41_calls_carry_48_rows_a_token_inside_the_table_with_their_history():
+    tokens = np.random.default_rng(2).integers(0, 128_000, 20_000)
+    calls = real_table.v41_workloads(tokens, rows=5_000)
+    assert calls["decode_b8"][0].shape == (8, 1, 48) and calls["prefill_1024"][0].shape == (1, 1024, 48)
+    assert all(int(c.max()) < 5_000 and int(c.min()) >= 0 for cs in calls.values() for c in cs)
+    # without the wrap, layer 1's 24 ids fall in its table and layer 14's in its own
+    big = real_table.v41_workloads(tokens, rows=10**12)
+    prefill = big["prefill_1024"][0][0]
+    from engram_lm.hashing.layout import build_layout
+    from engram_lm.presets import v4_1
+
+    layout = build_layout(v4_1(), real_table.V41_COMPRESSED, 0)
+    assert int(prefill[:, :24].max()) < layout.layer(1).rows and int(prefill[:, 24:].max()) < layout.layer(14).rows
+
+
+def test_a_scaled_v41_run_reports_every_tier(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_table, "v41_rows", lambda workdir, path: 1 << 20)
+    monkeypatch.setattr(real_table, "DECODE_STEPS", 3)
+    monkeypatch.setattr(real_table, "PREFILL_LENGTHS", (32,))
+    monkeypatch.setattr(real_table, "token_stream", lambda n: np.random.default_rng(1).integers(0, 128_000, 10_000))
+    monkeypatch.setattr(real_table, "reference_iops", lambda path: {"qd1_iops": 1.0, "qd32_iops": 1.0, "tool": "stub"})
+    r = real_table.bench_real_table(model="v4.1", workdir=tmp_path, tiers=("ssd", "tiered"), progress=None)
+    assert r["dim"] == 256 and r["rows_per_token"] == 48 and r["table_bytes"] == (1 << 20) * 264
+    assert r["real_rows"] == 384_006_168 and set(r["tiers"]) == {"ssd", "tiered"}
+    assert r["tiers"]["tiered"]["warm"]["prefill_32"]["tok_s"] > 0 and not list(tmp_path.iterdir())

@@ -17,6 +17,12 @@ with the real history), prefill of 1,024 and 4,096 tokens. Reported: tokens/s, p
 p99, rows/s against the file's random 4 KiB read rate at depth 32 (fio, or the project's reader),
 and resident memory. The table file is removed at the end unless `keep`; an existing one of the
 right size in `workdir` is reused (`keep` leaves it for that).
+
+`--model v4.1`: DeepSeek-V4.1-Flash's layer-1 table at its real row width (256 e4m3 codes and 8
+ue8m0 scales: 264 bytes) with as many of its 384,006,168 rows as the disk holds (101 GB whole),
+read with both Engram layers' 48 rows a token, hashed with the V4.1 layout (hashing equal to
+SGLang's: tests/test_v41_golden.py) over token id mod 99,092 as compressed ids, each id modulo
+the rows written.
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ DECODE_BATCHES = (1, 8, 32)
 DECODE_STEPS = 48
 PREFILL_LENGTHS = (1024, 4096)
 CACHE_ROWS = 1 << 22  # the hot-row cache of the third tier: 4M rows (2.7 GB of fp32 vectors at dim 160)
+V41_ROWS, V41_DIM, V41_COMPRESSED = 384_006_168, 256, 99_092  # layer 1's table; config.json's compressed vocabulary
 
 
 def table_layout(model: str) -> tuple[Qwen4NgramLayout, int]:
     if model not in MODELS:
-        raise ValueError(f"--model {model!r}: real tables known for {sorted(MODELS)} (DeepSeek-V4.1 is not built yet)")
+        raise ValueError(f"--model {model!r}: real tables known for {sorted(MODELS)} and v4.1 (its own path below)")
     spec = MODELS[model]
     layout = qwen4_layout(vocab_size=spec["vocab_size"], eos_id=spec["eos_id"])
     if layout.padded_rows != spec["rows"]:
@@ -105,6 +112,41 @@ def workloads(layout: Qwen4NgramLayout, tokens: np.ndarray) -> dict[str, list[to
     return out
 
 
+def v41_rows(workdir: Path, path: Path) -> int:
+    """DeepSeek-V4.1's layer-1 table rows, or as many as the disk holds with 2 GB to spare."""
+    free = shutil.disk_usage(workdir).free + (path.stat().st_size if path.exists() else 0)
+    return min(V41_ROWS, max(0, free - (2 << 30)) // row_bytes(DTYPE, V41_DIM))
+
+
+def v41_workloads(tokens: np.ndarray, rows: int) -> dict[str, list[torch.Tensor]]:
+    """The calls of `workloads`, hashed with DeepSeek-V4.1's layout (both Engram layers: 48 rows a
+    token) over compressed ids taken as token id mod 99,092 (the V4 tokenizer is no dependency),
+    each row id modulo the rows the table file holds."""
+    from engram_lm.hashing.layout import build_layout
+    from engram_lm.hashing.reference import reference_layer_hashes
+    from engram_lm.presets import v4_1
+
+    layout = build_layout(v4_1(), V41_COMPRESSED, 0)
+    ids = tokens % V41_COMPRESSED
+
+    def row_ids(window_BT: np.ndarray) -> torch.Tensor:
+        parts = [reference_layer_hashes(window_BT, layout, lid) + np.array(layout.layer(lid).offsets)
+                 for lid in layout.layer_ids]  # fmt: skip
+        return torch.from_numpy(np.concatenate(parts, -1) % rows)
+
+    out: dict[str, list[torch.Tensor]] = {}
+    rng = np.random.default_rng(0)
+    n = layout.max_ngram
+    for batch in DECODE_BATCHES:
+        starts = rng.integers(0, len(ids) - 4096 - DECODE_STEPS, batch)
+        seqs = np.stack([ids[s + 4096 - (n - 1) : s + 4096 + DECODE_STEPS] for s in starts])
+        out[f"decode_b{batch}"] = [row_ids(seqs[:, t : t + n])[:, -1:] for t in range(DECODE_STEPS)]  # full history
+    for length in PREFILL_LENGTHS:
+        starts = rng.integers(0, len(ids) - length, 3)
+        out[f"prefill_{length}"] = [row_ids(ids[s : s + length][None]) for s in starts]
+    return out
+
+
 def _time_calls(table, calls: list[torch.Tensor]) -> dict[str, float]:
     times = []
     for rows in calls:
@@ -134,12 +176,20 @@ def _tier(name: str, path: Path, rows: int, dim: int):
 
 def bench_real_table(model: str = "qwen3.8", workdir: Path | str = ".", keep: bool = False,
                      tiers: tuple[str, ...] = ("mmap", "ssd", "ssd+cache", "tiered"), progress=print) -> dict[str, Any]:  # fmt: skip
-    layout, dim = table_layout(model)
-    rows = layout.padded_rows
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is not a folder")
     path = workdir / f"{model}-ngram-table-{DTYPE}.bin"
+    if model == "v4.1":  # as much of layer 1's table as the disk holds
+        dim, rows, per_token = V41_DIM, v41_rows(workdir, path), 48
+        if rows < 1 << 20:
+            raise ValueError(f"{workdir} holds only {rows:,} rows of V4.1's table (264 bytes each, 2 GB kept free): "
+                             "pass --workdir on a larger disk")  # fmt: skip
+        make_calls = lambda tokens: v41_workloads(tokens, rows)  # noqa: E731
+    else:
+        layout, dim = table_layout(model)
+        rows, per_token = layout.padded_rows, layout.num_heads
+        make_calls = lambda tokens: workloads(layout, tokens)  # noqa: E731
     file_bytes = rows * row_bytes(DTYPE, dim)
     progress = progress or (lambda _: None)
     reused = path.exists() and path.stat().st_size == file_bytes
@@ -152,7 +202,7 @@ def bench_real_table(model: str = "qwen3.8", workdir: Path | str = ".", keep: bo
         progress(f"writing the {model} table: {rows:,} rows x {dim} {DTYPE} = {file_bytes / 1e9:.1f} GB to {path}")
         write_seconds = write_random_fp8_table(path, rows, dim, progress)
     try:
-        calls = workloads(layout, token_stream(8192))
+        calls = make_calls(token_stream(8192))
         iops = reference_iops(path)
         results: dict[str, Any] = {}
         peak_reset = _reset_peak_rss()
@@ -168,7 +218,8 @@ def bench_real_table(model: str = "qwen3.8", workdir: Path | str = ".", keep: bo
             table.close()
         return {"model": model, "table_rows": rows, "dim": dim, "dtype": DTYPE, "table_bytes": file_bytes,
                 "mem_total_bytes": (_proc_kib("/proc/meminfo", "MemTotal") or 0) * 1024, "write_seconds": write_seconds,
-                "reused_file": reused, "reference_iops": iops, "rows_per_token": layout.num_heads,
+                "reused_file": reused, "reference_iops": iops, "rows_per_token": per_token,
+                "real_rows": V41_ROWS if model == "v4.1" else rows,
                 "decode_steps": DECODE_STEPS, "tiers": results,
                 "rss_bytes_after": (_proc_kib("/proc/self/status", "VmRSS") or 0) * 1024,
                 "peak_rss_bytes": (_proc_kib("/proc/self/status", "VmHWM") or 0) * 1024 if peak_reset else None,

@@ -220,7 +220,8 @@ def add_bench_commands(sub) -> None:
     b.set_defaults(run=cmd_bench_big_table, show=_print_big_table)
     b = bench.add_parser("real-table", help="a released model's n-gram table at its real size (larger than RAM): "
                                             "lookup tok/s and latency per tier, cold and warm")  # fmt: skip
-    b.add_argument("--model", default="qwen3.8", choices=("qwen3.8",))
+    b.add_argument("--model", default="qwen3.8", choices=("qwen3.8", "v4.1"),
+                   help="v4.1: layer 1's table (264-byte rows), as many rows as the disk holds, 48 rows a token")
     b.add_argument("--workdir", default=".", help="folder for the table file (qwen3.8: 52.8 GB + 1 GB free)")
     b.add_argument("--tiers", default="mmap,ssd,ssd+cache,tiered", help="comma-separated tiers to time")
     b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
