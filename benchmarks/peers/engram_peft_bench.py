@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from engram_lm.experiments.retrofit import METHODS, RetrofitSettings, base_model, run_method
 from engram_lm.experiments.runner import read_result
+from engram_lm.experiments.stats import estimate
 
 LIBRARIES = ("engram-lm", "engram-peft")
 COMPARED = ("engram", "lora8+engram")
@@ -127,8 +127,8 @@ def summary(out: Path, seeds: list[int]) -> dict:
 
             def stat(key: str, scale: float = 1.0) -> dict:
                 values = [r[key] * scale for r in runs]
-                se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-                return {"mean": statistics.fmean(values), "se": se, "per_seed": values}
+                e = estimate(values)  # the page's mean and standard error
+                return {"mean": e.mean, "se": e.se, "per_seed": values}
 
             rows[f"{library} {name}"] = {"val_loss": stat("val_loss"), "s_per_step": stat("s_per_step"),
                                          "facts_held_out_pct": stat("facts_held_out_accuracy", 100),

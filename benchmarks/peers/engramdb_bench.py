@@ -38,7 +38,7 @@ import torch
 
 from engram_lm.memory.host import MmapTable
 from engram_lm.memory.ssd import SsdTable
-from engram_lm.memory.tiered import TieredTable, budget_shares
+from engram_lm.memory.tiered import table_budgets, tiered_table
 
 WIDTH, DIM, SHARDS = 256, 64, 128
 SIZES = {"decode b1": 16, "decode (64)": 64, "decode b8": 128, "decode b32": 512, "prefill": 24_576}
@@ -113,7 +113,7 @@ class Contenders:
     def __init__(self, one: Path, sharded: Path, rows: int, peer: Peer | None, scratch: Path) -> None:
         self.one, self.sharded, self.rows, self.peer, self.scratch = one, sharded, rows, peer, scratch
         self.names = OURS + (PEERS if peer else ())
-        self.budget = budget_shares(None, [rows * WIDTH])[0]  # what a user gets by default
+        self.budget = table_budgets(None, "fp32", [(rows, DIM)])[0]  # what a user gets by default
         self.tables: dict[str, object] = {}
 
     def files(self, name: str) -> list[Path]:
@@ -128,7 +128,7 @@ class Contenders:
         elif name == "engram-lm ssd":
             self.tables[name] = SsdTable(path, self.rows, DIM, "fp32")
         elif name == "engram-lm tiered":
-            self.tables[name] = TieredTable(path, self.rows, DIM, "fp32", budget_bytes=self.budget)
+            self.tables[name] = tiered_table(path, self.rows, DIM, "fp32", budget_bytes=self.budget)
         else:
             folder, shards = (self.sharded, SHARDS) if "128" in name else (self.one, 1)
             self.peer.ask(op="open", name=name, dir=str(folder), shards=shards, rows_per_shard=self.rows // shards,

@@ -291,9 +291,9 @@ def _table(tier: str, weight: torch.Tensor, path: Path, rows: int, dim: int, dev
 
         return SsdTable(path, rows, dim, "fp32", device=device)
     if tier == "tiered":  # the default budget: the whole file, or half the available memory
-        from engram_lm.memory.tiered import TieredTable, budget_shares
+        from engram_lm.memory.tiered import tiered_table
 
-        return TieredTable(path, rows, dim, "fp32", budget_bytes=budget_shares(None, [rows * dim * 4])[0], device=device)
+        return tiered_table(path, rows, dim, "fp32", device=device)
     return MmapTable(path, rows, dim, "fp32", device=device)
 
 

@@ -167,9 +167,9 @@ def _tier(name: str, path: Path, rows: int, dim: int):
     if name == "mmap":
         return MmapTable(path, rows, dim, DTYPE)
     if name == "tiered":  # the default budget: half the available memory
-        from engram_lm.memory.tiered import TieredTable, budget_shares
+        from engram_lm.memory.tiered import tiered_table
 
-        return TieredTable(path, rows, dim, DTYPE, budget_bytes=budget_shares(None, [rows * row_bytes(DTYPE, dim)])[0])
+        return tiered_table(path, rows, dim, DTYPE)
     ssd = SsdTable(path, rows, dim, DTYPE)
     return CachedTable(ssd, CACHE_ROWS) if name == "ssd+cache" else ssd
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config, qwen4_row_ids
 from engram_lm.memory.cache import CachedTable
-from engram_lm.memory.codec import DTYPES, row_bytes
+from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.prefetch import PrefetchingTable
@@ -230,10 +230,9 @@ def tier_budgets(tier: str, budget: int | str | None, export_dir: Path | None,
         if budget is not None:
             raise ValueError(f"budget= applies to tier 'tiered', not {tier!r}")
         return [None] * len(shapes)
-    from engram_lm.memory.tiered import budget_shares
+    from engram_lm.memory.tiered import table_budgets
 
-    dtype = read_manifest(export_dir, None)["dtype"]
-    return budget_shares(budget, [rows * row_bytes(dtype, dim) for rows, dim in shapes])
+    return table_budgets(budget, read_manifest(export_dir, None)["dtype"], shapes)
 
 
 def _wrapped(table: MemoryTable, cache_rows: int, prefetch: bool, device) -> MemoryTable:

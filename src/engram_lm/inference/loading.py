@@ -74,16 +74,11 @@ def load_for_inference(
         oe = model.overencoding.memory
         weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
         model.overencoding.memory = _device_table(weight, device)
+    manifest = None
     if memory in FILE_TIERS:
-        chosen = export_dir is not None  # a folder the user named may hold another checkpoint's tables
-        export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
-        if not (export_dir / "manifest.json").exists():
-            export_memory(ckpt, export_dir, export_dtype)
-        manifest = read_manifest(export_dir, fingerprint)
-        if chosen and not allow_other_export:
-            check_source(export_dir, manifest, ckpt)
+        export_dir, manifest = _export_folder(ckpt, export_dir, export_dtype, fingerprint, allow_other_export)
     layers = [layer_id for layer_id, block in enumerate(model.blocks) if block.engram is not None]
-    budgets = dict(zip(layers, _budgets(memory, memory_budget, export_dir, [model.blocks[i].engram.memory for i in layers])))
+    budgets = dict(zip(layers, _budgets(memory, memory_budget, manifest, [model.blocks[i].engram.memory for i in layers])))
     for layer_id in layers:
         block = model.blocks[layer_id]
         table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify,
@@ -97,17 +92,29 @@ def load_for_inference(
     return model.eval(), state
 
 
-def _budgets(memory: str, total: int | str | None, export_dir: Path | None, tables: list) -> list[int | None]:
+def _export_folder(ckpt: Path, export_dir: Path | None, export_dtype: str, fingerprint: str | None,
+                   allow_other_export: bool) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """The export the file tiers serve (written next to the checkpoint once) and its manifest; a
+    folder the user named may hold another checkpoint's tables and is refused then."""
+    chosen = export_dir is not None
+    export_dir = Path(export_dir or ckpt / f"memory-{export_dtype}")
+    if not (export_dir / "manifest.json").exists():
+        export_memory(ckpt, export_dir, export_dtype)
+    manifest = read_manifest(export_dir, fingerprint)
+    if chosen and not allow_other_export:
+        check_source(export_dir, manifest, ckpt)
+    return export_dir, manifest
+
+
+def _budgets(memory: str, total: int | str | None, manifest: dict[str, Any] | None, tables: list) -> list[int | None]:
     """Each layer's share of the tiered tier's budget (None for the other tiers)."""
     if memory != "tiered":
         if total is not None:
             raise ValueError(f"a memory budget applies to --memory tiered, not {memory!r}")
         return [None] * len(tables)
-    from engram_lm.memory.codec import row_bytes
-    from engram_lm.memory.tiered import budget_shares
+    from engram_lm.memory.tiered import table_budgets
 
-    dtype = read_manifest(export_dir, None)["dtype"]
-    return budget_shares(total, [t.num_rows * row_bytes(dtype, t.dim) for t in tables])
+    return table_budgets(total, manifest["dtype"], [(t.num_rows, t.dim) for t in tables])
 
 
 def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify, budget) -> MemoryTable:

@@ -162,10 +162,9 @@ def open_exported(
 
         table = SsdTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
     elif tier == "tiered":
-        from engram_lm.memory.tiered import TieredTable, budget_shares
+        from engram_lm.memory.tiered import tiered_table
 
-        budget = budget_bytes if budget_bytes is not None else budget_shares(None, [row_bytes(manifest["dtype"], dim) * rows])[0]
-        table = TieredTable(path, rows, dim, manifest["dtype"], budget_bytes=budget, device=device)  # checks the file size
+        table = tiered_table(path, rows, dim, manifest["dtype"], budget_bytes=budget_bytes, device=device)  # checks the size
     else:
         table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
     verify_file(Path(export_dir), entry, force=verify)

@@ -104,6 +104,20 @@ def budget_shares(total: int | str | None, sizes: list[int]) -> list[int]:
     return [min(size, total * size // whole) if whole else 0 for size in sizes]
 
 
+def table_budgets(total: int | str | None, dtype: str, shapes: list[tuple[int, int]]) -> list[int]:
+    """`budget_shares` for tables given as (rows, dim) in an export's dtype."""
+    return budget_shares(total, [rows * row_bytes(dtype, dim) for rows, dim in shapes])
+
+
+def tiered_table(path: Path, rows: int, dim: int, dtype: str, *, budget_bytes: int | None = None,
+                 device: torch.device | str = "cpu") -> "TieredTable":  # fmt: skip
+    """A tiered table over an exported file; without a budget, the default share (the whole
+    file, or half the available memory)."""
+    if budget_bytes is None:
+        budget_bytes = table_budgets(None, dtype, [(rows, dim)])[0]
+    return TieredTable(path, rows, dim, dtype, budget_bytes=budget_bytes, device=device)
+
+
 class TieredTable(MemoryTable):
     tier = "tiered"
 
