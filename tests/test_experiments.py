@@ -1023,3 +1023,47 @@ def test_summary_says_where_the_default_decay_falls_behind_beyond_the_bible_and_
     assert "+0.081 ± 0.002 at 4.00 epochs of the code slice (behind past one epoch)" in text  # 0.08 + mean jitter 0.00067
     assert "In its place, at the longest run: `engram_row_dropout_0.5` -0.009 ± 0.002 on the code slice (holds)." in text
     assert beyond_the_bible({}) == ""
+
+
+def _clone_of_this_repository(tmp_path: Path) -> Path:
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs the project's git checkout and git")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    return clone
+
+
+def _git_status(repo: Path) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+def test_a_study_plan_writes_nothing_in_a_clone_of_the_repository(tmp_path, capsys):
+    from engram_lm.cli import main
+
+    clone = _clone_of_this_repository(tmp_path)
+    assert _git_status(clone) == ""
+    assert main(["study", "--plan", "--seeds", "3", "--out", str(clone / "results" / "study")]) == 0
+    assert "planned runs finished" in capsys.readouterr().out
+    assert _git_status(clone) == ""  # no section output, figure or page rewritten by a dry run
+
+
+def test_a_study_run_writes_its_sections_from_every_finished_run_not_only_the_planned_ones(tmp_path, monkeypatch):
+    """Run without --long-data, the regime section plans its Bible and code slices only; the
+    outputs it writes still hold the novels slice's finished rows (lost before: regime.json went
+    from 103 runs to 75). Training is replaced by reading what is finished."""
+    from engram_lm.experiments import study
+
+    clone = _clone_of_this_repository(tmp_path)
+    out = clone / "results" / "study"
+    before = json.loads((out / "regime" / "regime.json").read_text())["runs"]
+    assert any("novels" in str(r.get("data", "")) for r in before)
+    monkeypatch.setattr(study, "run_specs", lambda root, specs, **kw: run_specs(root, specs, **{**kw, "dry_run": True}))
+    study.run_study(out, seeds=3, sections=("regime",), progress=False)
+    assert json.loads((out / "regime" / "regime.json").read_text())["runs"] == before

@@ -173,17 +173,15 @@ def _print_study(r: dict[str, Any]) -> None:
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.experiments.report import build_report
-    from engram_lm.experiments.runner import read_result
-    from engram_lm.experiments.study import write_outputs
+    from engram_lm.experiments.study import write_study_outputs
 
     root = Path(args.runs)
     if not root.is_dir():
         raise ValueError(f"--runs {root} is not a folder; give the study's --out folder (results/study)")
-    results = [read_result(p) for p in sorted(root.glob("*/**/result.json"))]
-    if not results:
+    if not any(root.glob("*/**/result.json")):
         raise ValueError(f"--runs {root} holds no finished run (no */result.json): give the study's --out folder "
                          f"(results/study); {args.out} was not touched")  # fmt: skip
-    write_outputs(root, results)  # per-section CSV, JSON and figure from every finished run
+    write_study_outputs(root)  # per-section CSV, JSON and figure from every finished run
     text = build_report(root, Path(args.out))
     return {"path": args.out, "chars": len(text)}
 

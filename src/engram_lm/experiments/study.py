@@ -125,7 +125,8 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
         done = sum(load_result(out, s) is not None for s in specs)
         print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
     results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run, analyse=analyse_run)
-    write_outputs(out, results)
+    if not dry_run:  # a plan prints; it never rewrites what is committed
+        write_study_outputs(out)
     if report is not None:
         from engram_lm.experiments.report import build_report
 
@@ -157,6 +158,8 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
     logs = [out / f"worker-{k + 1}.log" for k in range(workers)]
     codes, stopped = run_workers([cmd] * workers, logs, progress=progress, every_s=every_s, env=worker_env())
     summary = run_study(out, seeds=seeds, long_data=long_data, sections=chosen, progress=False, dry_run=True)
+    if report is None:  # else the report command writes them
+        write_study_outputs(out)
     if report is not None and subprocess.run(report_command(out, report)).returncode != 0:
         raise ValueError(f"writing {report} failed (its error is above); every finished run is kept: fix the cause "
                          f"and run `engram experiment report --runs {out} --out {report}`")  # fmt: skip
@@ -166,6 +169,14 @@ def run_study_in_workers(out: Path, *, workers: int, seeds: int = 3, long_data: 
     if failed:
         raise ValueError(f"{', '.join(failed)} failed; read the log, fix the cause and rerun the same command")
     return summary
+
+
+def write_study_outputs(out: Path) -> None:
+    """Every section's outputs from every finished run under `out`, whether planned now or not
+    (a run without --long-data does not plan the novels slices, whose rows must stay)."""
+    from engram_lm.experiments.runner import read_result
+
+    write_outputs(out, [read_result(p) for p in sorted(Path(out).glob("*/**/result.json"))])
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
