@@ -86,3 +86,18 @@ def test_cli_errors(argv, message, capsys, tmp_path):
 def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "gpt5"])
+
+
+@pytest.mark.parametrize("memory", ["device", "ram", "mmap", "ssd", "tiered"])
+def test_prefetch_and_the_cache_work_with_every_tier_or_say_once_why_not(tiny_run, memory, capsys):
+    prompt = ["--checkpoint", str(tiny_run), "--prompt", "In the beginning", "--max-new-tokens", "6", "--json"]
+    capsys.readouterr()
+    assert main(["generate", *prompt]) == 0
+    expected = json.loads(capsys.readouterr().out)["completions"][0]["ids"]
+    assert main(["generate", *prompt, "--memory", memory, "--prefetch", "--cache-rows", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["completions"][0]["ids"] == expected
+    if memory == "device":  # rows already on the compute device: nothing to fetch ahead or cache, said once
+        assert err.count("--prefetch") == 1 and err.count("--cache-rows") == 1 and "running without" in err
+    else:
+        assert "--prefetch" not in err and "--cache-rows" not in err

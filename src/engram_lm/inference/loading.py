@@ -8,7 +8,9 @@ its table from the chosen tier:
     ram     HostTable in host RAM (pinned with CUDA)
     mmap    MmapTable over exported files (exported on first use next to the checkpoint)
     ssd     SsdTable over the same files: O_DIRECT block reads from a pool of threads
-optionally behind a hot-row cache (`cache_rows`) and a background prefetcher (`prefetch`).
+    tiered  TieredTable over the same files: rows held in RAM up to a budget, misses read at depth
+optionally behind a hot-row cache (`cache_rows`) and a background prefetcher (`prefetch`); both
+are dropped with a note for the device tier, whose rows are already where they are used.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def load_for_inference(
         oe = model.overencoding.memory
         weight = read_table_rows(state, "overencoding.memory.weight", 0, oe.num_rows)
         model.overencoding.memory = _device_table(weight, device)
+    if memory == "device":
+        cache_rows, prefetch = _nothing_to_fetch_ahead(cache_rows, prefetch)
     manifest = None
     if memory in FILE_TIERS:
         export_dir, manifest = _export_folder(ckpt, export_dir, export_dtype, fingerprint, allow_other_export)
@@ -90,6 +94,18 @@ def load_for_inference(
         block.engram.memory = table
     model.init_rope(device)
     return model.eval(), state
+
+
+def _nothing_to_fetch_ahead(cache_rows: int, prefetch: bool) -> tuple[int, bool]:
+    """The device tier's rows are on the compute device already: a hot-row cache or a prefetcher
+    in front of it could only add copies. Said once on stderr; the model runs without them."""
+    import sys
+
+    for flag, asked in (("--cache-rows", cache_rows), ("--prefetch", prefetch)):
+        if asked:
+            print(f"note: {flag} does nothing with --memory device (the tables are on the compute device already); "
+                  f"running without it. It helps the ram, mmap, ssd and tiered tiers", file=sys.stderr)  # fmt: skip
+    return 0, False
 
 
 def _export_folder(ckpt: Path, export_dir: Path | None, export_dtype: str, fingerprint: str | None,
