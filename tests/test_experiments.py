@@ -395,11 +395,13 @@ def test_study_plan_counts_finished_runs_per_section(tmp_path, capsys):
 
     spec = study_plan(seeds=1, sections=("table-lr",))["table-lr"][0]
     (tmp_path / spec.key).mkdir(parents=True)
-    (tmp_path / spec.key / "result.json").write_text(json.dumps({"requested": spec.requested(), "key": spec.key,
-                                                                  "num_branches": 1, "tokens_per_s": 1000.0}))  # fmt: skip
+    (tmp_path / spec.key / "result.json").write_text(json.dumps({"requested": spec.requested(), "key": spec.key, "seed": 0,
+                                                                  "val_loss": 3.0, "num_branches": 1,
+                                                                  "tokens_per_s": 1000.0}))  # fmt: skip
     assert main(["study", "--seeds", "1", "--sections", "table-lr,ablations", "--out", str(tmp_path), "--plan"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert "table-lr 5 runs, 1 finished" in lines and "ablations 10 runs, 0 finished" in lines
+    assert any(line.startswith(f"1 runs trained under {tmp_path} in all") for line in lines)
     assert main(["study", "--seeds", "0", "--out", str(tmp_path), "--plan"]) == 2  # no seeds: an error, not 0 runs
     assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
 

@@ -101,3 +101,15 @@ def test_prefetch_and_the_cache_work_with_every_tier_or_say_once_why_not(tiny_ru
         assert err.count("--prefetch") == 1 and err.count("--cache-rows") == 1 and "running without" in err
     else:
         assert "--prefetch" not in err and "--cache-rows" not in err
+
+
+def test_eval_repeats_the_runs_logged_validation_loss_and_says_so(tiny_run, capsys):
+    capsys.readouterr()
+    logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r["val_loss"] for r in logged if "val_loss" in r][-1]
+    assert main(["eval", "--checkpoint", str(tiny_run), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["batches"] == r["run_batches"] and r["logged_val_loss"] == last
+    assert r["val_loss"] == pytest.approx(last, abs=1e-6)  # the same windows and weights
+    assert main(["eval", "--checkpoint", str(tiny_run), "--batches", "1"]) == 0
+    assert "without --batches eval repeats that figure" in capsys.readouterr().out

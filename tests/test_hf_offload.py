@@ -220,3 +220,21 @@ def test_gemma_per_layer_embeddings_are_served_by_a_tier_with_the_same_logits(tm
                                           max_new_tokens=5, do_sample=False), tokens)  # fmt: skip
     if prefetch:
         assert emb.stats()["prefetch_hits"] == emb.stats()["calls"] > 1  # every forward's rows were requested ahead
+
+
+def test_loading_offloaded_reports_no_skipped_table_as_unexpected(tmp_path, capfd):
+    """transformers' load report flagged the table tensors the tier serves as UNEXPECTED ("not ok if you
+    expect identical arch") although the model is exact; the family's class attribute is restored after."""
+    from engram_lm.hf.load import from_pretrained_offloaded
+
+    model = tiny_qwen4()
+    model.save_pretrained(tmp_path / "ckpt")
+    ids, want, _ = reference(model, new_tokens=1)
+    official = modeling.Qwen4ExpPreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected", "absent")
+    capfd.readouterr()
+    loaded = from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", tier="mmap").eval()
+    out, err = capfd.readouterr()
+    assert "UNEXPECTED" not in out + err and "LOAD REPORT" not in out + err
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    assert modeling.Qwen4ExpPreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected", "absent") == official

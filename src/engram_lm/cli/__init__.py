@@ -14,6 +14,31 @@ from engram_lm.cli.core import add_core_commands
 from engram_lm.cli.model import add_model_commands
 
 
+COMMON_HELP = {"--json": "print the result as JSON", "--quiet": "no progress line"}
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends with the flag's default, where it has one worth saying and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # 0 is a value
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every command and subcommand: defaults shown, and --json / --quiet explained in one place."""
+    parser.formatter_class = _DefaultsShown
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _finish(sub)
+        elif not action.help and action.option_strings and action.option_strings[-1] in COMMON_HELP:
+            action.help = COMMON_HELP[action.option_strings[-1]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_bench_commands(sub)
     add_analysis_commands(sub)
+    _finish(parser)
     return parser
 
 

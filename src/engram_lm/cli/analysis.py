@@ -276,10 +276,10 @@ def add_analysis_commands(sub) -> None:
 def _experiment_flags(e, name: str, data_help: str = "built-in corpus name or a path (default: bible)") -> None:
     """The flags every `engram experiment` sweep takes."""
     e.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0..K-1 (report: mean ± SE)")
-    e.add_argument("--steps", type=int)
+    e.add_argument("--steps", type=int, help="training steps of every run (default: the experiment's own)")
     e.add_argument("--data", help=data_help)
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--out", default=f"runs/{name}")
+    e.add_argument("--out", default=f"runs/{name}", help="folder for the runs and the section's outputs")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
 
@@ -289,8 +289,9 @@ def _add_experiment_commands(sub) -> None:
     exp = p.add_subparsers(dest="experiment", required=True)
     common = _experiment_flags
     e = exp.add_parser("allocation", help="sparsity allocation sweep over rho at fixed P_tot and P_act")
-    e.add_argument("--preset", default="quickstart")
-    e.add_argument("--rhos", type=float_list, default=[0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0])
+    e.add_argument("--preset", default="quickstart", help="the model size the budgets are taken from")
+    e.add_argument("--rhos", type=float_list, default=[0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0],
+                   help="shares of the sparse budget left to the routed experts (1: the pure MoE)")
     common(e, "allocation")
     e.set_defaults(run=cmd_allocation, show=_print_allocation)
     e = exp.add_parser("scaling", help="fixed backbone: Engram vs OverEncoding at equal table parameters")
@@ -316,7 +317,7 @@ def _add_experiment_commands(sub) -> None:
                                         "(e.g. row_dropout_0.5,table_wd_30.0)")
     e.add_argument("--epochs", type=float_list, help="lengths in epochs (default 1,2.5,4)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--out", default="runs/regime")
+    e.add_argument("--out", default="runs/regime", help="folder for the runs and the section's outputs")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_regime, show=_print_regime)
@@ -333,18 +334,18 @@ def _add_experiment_commands(sub) -> None:
     e.set_defaults(run=cmd_retrofit_experiment, show=_print_section)
 
     e = exp.add_parser("report", help="write docs/results.md from the study's result folders")
-    e.add_argument("--runs", default="results/study")
-    e.add_argument("--out", default="docs/results.md")
+    e.add_argument("--runs", default="results/study", help="the study's --out folder")
+    e.add_argument("--out", default="docs/results.md", help="the page to write (its figures go beside it, in figures/)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_report, show=lambda r: print(f"written: {r['path']}"))
 
 
 def _add_study_command(sub) -> None:
     p = sub.add_parser("study", help="every experiment with seeds and error bars, resumable, then docs/results.md")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="train every run with seeds 0..K-1 (report: mean ± SE)")
     p.add_argument("--long-data", help="a corpus that does not repeat within 8x the quickstart (a folder of text)")
     p.add_argument("--sections", help="comma-separated subset, in plan order (default: all)")
-    p.add_argument("--out", default="results/study")
+    p.add_argument("--out", default="results/study", help="folder for every run (a finished run is reused)")
     p.add_argument("--report", default="docs/results.md", help="the page to write at the end ('' to skip)")
     p.add_argument("--workers", type=int, default=1,
                    help="N processes of one thread each on the same --out (CPU: one per free core); logs in OUT/worker-K.log")
@@ -359,14 +360,14 @@ def _add_analyze_commands(sub) -> None:
     p = sub.add_parser("analyze", help="look inside trained models")
     ana = p.add_subparsers(dest="analysis", required=True)
     a = ana.add_parser("gates", help="tokens coloured by Engram gate value (HTML + PNG)")
-    a.add_argument("--checkpoint", required=True)
-    a.add_argument("--text", required=True)
-    a.add_argument("--out", default="gates.html")
+    a.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
+    a.add_argument("--text", required=True, help="the text whose tokens are coloured")
+    a.add_argument("--out", default="gates.html", help="the HTML page (the PNG goes beside it)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(run=cmd_gates, show=_print_gates)
     a = ana.add_parser("sensitivity", help="factual recall vs in-context copying with Engram zeroed")
     a.add_argument("--checkpoint", required=True, help="ideally trained with --data bible+facts")
-    a.add_argument("--out", default="sensitivity.json")
+    a.add_argument("--out", default="sensitivity.json", help="where the scores are written")
     a.add_argument("--token-classes", action="store_true",
                    help="also score copyable vs recallable next tokens on the run's evaluation windows (docs/experiments.md)")
     a.add_argument("--json", action="store_true")
@@ -376,7 +377,7 @@ def _add_analyze_commands(sub) -> None:
         a = ana.add_parser(name, help=helptext)
         a.add_argument("--checkpoint", required=True, help="the Engram model")
         a.add_argument("--baseline", required=True, help="the baseline model")
-        a.add_argument("--out", default=name)
+        a.add_argument("--out", default=name, help="folder for the figure and its numbers")
         if name == "cka":
             a.add_argument("--top-k", type=int, default=5, help="layers averaged in the soft alignment index (paper: 5)")
         a.add_argument("--json", action="store_true")

@@ -18,7 +18,7 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--table-sizes", type=int_list, help="base table size per order 2..N, e.g. 646400,646400")
     g.add_argument("--max-ngram", type=int, help="N, the largest n-gram order")
     g.add_argument("--heads", type=int, help="hash heads per order")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="hash seed: layer l draws its multipliers from NumPy default_rng(seed + 10007 l)")
     g.add_argument("--pad-id", type=int, help="raw pad token id")
 
 
@@ -152,7 +152,7 @@ def add_core_commands(sub) -> None:
 
     p = sub.add_parser("hash", help="hash a text or a list of token ids")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text")
+    src.add_argument("--text", help="a text, tokenized with --tokenizer")
     src.add_argument("--ids", type=int_list, help="raw token ids, e.g. 5,17,9")
     _add_layout_flags(p)
     p.add_argument("--global-rows", action="store_true", help="add head offsets (rows of the layer table)")

@@ -64,8 +64,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_train(r: dict[str, Any]) -> None:
+    speed = f"{r['tokens_per_s']:,.0f} tok/s" if r["train_seconds"] > 0 else "finished before: nothing left to train"
     print(f"{r['name']}: val loss {r['val_loss']:.4f} after {r['tokens_seen']:,} tokens "
-          f"({r['tokens_per_s']:,.0f} tok/s); P_tot {r['params_total']:,}, P_act {r['params_active']:,}, "
+          f"({speed}); P_tot {r['params_total']:,}, P_act {r['params_active']:,}, "
           f"Engram {r['params_engram']:,}; run folder {r['run_dir']}")  # fmt: skip
 
 
@@ -76,20 +77,40 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.inference.loading import load_trained
     from engram_lm.training.loop import evaluate
 
-    if args.batches < 1:
+    if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches {args.batches}: evaluate at least 1 batch")
     model, state = load_trained(args.checkpoint, args.device or "cpu")
     train_cfg = TrainConfig.from_dict(state["train_config"])
+    batches = args.batches or train_cfg.eval_batches  # the run's own windows: the figure its log holds
     data = prepare_data(args.data or state["corpus"], str(Path(state["path"]) / "tokenizer.json"))
-    windows = eval_windows(data.val, train_cfg.batch_size, train_cfg.seq_len, args.batches)
+    windows = eval_windows(data.val, train_cfg.batch_size, train_cfg.seq_len, batches)
     loss = evaluate(model, windows, torch.device(args.device or "cpu"))
     tokens = sum(y.numel() for _, y in windows)
+    same_windows = batches == train_cfg.eval_batches and args.data in (None, state["corpus"])
     return {"checkpoint": state["path"], "step": state["step"], "data": data.corpus, "val_loss": loss,
-            "val_tokens": tokens}  # fmt: skip
+            "val_tokens": tokens, "batches": batches, "run_batches": train_cfg.eval_batches,
+            "logged_val_loss": _logged_val_loss(Path(state["path"]), state["step"]) if same_windows else None}  # fmt: skip
+
+
+def _logged_val_loss(checkpoint: Path, step: int) -> float | None:
+    """The validation loss the run logged at `step` (its metrics.jsonl, two folders up), if any."""
+    metrics = checkpoint.parent.parent / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip().startswith("{")]
+    logged = [r["val_loss"] for r in rows if r.get("step") == step and r.get("val_loss") is not None]
+    return logged[-1] if logged else None
 
 
 def _print_eval(r: dict[str, Any]) -> None:
-    print(f"{r['checkpoint']} (step {r['step']}): val loss {r['val_loss']:.4f} on {r['val_tokens']:,} held-out tokens of {r['data']}")
+    line = f"{r['checkpoint']} (step {r['step']}): val loss {r['val_loss']:.4f} on {r['val_tokens']:,} held-out tokens of {r['data']}"
+    if r["logged_val_loss"] is not None:
+        line += (f"; the run logged {r['logged_val_loss']:.4f} on the same {r['batches']} batches (a difference in the "
+                 "last digits comes from another thread count)")  # fmt: skip
+    elif r["batches"] != r["run_batches"]:
+        line += (f" ({r['batches']} batches; the run's log holds its first {r['run_batches']}: without --batches "
+                 "eval repeats that figure)")  # fmt: skip
+    print(line)
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,9 +227,9 @@ def add_model_commands(sub) -> None:
 def _add_train_commands(sub) -> None:
     """`engram train` and `engram eval`."""
     p = sub.add_parser("train", help="train a model from a preset")
-    p.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
+    p.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="model and training recipe")
     p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's; more extends a finished run)")
     p.add_argument("--out", help="run folder (default runs/<preset>); rerun the same command to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 500; also every 10 minutes)")
@@ -225,8 +246,9 @@ def _add_train_commands(sub) -> None:
     p = sub.add_parser("eval", help="validation loss of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
     p.add_argument("--data", help="corpus to evaluate on (its held-out split); default: the training corpus")
-    p.add_argument("--batches", type=int, default=16)
-    p.add_argument("--device")
+    p.add_argument("--batches", type=int, help="held-out batches (default: the run's own eval_batches, so the figure "
+                                                "is the one its metrics.jsonl logged)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval, show=_print_eval)
 
@@ -234,13 +256,14 @@ def _add_train_commands(sub) -> None:
 def _add_serving_commands(sub) -> None:
     """`engram generate`, `engram export-memory` and `engram verify-memory`."""
     p = sub.add_parser("generate", help="continue prompts with a trained model")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt (fewer at end of text)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding this "
+                                                            "probability (1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy decoding ignores it)")
     p.add_argument("--memory", default="device", choices=("device", "ram", "mmap", "ssd", "tiered"),
                    help="where the Engram tables live (mmap, ssd and tiered export them next to the checkpoint once; "
                         "tiered: rows held in RAM up to --memory-budget, misses read from the disk at depth)")
@@ -251,23 +274,25 @@ def _add_serving_commands(sub) -> None:
                    help="serve a --memory-dir exported from another checkpoint or step (refused by default)")
     p.add_argument("--cache-rows", type=int, default=0, help="hot-row cache in front of the tables (rows)")
     p.add_argument("--prefetch", action="store_true", help="gather table rows in the background")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_generate, show=_print_generate)
 
     p = sub.add_parser("export-memory", help="write a checkpoint's Engram tables as mmap-able files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
     p.add_argument("--to", required=True, help="output folder (manifest.json + layer-<L>.bin)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"),
+                   help="row encoding (fp8: e4m3 with a power-of-two scale per 32 values)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
 
-    p = sub.add_parser("tables", help="the n-gram tables of released models (qwen4_exp)")
+    p = sub.add_parser("tables", help="the n-gram tables of released models (qwen4_exp, DeepSeek-V4.1)")
     tables = p.add_subparsers(dest="tables", required=True)
     t = tables.add_parser("export", help="stream a checkpoint folder's n-gram tables into an engram-lm export")
-    t.add_argument("--model", required=True, help="a checkpoint folder (config.json and safetensors)")
+    t.add_argument("--model", required=True, help="a qwen4_exp or DeepSeek-V4.1 checkpoint folder (config.json and safetensors)")
     t.add_argument("--to", required=True, help="output folder (manifest.json + layer-<k>.bin)")
-    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"))
+    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"),
+                   help="row encoding for qwen4_exp tables (V4.1's are copied in their own fp8 rows)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(run=cmd_tables_export, show=lambda r: print(f"{len(r['modules'])} table(s) {r['shapes']} as "
                                                                 f"{r['dtype']} in {r['to']}"))  # fmt: skip
@@ -283,8 +308,8 @@ def _add_retrofit_command(sub) -> None:
     p.add_argument("--model", required=True, help="a local Hugging Face model folder (config.json, weights, tokenizer.json)")
     p.add_argument("--data", default="bible", help="what `engram train --data` takes, tokenized with the model's tokenizer")
     p.add_argument("--layers", type=int_list, default=[1], help="decoder layers that get an Engram module (0-based)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", default="runs/retrofit")
+    p.add_argument("--steps", type=int, default=200, help="training steps")
+    p.add_argument("--out", default="runs/retrofit", help="run folder (rerun the same command to resume)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RetrofitConfig field (repeatable)")
     p.add_argument("--train-base", action="store_true", help="fine-tune the base model too (at base_lr)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 100; also every 10 minutes)")
@@ -292,7 +317,7 @@ def _add_retrofit_command(sub) -> None:
     p.add_argument("--lora-targets", help="comma-separated module names for LoRA (default: every linear layer)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although the data or the model's tokenizer changed (recorded in metrics.jsonl)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="compute device")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_retrofit, show=_print_retrofit)
@@ -300,7 +325,8 @@ def _add_retrofit_command(sub) -> None:
 
 def _add_quickstart_command(sub) -> None:
     p = sub.add_parser("quickstart", help="MoE vs iso-parameter MoE+Engram on the built-in corpus (~3-5 min on 2 cores)")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--out", default="runs/quickstart", help="folder for both runs (~75 MB with their checkpoints), "
+                                                            "summary.json and loss_curves.png")
     p.add_argument("--data", help="run the same comparison on your corpus")
     p.add_argument("--steps", type=int, help="override the number of steps (default from the presets)")
     p.add_argument("--quiet", action="store_true")

@@ -68,13 +68,14 @@ def quickstart(out_dir: Path, *, data: str | None = None, steps: int | None = No
     if line:
         print(line, file=sys.stderr, flush=True)
     results = []
-    for name, recipe in RUNS:
+    for k, (name, recipe) in enumerate(RUNS):
         model_cfg, train_cfg = get_recipe(recipe)
         if data is not None:
             train_cfg = train_cfg.with_(data=data)
         if chosen != train_cfg.steps:
             train_cfg = train_cfg.with_(steps=chosen, eval_every=min(train_cfg.eval_every, chosen))
-        results.append(train(model_cfg, train_cfg, out_dir / name, name=name, progress=progress))
+        results.append(train(model_cfg, train_cfg, out_dir / name, name=name, progress=progress,
+                             later_steps=chosen * (len(RUNS) - 1 - k)))  # the ETA covers the runs still to come
     runs = [r.to_dict() for r in results]
     for r in runs:
         r["epochs"] = r["tokens_seen"] / train_tokens
@@ -119,13 +120,18 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in summary["runs"]:
         lines.append(f"{r['name']:<12}{r['params_total']:>11,}{r['params_active']:>11,}{r['params_engram']:>11,}"
-                     f"{r['val_loss']:>10.4f}{r['tokens_seen']:>11,}{r['tokens_per_s']:>9,.0f}")  # fmt: skip
+                     f"{r['val_loss']:>10.4f}{r['tokens_seen']:>11,}{_speed(r):>9}")  # fmt: skip
     lines.append(f"Engram gain: {summary['engram_gain_nats']:+.4f} nats (P_tot gap {summary['params_total_gap']:+.2%}, "
                  f"P_act gap {summary['params_active_gap']:+.2%}, rho {summary['rho']})")  # fmt: skip
     epochs = summary["runs"][0].get("epochs")
     if epochs is not None:
         lines.append(regime_summary(summary["data"], epochs, summary.get("steps"), summary.get("steps_chosen_by")))
     return "\n".join(lines)
+
+
+def _speed(run: dict[str, Any]) -> str:
+    """tok/s, or "-" for a run that had nothing left to train (a rerun of a finished quickstart)."""
+    return f"{run['tokens_per_s']:,.0f}" if run.get("train_seconds", 1) > 0 else "-"
 
 
 def regime_summary(data: str, epochs: float, steps: int | None, chosen_by: str | None) -> str:

@@ -108,6 +108,11 @@ def load_results(root: Path) -> dict[str, list[dict[str, Any]]]:
     return sections
 
 
+def trained_runs(sections: dict[str, list[dict[str, Any]]]) -> int:
+    """The finished runs the page counts: a run reused from its twin in another section is not a new one."""
+    return sum(1 for results in sections.values() for r in results if "reused_from" not in r)
+
+
 def train_loss_end(metrics: Path, fraction: float = 0.1) -> float | None:
     """Mean of the logged training losses over the last `fraction` of the logged steps
     (one logged batch is noisy; a tenth of a run smooths it). None without any."""
@@ -233,7 +238,7 @@ def build_report(root: Path, out: Path) -> str:
     figures.mkdir(parents=True, exist_ok=True)
     verdicts, body = render_sections(sections, root, figures)
     verdicts += across_sections(verdicts, sections)
-    done = sum(1 for v in sections.values() for r in v if "reused_from" not in r)  # a reused twin is not a new run
+    done = trained_runs(sections)
     summary = summary_lines(sections, tally(verdicts)) if verdicts else []
     if summary and plot_summary(sections, figures / "summary.png"):
         summary[2:2] = ["![Engram minus the MoE as the data's epochs grow](figures/summary.png)", ""]

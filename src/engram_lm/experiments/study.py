@@ -125,7 +125,12 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
         done = sum(load_result(out, s) is not None for s in specs)
         print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
     results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run, analyse=analyse_run)
-    if not dry_run:  # a plan prints; it never rewrites what is committed
+    if dry_run:  # a plan prints; it never rewrites what is committed
+        from engram_lm.experiments.report import load_results, trained_runs
+
+        print(f"{trained_runs(load_results(out))} runs trained under {out} in all (the count docs/results.md gives; a "
+              "run reused in a second section counts once); the plan above counts only the sections it plans")  # fmt: skip
+    else:
         write_study_outputs(out)
     if report is not None:
         from engram_lm.experiments.report import build_report

@@ -62,16 +62,34 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
         table = tier_table(tables_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
                            prefetch=prefetch, verify=verify, budget=budgets[k])  # fmt: skip
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
-        module._keys_to_ignore_on_load_unexpected = TABLE_KEYS  # transformers collects these from every module
         built.append(module)
 
-    with _building_with(modeling.Qwen4ExpTextNGramEmbedding, build):
+    # the skipped table tensors are expected: said to transformers on the family's base class (it gathers the
+    # patterns from PreTrainedModel classes only), so its load report does not call them UNEXPECTED
+    with _building_with(modeling.Qwen4ExpTextNGramEmbedding, build), \
+            _class_attribute(modeling.Qwen4ExpPreTrainedModel, "_keys_to_ignore_on_load_unexpected",
+                             [*(modeling.Qwen4ExpPreTrainedModel._keys_to_ignore_on_load_unexpected or []), *TABLE_KEYS]):
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **from_pretrained)
     if not built:
         raise ValueError(f"{model_dir} built no n-gram module: not a qwen4_exp checkpoint with tables")
     if prefetch:
         install_prefetch(model, [qwen4_served(model, module) for module in built])
     return model
+
+
+@contextlib.contextmanager
+def _class_attribute(cls: type, name: str, value: Any):
+    """`cls.<name> = value` inside the block only (the class's own attribute restored, or removed, after)."""
+    missing = object()
+    before = cls.__dict__.get(name, missing)
+    setattr(cls, name, value)
+    try:
+        yield
+    finally:
+        if before is missing:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, before)
 
 
 @contextlib.contextmanager

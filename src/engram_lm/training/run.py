@@ -104,10 +104,11 @@ def _parse_lines(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """One status line (loss, tokens/s, ETA), redrawn in place on a terminal."""
+    """One status line (loss, tokens/s, ETA), redrawn in place on a terminal. With
+    `later_steps` (runs that follow in the same job) the ETA is the job's, and says so."""
 
-    def __init__(self, name: str, total: int, enabled: bool = True, every: int = 10) -> None:
-        self.name, self.total, self.enabled, self.every = name, total, enabled, every
+    def __init__(self, name: str, total: int, enabled: bool = True, every: int = 10, later_steps: int = 0) -> None:
+        self.name, self.total, self.enabled, self.every, self.later_steps = name, total, enabled, every, later_steps
         self.tty = sys.stderr.isatty()
         self._last_draw = 0.0
 
@@ -124,7 +125,7 @@ class Progress:
         done = int(width * step / self.total)
         bar = "#" * done + "." * (width - done)
         line = (f"{self.name} [{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-                f"ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}{extra}")  # fmt: skip
+                f"ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}{' (whole job)' if self.later_steps else ''}{extra}")  # fmt: skip
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
