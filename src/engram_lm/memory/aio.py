@@ -27,6 +27,8 @@ import threading
 
 import numpy as np
 
+from engram_lm.memory.forksafe import ProcessLocal, ProcessLock
+
 BLOCK = 4096
 DEFAULT_QUEUE_DEPTH = 128
 MAX_THREADS = 32
@@ -46,8 +48,9 @@ assert IOCB.itemsize == 64 and IO_EVENT.itemsize == 32
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """Anonymous page-aligned memory, as O_DIRECT requires."""
-    return mmap.mmap(-1, max(BLOCK, -(-nbytes // BLOCK) * BLOCK))
+    """Anonymous page-aligned memory, as O_DIRECT requires; private, so a forked child reads into
+    its own copy (Python maps anonymous memory shared unless told)."""
+    return mmap.mmap(-1, max(BLOCK, -(-nbytes // BLOCK) * BLOCK), flags=mmap.MAP_PRIVATE)
 
 
 def buffer_address(buf: mmap.mmap) -> int:
@@ -101,15 +104,27 @@ class BlockReader:
         if engine not in ("auto", "aio", "threads"):
             raise ValueError(f"engine must be 'auto', 'aio' or 'threads', got {engine!r}")
         self.fd, self.path, self.file_bytes, self.queue_depth = fd, path, file_bytes, queue_depth
-        self._aio = None
-        if engine in ("auto", "aio"):
+        self.engine = engine
+        # a kernel AIO context serves the process that made it: a forked child makes its own on first use
+        self._contexts = ProcessLocal(self._new_context)
+        self._lock = ProcessLock()  # one batch at a time per reader (the AIO context is shared)
+
+    def _new_context(self) -> "_Aio | None":
+        """This process's AIO context (None: the thread pool), deciding the engine the first time."""
+        if self.engine in ("auto", "aio"):
             try:
-                self._aio = _Aio(queue_depth)
+                context = _Aio(self.queue_depth)
+                self.engine = "aio"
+                return context
             except OSError:
-                if engine == "aio":
+                if self.engine == "aio":
                     raise
-        self.engine = "aio" if self._aio is not None else "threads"
-        self._lock = threading.Lock()  # one batch at a time per reader (the AIO context is shared)
+        self.engine = "threads"
+        return None
+
+    @property
+    def _aio(self) -> "_Aio | None":
+        return self._contexts.get()
 
     def read(self, offsets: np.ndarray, lengths: np.ndarray, into: mmap.mmap, starts: np.ndarray) -> None:
         """Read extent i (file bytes offsets[i] : offsets[i] + lengths[i]) to into[starts[i]:]."""
@@ -117,8 +132,9 @@ class BlockReader:
         if len(offsets) == 0:
             return
         with self._lock:
-            if self._aio is not None:
-                self._read_aio(offsets, lengths, into, starts)
+            aio = self._aio
+            if aio is not None:
+                self._read_aio(aio, offsets, lengths, into, starts)
             else:
                 self._read_threads(offsets, lengths, into, starts)
 
@@ -128,7 +144,7 @@ class BlockReader:
     def _short(self, got: int, want: int, offset: int) -> OSError:
         return OSError(f"short read from {self.path}: {got} of {want} bytes at offset {offset}")
 
-    def _read_aio(self, offsets, lengths, into, starts) -> None:
+    def _read_aio(self, aio: _Aio, offsets, lengths, into, starts) -> None:
         n = len(offsets)
         iocbs = np.zeros(n, dtype=IOCB)
         iocbs["data"] = np.arange(n)
@@ -141,25 +157,25 @@ class BlockReader:
         want = self._want(offsets, lengths)
         submitted = done = 0
         while done < n:
-            room = min(self._aio.queue_depth - (submitted - done), n - submitted)
+            room = min(aio.queue_depth - (submitted - done), n - submitted)
             if room > 0:
-                submitted += self._aio.submit(pointers[submitted : submitted + room])
-            events = self._aio.reap(1)
+                submitted += aio.submit(pointers[submitted : submitted + room])
+            events = aio.reap(1)
             idx = events["data"].astype(np.int64)
             bad = events["res"] < want[idx]
             if bad.any():
                 k = int(np.nonzero(bad)[0][0])
                 res, i = int(events["res"][k]), int(idx[k])
-                self._drain(submitted - done - len(events))  # the buffer outlives no request
+                self._drain(aio, submitted - done - len(events))  # the buffer outlives no request
                 if res < 0:
                     raise OSError(-res, f"reading {self.path} at offset {int(offsets[i])}: {os.strerror(-res)}")
                 raise self._short(res, int(want[i]), int(offsets[i]))
             done += len(events)
 
-    def _drain(self, outstanding: int) -> None:
+    def _drain(self, aio: _Aio, outstanding: int) -> None:
         """Wait for requests still in flight before their buffer can be released."""
         while outstanding > 0:
-            outstanding -= len(self._aio.reap(1))
+            outstanding -= len(aio.reap(1))
 
     def _read_threads(self, offsets, lengths, into, starts) -> None:
         view = memoryview(into)
@@ -188,6 +204,7 @@ class BlockReader:
             raise errors[0]
 
     def close(self) -> None:
-        if self._aio is not None:
-            self._aio.close()
-            self._aio = None
+        context = None if self._contexts.forked else self._contexts.get()  # a child never destroys its parent's
+        if context is not None:
+            context.close()
+        self._contexts = ProcessLocal(lambda: None)

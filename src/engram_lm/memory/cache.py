@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from engram_lm.memory.forksafe import ProcessLock
 from engram_lm.memory.host import upload
 from engram_lm.memory.table import MemoryTable
 
@@ -40,6 +41,7 @@ class CachedTable(MemoryTable):
         self.row_in = torch.full((self.capacity,), -1, dtype=torch.int64)  # slot -> row
         self.freq = torch.zeros(self.num_rows, dtype=torch.uint8)
         self.hits = self.misses = self.lookups = 0
+        self._lock = ProcessLock()  # the slots, counters and values change on every call: one call at a time
 
     @property
     def hit_rate(self) -> float:
@@ -54,6 +56,10 @@ class CachedTable(MemoryTable):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         self.check_rows(rows)
+        with self._lock:
+            return self._lookup(rows)
+
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1).cpu()
         unique, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
         slots = self.slot_of[unique].long()

@@ -57,6 +57,8 @@ def decode_rows(raw_RB: np.ndarray | torch.Tensor, dtype: str, dim: int) -> torc
     """(R, row_bytes) uint8 -> (R, D) float32."""
     raw = raw_RB.contiguous() if isinstance(raw_RB, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(raw_RB))
     R = raw.shape[0]
+    if R == 0:  # an empty call (a strided empty view cannot be reinterpreted)
+        return torch.empty(0, dim)
     if dtype == "fp32":
         return raw.view(torch.float32).view(R, dim)
     if dtype == "bf16":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engram_lm.memory.forksafe import ProcessLocal, ProcessLock
 from engram_lm.memory.handoff import HandOffPolicy
 from engram_lm.memory.table import MemoryTable
 
@@ -54,20 +55,37 @@ class PrefetchingTable(MemoryTable):
         self.handoff = HandOffPolicy()
         self.num_rows, self.dim = inner.num_rows, inner.dim
         self.device = torch.device(device)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch",
-                                            initializer=single_threaded_worker)  # fmt: skip
+        # the worker thread of this process: a forked child has none of its parent's threads, so it starts its own
+        self._executors = ProcessLocal(lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch",
+                                                                  initializer=single_threaded_worker))  # fmt: skip
+        self._lock = ProcessLock()  # callers on several threads take turns with the one pending fetch
         self._pending: _Pending | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.prefetched = self.synchronous = 0
 
     def prefetch(self, rows: torch.Tensor) -> None:
         self.check_rows(rows)
-        self._drain()  # at most one fetch in flight per table
-        mode = {"always": "async", "never": "sync"}.get(self.policy) or self.handoff.choose(rows.numel())
-        future = self._executor.submit(self._fetch, rows) if mode == "async" else None
-        self._pending = _Pending(rows, future, time.perf_counter())
+        with self._lock:
+            executor = self._executor()
+            self._drain()  # at most one fetch in flight per table
+            mode = {"always": "async", "never": "sync"}.get(self.policy) or self.handoff.choose(rows.numel())
+            future = executor.submit(self._fetch, rows) if mode == "async" else None
+            self._pending = _Pending(rows, future, time.perf_counter())
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """This process's worker; in a forked child, a new one, and the parent's pending fetch
+        (on a thread the child does not have) forgotten."""
+        if self._executors.forked:
+            self._pending = None
+        return self._executors.get()
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._take(rows)
+
+    def _take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows: the pending fetch's when it is for these very rows, else read now."""
+        self._executor()
         pending, self._pending = self._pending, None
         if pending is None or pending.rows is not rows:
             self.check_rows(rows)  # prefetched rows were checked by prefetch
@@ -117,5 +135,6 @@ class PrefetchingTable(MemoryTable):
                 "prefetch_policy": self.policy, "prefetched": self.prefetched, "synchronous": self.synchronous}
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if not self._executors.forked:
+            self._executors.get().shutdown(wait=True, cancel_futures=True)
         self.inner.close()

@@ -11,7 +11,9 @@ batch of native AIO requests with `queue_depth` in flight (memory/aio.py; a pool
   (fp32/bf16 rows), at most two otherwise (fp8 rows with their scale bytes);
 - every block lands in one reused page-aligned buffer and rows are cut out of it with one
   vectorised gather: no Python work per row or per block;
-- the same file format as the mmap tier (memory/export.py), decoded after the read.
+- the same file format as the mmap tier (memory/export.py), decoded after the read;
+- safe from several threads (the buffer is one call's at a time) and in a forked child (its own
+  buffer copy and AIO context: memory/forksafe.py).
 Timings belong to `engram bench offload` on a quiet machine.
 
 Shape legend: U distinct rows of a call, K distinct block runs.
@@ -28,6 +30,7 @@ import torch
 
 from engram_lm.memory.aio import BLOCK, DEFAULT_QUEUE_DEPTH, BlockReader, aligned_buffer
 from engram_lm.memory.codec import decode_rows, row_bytes
+from engram_lm.memory.forksafe import ProcessLock
 from engram_lm.memory.host import upload
 from engram_lm.memory.table import MemoryTable
 
@@ -70,7 +73,8 @@ class SsdTable(MemoryTable):
         self.fd, self.direct = _open(self.path)
         self.queue_depth = queue_depth
         self.reader = BlockReader(self.fd, str(self.path), self.file_bytes, queue_depth=queue_depth, engine=engine)
-        self._buffer = aligned_buffer(BLOCK)
+        self._buffer = aligned_buffer(BLOCK)  # private: a forked child reads into its own copy
+        self._buffer_lock = ProcessLock()  # one call at a time owns the reused buffer (threads: a prefetcher, servers)
         self.blocks_read = self.rows_read = 0
 
     def blocks_of(self, unique_U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,12 @@ class SsdTable(MemoryTable):
     def read_raw(self, unique_U: np.ndarray) -> np.ndarray:
         """The encoded bytes (U, row_bytes) of sorted, distinct, in-range rows, read from the disk."""
         u = np.asarray(unique_U, dtype=np.int64)
+        if len(u) == 0:
+            return np.empty((0, self.row_bytes), dtype=np.uint8)
+        with self._buffer_lock:
+            return self._read_locked(u)
+
+    def _read_locked(self, u: np.ndarray) -> np.ndarray:
         first, span = self.blocks_of(u)
         starts = (np.cumsum(span) - span) * BLOCK  # where each block run lands in the buffer
         total = int(span.sum()) * BLOCK

@@ -22,13 +22,17 @@ the table opens: a first touch is a page fault, and faults next to the disk read
 first calls of a fresh table up to 7x slower than the ssd tier's (measured on a 4 GiB table
 in this VM), so the index is paid for once, up front.
 
+Threads take turns on the store (one lock, held for a call). A child forked from a process that
+holds the table gets a private copy of the store and the index (copy-on-write: no memory until
+one of them writes), consistent with its own counters, and its own disk reader (memory/ssd.py);
+the two then fill their stores apart.
+
 Shape legend: U distinct rows of a call, M of them missed.
 """
 
 from __future__ import annotations
 
 import mmap
-import threading
 import warnings
 from pathlib import Path
 
@@ -37,6 +41,7 @@ import torch
 
 from engram_lm.memory.aio import DEFAULT_QUEUE_DEPTH
 from engram_lm.memory.codec import decode_rows, row_bytes
+from engram_lm.memory.forksafe import ProcessLock
 from engram_lm.memory.host import upload
 from engram_lm.memory.ssd import SsdTable
 from engram_lm.memory.table import MemoryTable
@@ -53,7 +58,7 @@ def anonymous_array(shape: tuple[int, ...], dtype, *, touch: bool) -> np.ndarray
     compacts memory synchronously (measured: a 52.8 GB table's cold prefill calls at p99 3x the
     ssd tier's), so memory filled call by call stays on 4 KiB pages."""
     nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    buf = mmap.mmap(-1, nbytes)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # a forked child gets its own copy, as of its other state
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is not None and touch:
         try:
@@ -154,7 +159,7 @@ class TieredTable(MemoryTable):
         self._age_at, self._age_chunk = [0], -(-num_rows // age_every)
         self._used = [0]  # slots filled (in order) so far
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()  # a prefetch worker and the caller never interleave on the store
+        self._lock = ProcessLock()  # a prefetch worker and the caller never interleave on the store
 
     @property
     def hits(self) -> int:
