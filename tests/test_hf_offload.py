@@ -81,7 +81,7 @@ def test_bad_requests_name_the_fix(tmp_path):
 
 
 def test_tables_exported_from_a_sharded_checkpoint_are_the_models_and_are_served_as_they_are(tmp_path):
-    from engram_lm.hf.offload import export_checkpoint_tables
+    from engram_lm.hf.checkpoint_tables import export_checkpoint_tables
 
     model = tiny_qwen4()
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="50KB")  # many files; the table stored as 512 parts
@@ -103,7 +103,7 @@ def test_tables_exported_from_a_sharded_checkpoint_are_the_models_and_are_served
 
 
 def test_exporting_from_a_folder_without_tables_or_with_a_truncated_shard_names_the_problem(tmp_path):
-    from engram_lm.hf.offload import export_checkpoint_tables
+    from engram_lm.hf.checkpoint_tables import export_checkpoint_tables
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     gpt2.save_pretrained(tmp_path / "gpt2")
@@ -222,7 +222,7 @@ def test_gemma_per_layer_embeddings_are_served_by_a_tier_with_the_same_logits(tm
         assert emb.stats()["prefetch_hits"] == emb.stats()["calls"] > 1  # every forward's rows were requested ahead
 
 
-def test_loading_offloaded_reports_no_skipped_table_as_unexpected(tmp_path, capfd):
+def test_loading_offloaded_reports_no_skipped_table_as_unexpected(tmp_path, capfd, caplog):
     """transformers' load report flagged the table tensors the tier serves as UNEXPECTED ("not ok if you
     expect identical arch") although the model is exact; the family's class attribute is restored after."""
     from engram_lm.hf.load import from_pretrained_offloaded
@@ -233,8 +233,111 @@ def test_loading_offloaded_reports_no_skipped_table_as_unexpected(tmp_path, capf
     official = modeling.Qwen4ExpPreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected", "absent")
     capfd.readouterr()
     loaded = from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", tier="mmap").eval()
-    out, err = capfd.readouterr()
-    assert "UNEXPECTED" not in out + err and "LOAD REPORT" not in out + err
+    said = "".join(capfd.readouterr()) + caplog.text  # transformers reports through its logger
+    assert "UNEXPECTED" not in said and "LOAD REPORT" not in said
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
     assert modeling.Qwen4ExpPreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected", "absent") == official
+
+
+def _fine_tuned(model):
+    """The model with one table row changed, as a sparse fine-tune leaves it."""
+    with torch.no_grad():
+        model.model.layers[0].ple.ple_embedding.ngram_embedding.weight[5] += 0.5
+    return model
+
+
+def test_an_export_serves_only_the_tables_it_was_made_from(tmp_path):
+    """A second model of the same configuration, or this model after its table was fine-tuned, pointed
+    at the export: refused in one line naming both sources and the fix (it served the first table:
+    logits off by 0.2)."""
+    offload_tables(tiny_qwen4(), tier="mmap", dir=tmp_path / "tables")
+    manifest = (tmp_path / "tables" / "manifest.json").read_text()
+    for other in (tiny_qwen4(seed=1), _fine_tuned(tiny_qwen4())):
+        with pytest.raises(ValueError, match=r"were exported from .* sha256 [0-9a-f]{12}.*this model's .* sha256 "
+                                             r"[0-9a-f]{12}.*remove .*tables.* or pass another dir"):
+            offload_tables(other, tier="mmap", dir=tmp_path / "tables")
+    assert (tmp_path / "tables" / "manifest.json").read_text() == manifest  # nothing rebuilt behind the user's back
+    model = tiny_qwen4()  # the same weights, loaded again: served from the export as it is
+    ids, want, _ = reference(tiny_qwen4(), new_tokens=1)
+    offload_tables(model, tier="mmap", dir=tmp_path / "tables")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_an_export_without_a_recorded_source_is_refused_not_trusted(tmp_path):
+    import json
+
+    offload_tables(tiny_qwen4(), tier="mmap", dir=tmp_path / "tables")
+    path = tmp_path / "tables" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["source"]  # as an export written before sources were recorded
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="records no source"):
+        offload_tables(tiny_qwen4(), tier="mmap", dir=tmp_path / "tables")
+
+
+def test_a_checkpoints_export_serves_only_that_checkpoints_tables(tmp_path):
+    from engram_lm.hf.load import from_pretrained_offloaded
+
+    tiny_qwen4().save_pretrained(tmp_path / "a")
+    tiny_qwen4(seed=1).save_pretrained(tmp_path / "b")  # the same configuration, other weights
+    from_pretrained_offloaded(tmp_path / "a", tables_dir=tmp_path / "tables", tier="mmap")
+    with pytest.raises(ValueError, match=r"were exported from .*a.* sha256 .*b.* sha256.*remove"):
+        from_pretrained_offloaded(tmp_path / "b", tables_dir=tmp_path / "tables", tier="mmap")
+    from_pretrained_offloaded(tmp_path / "a", tables_dir=tmp_path / "tables", tier="mmap")  # unchanged: reused
+    _fine_tuned(tiny_qwen4()).save_pretrained(tmp_path / "a")  # fine-tuned and saved over the exported checkpoint
+    with pytest.raises(ValueError, match=r"were exported from .*a.* sha256 .*now .* sha256.*remove"):
+        from_pretrained_offloaded(tmp_path / "a", tables_dir=tmp_path / "tables", tier="mmap")
+
+
+def test_the_model_cast_after_offloading_gets_its_rows_in_its_new_dtype(tmp_path):
+    model = tiny_qwen4()
+    ids, _, _ = reference(model, new_tokens=1)
+    offload_tables(model, tier="ram")
+    model.to(torch.bfloat16)  # failed in a matmul: the tier's rows stayed fp32
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_offloading_twice_or_from_a_foreign_folder_is_one_line_naming_the_fix(tmp_path):
+    import json
+
+    model = tiny_qwen4()
+    offload_tables(model, tier="ram")
+    with pytest.raises(ValueError, match="already served from a tier .* load the model again"):
+        offload_tables(model, tier="mmap", dir=tmp_path / "t")  # was: IndexError: tuple index out of range
+    foreign = tmp_path / "engram-export"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"format": "engram-lm-memory/1", "fingerprint": "abc", "dtype": "bf16",
+                                                       "head_dim": 8, "layers": {}}))  # what export-memory writes
+    with pytest.raises(ValueError, match="engram export-memory. export .* give another dir"):
+        offload_tables(tiny_qwen4(), tier="mmap", dir=foreign)  # was: KeyError: 'shapes'
+
+
+def test_from_pretrained_offloaded_refuses_another_familys_export_and_takes_dtype_as_transformers_does(tmp_path):
+    from engram_lm.hf.load import from_pretrained_offloaded
+
+    tiny_qwen4().save_pretrained(tmp_path / "ckpt")
+    offload_tables(tiny_gemma3n(), tier="mmap", dir=tmp_path / "gemma-tables")
+    with pytest.raises(ValueError, match="not a qwen4_exp PLE table: give another tables_dir"):
+        from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "gemma-tables")  # was: 'NoneType' ... 'group'
+    with pytest.raises(ValueError, match="table_dtype='bf16'"):
+        from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", dtype="bf16")
+    model = from_pretrained_offloaded(tmp_path / "ckpt", tables_dir=tmp_path / "tables", tier="mmap", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # was fp32: dtype= taken as the rows' encoding
+    assert model.model.layers[0].ple.ple_embedding.ngram_embedding.dtype == torch.bfloat16
+
+
+def test_a_damaged_tables_export_names_the_command_that_rewrites_it(tmp_path):
+    from engram_lm.hf.checkpoint_tables import export_checkpoint_tables
+    from engram_lm.memory.export import verify_memory
+
+    tiny_qwen4().save_pretrained(tmp_path / "ckpt")
+    export_checkpoint_tables(tmp_path / "ckpt", tmp_path / "tables")
+    data = bytearray((tmp_path / "tables" / "layer-0.bin").read_bytes())
+    data[40] ^= 1
+    (tmp_path / "tables" / "layer-0.bin").write_bytes(bytes(data))
+    report = verify_memory(tmp_path / "tables")
+    assert "engram tables export --model" in report["layers"]["0"] and "export-memory" not in report["layers"]["0"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engram_lm.hf.offload import export_checkpoint_tables
+from engram_lm.hf.checkpoint_tables import export_checkpoint_tables
 from engram_lm.memory.host import MmapTable
 from engram_lm.memory.ssd import SsdTable
 
@@ -67,3 +67,25 @@ def test_v41_checkpoints_that_disagree_with_their_config_or_are_damaged_are_refu
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or damaged: download it again"):
         export_checkpoint_tables(tmp_path / "c", tmp_path / "out-c")
+
+
+@pytest.mark.parametrize("key, value", [("engram_num_embeddings", 1000), ("engram_layer_ids", 1),
+                                        ("engram_head_dim", [256]), ("engram_layer_ids", [1, 14, 20])])
+def test_a_v41_config_value_of_the_wrong_shape_is_named_not_a_traceback(tmp_path, key, value, capsys):
+    from engram_lm.cli import main
+
+    _checkpoint(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, key: value}))
+    assert main(["tables", "export", "--model", str(tmp_path / "ckpt"), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_v41_export_records_its_source(tmp_path):
+    _checkpoint(tmp_path / "ckpt")
+    manifest = export_checkpoint_tables(tmp_path / "ckpt", tmp_path / "tables")
+    source = manifest["source"]
+    assert source["from"] == str((tmp_path / "ckpt").resolve()) and len(source["tables_sha256"]) == 2
+    assert source["tables_sha256"] == [manifest["layers"][k]["sha256"] for k in ("0", "1")]  # rows copied as stored
+    assert sorted(source["files"]) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

@@ -143,7 +143,7 @@ def _print_generate(r: dict[str, Any]) -> None:
 
 
 def cmd_tables_export(args: argparse.Namespace) -> dict[str, Any]:
-    from engram_lm.hf.offload import export_checkpoint_tables
+    from engram_lm.hf.checkpoint_tables import export_checkpoint_tables
 
     manifest = export_checkpoint_tables(Path(args.model), Path(args.to), args.dtype)
     return {"to": args.to, "modules": manifest["modules"], "shapes": manifest["shapes"], "dtype": manifest["dtype"]}
@@ -173,7 +173,8 @@ def cmd_retrofit(args: argparse.Namespace) -> dict[str, Any]:
         changes["save_every"] = args.save_every
     if args.lora_r:
         changes["lora_r"] = args.lora_r
-        changes["lora_targets"] = tuple(t for t in (args.lora_targets or "").split(",") if t)
+    if args.lora_targets is not None:  # honoured whichever flag set the rank (--lora-r or --set lora_r=...)
+        changes["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return retrofit(args.model, RetrofitConfig(**changes), Path(args.out), device=args.device, progress=not args.quiet,
                     allow_data_change=args.allow_data_change)  # fmt: skip
 

@@ -8,7 +8,10 @@ around its table's tier: the placeholder `nn.Embedding` it creates lives on the 
 (transformers builds models there), is replaced before any weight is read, and the
 checkpoint's table tensors are skipped as unexpected keys. So a machine loads the model with
 RAM for everything but the tables. Each table's layout fingerprint is checked against the
-export's: an export made for another model is refused before loading.
+export's, and the export's recorded source against the checkpoint's tables (hf/provenance.py: not
+read again while the recorded files are unchanged): an export made for another model, or from
+tables changed since, is refused before loading. `dtype=` (or `torch_dtype=`) is transformers',
+the model's; `table_dtype=` is the export's row encoding when it has to be written.
 """
 
 from __future__ import annotations
@@ -20,33 +23,40 @@ from typing import Any
 from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config
-from engram_lm.hf.offload import (
-    TierEmbedding, export_checkpoint_tables, install_prefetch, layer_of, qwen4_served, tier_budgets, tier_table,
-)  # fmt: skip
+from engram_lm.hf.checkpoint_tables import checkpoint_tables_sha256, export_checkpoint_tables, layer_of
+from engram_lm.hf.offload import TierEmbedding, install_prefetch, qwen4_served, tier_budgets, tier_table
+from engram_lm.hf.provenance import check_source, same_checkpoint_files
+from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import read_manifest
 
 TABLE_KEYS = [r"ngram_embedding\.(shard_\d+\.)?weight$"]  # the checkpoint's table tensors: read from the tier instead
 
 
-def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "tiered", dtype: str = "fp32",
-                              cache_rows: int = 0, prefetch: bool = False, verify: bool = False,
+def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "tiered",
+                              table_dtype: str = "fp32", cache_rows: int = 0, prefetch: bool = False, verify: bool = False,
                               budget: int | str | None = None, **from_pretrained: Any) -> nn.Module:  # fmt: skip
     """`AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained)` with every n-gram
     table served from `tier` ("tiered": rows held in RAM up to `budget` for all tables, default
     half the available memory, the rest read from the disk at depth; "mmap"; "ssd"; optionally
-    behind the hot-row cache and the prefetch hook); `dtype` is the export's row encoding when
-    it has to be written."""
+    behind the hot-row cache and the prefetch hook); `table_dtype` is the export's row encoding
+    when it has to be written; `dtype=` goes to transformers (the model's weights), as every
+    other keyword does."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen4_exp import modeling_qwen4_exp as modeling
 
     if tier not in ("mmap", "ssd", "tiered"):
         raise ValueError(f"tier {tier!r}: a table loaded without materialising it is served from a file (tiered, mmap or ssd); "
                          "for host RAM load the model as usual and call offload_tables(model, tier='ram')")  # fmt: skip
+    if from_pretrained.get("dtype") in DTYPES:
+        raise ValueError(f"dtype={from_pretrained['dtype']!r} is the model's dtype for transformers (e.g. torch.bfloat16); "
+                         f"the tables' row encoding is table_dtype={from_pretrained['dtype']!r}")  # fmt: skip
+    if table_dtype not in DTYPES:
+        raise ValueError(f"unknown table_dtype {table_dtype!r}; choose one of {DTYPES}")
     model_dir, tables_dir = Path(model_dir), Path(tables_dir)
     if not (tables_dir / "manifest.json").exists():
-        export_checkpoint_tables(model_dir, tables_dir, dtype)
-    manifest = read_manifest(tables_dir, None)
-    by_layer = {layer_of(name): k for k, name in enumerate(manifest.get("modules", []))}
+        export_checkpoint_tables(model_dir, tables_dir, table_dtype)
+    manifest = _checked_export(model_dir, tables_dir)
+    by_layer = {layer_of(name): k for k, name in enumerate(manifest["modules"])}
     budgets = tier_budgets(tier, budget, tables_dir, [tuple(shape) for shape in manifest["shapes"]])
     built: list[nn.Module] = []
 
@@ -75,6 +85,21 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
     if prefetch:
         install_prefetch(model, [qwen4_served(model, module) for module in built])
     return model
+
+
+def _checked_export(model_dir: Path, tables_dir: Path) -> dict[str, Any]:
+    """The export's manifest, once it is known to hold this checkpoint's tables: a qwen4_exp export
+    (not an engram-lm checkpoint's or another family's) made from these very tables."""
+    manifest = read_manifest(tables_dir, None)
+    if not manifest.get("modules") or "layouts" not in manifest:
+        raise ValueError(f"{tables_dir} holds an `engram export-memory` export (an engram-lm checkpoint's tables), not a "
+                         f"qwen4_exp checkpoint's: give another tables_dir")  # fmt: skip
+    if not all(".ngram_embedding" not in m and ".ple" in m for m in manifest["modules"]):
+        raise ValueError(f"{tables_dir} holds {manifest['modules'][0]!r}'s table, not a qwen4_exp PLE table: give "
+                         "another tables_dir")  # fmt: skip
+    check_source(tables_dir, manifest, str(model_dir.resolve()), lambda: checkpoint_tables_sha256(model_dir),
+                 param="tables_dir", same_files=same_checkpoint_files(manifest, model_dir))  # fmt: skip
+    return manifest
 
 
 @contextlib.contextmanager

@@ -10,11 +10,10 @@ optionally behind the hot-row cache (`cache_rows`). The official forward is unch
 table module is replaced by `TierEmbedding`, which reads the rows the official code asks for
 from the tier (on the host) and hands them back; fp32 and bf16 exports give the in-memory
 model's logits exactly (fp32 always; bf16 when the weights are bf16), fp8 within its codec's
-bound. An export for another layout (fingerprint) or with damaged files is refused.
-`export_checkpoint_tables(model_dir, out_dir)` writes the same export straight from a
-checkpoint folder's safetensors (one file or shards with index.json; a table whole or split
-into `ngram_embedding.shard_<i>` parts, concatenated in order as transformers does), one part
-at a time: the table is never in memory as a whole. `offload_tables` then reuses it.
+bound. An export for another layout (fingerprint), made from other tables (its recorded source:
+hf/provenance.py) or with damaged files is refused. `export_checkpoint_tables(model_dir, out_dir)`
+(hf/checkpoint_tables.py) writes the same export straight from a checkpoint folder's
+safetensors, one stored part at a time; `offload_tables` then reuses it.
 `prefetch=True` requests each forward's rows as soon as its input ids are known (a pre-hook
 on the model), not when the PLE layer runs; `TierEmbedding.stats()` says how long the layer
 still waited. hf/load.py loads a checkpoint with its tables served this way, never in memory.
@@ -25,8 +24,7 @@ Not yet: DeepSeek-V4.1 (not in transformers).
 
 from __future__ import annotations
 
-import json
-import re
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from engram_lm.hashing.qwen4 import qwen4_layout_from_config, qwen4_row_ids
+from engram_lm.hf.provenance import check_source, hashed, memory_source, model_identity, values_sha256
 from engram_lm.memory.cache import CachedTable
 from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
@@ -57,8 +56,10 @@ class TierEmbedding(nn.Module):
     def __init__(self, table: MemoryTable, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
                  scale: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.table, self.num_embeddings, self.embedding_dim, self.dtype = table, num_embeddings, embedding_dim, dtype
-        self.register_buffer("weight", torch.empty(0), persistent=False)  # the host: where ids must go
+        self.table, self.num_embeddings, self.embedding_dim = table, num_embeddings, embedding_dim
+        # empty, on the host (where ids must go), in the model's dtype: model.to(torch.bfloat16) converts it, and
+        # the rows come back in whatever dtype the model has now
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
         # a scaled embedding (Gemma's): rows times the scale, cast to the table's dtype, as the official forward does
         self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
         self._expected: torch.Tensor | None = None
@@ -76,12 +77,16 @@ class TierEmbedding(nn.Module):
             same = rows.shape == expected.shape and torch.equal(rows.cpu(), expected)
             rows = expected if same else rows  # the very tensor prefetched: the tier hands over its fetch
             self.hits, self.misses = self.hits + same, self.misses + (not same)
-        out = self.table(rows).to(self.dtype)  # the dtype the official table had
+        out = self.table(rows).to(self.dtype)  # the dtype the official table has now
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(self.dtype)
         self.calls += 1
         self.waited_s += time.perf_counter() - t0
         return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "prefetch_hits": self.hits, "prefetch_misses": self.misses,
@@ -164,6 +169,10 @@ def served_tables(model: nn.Module) -> dict[str, ServedTable]:
     """Module name -> the table, for every table this module knows how to serve: qwen4_exp's
     PLE n-gram tables and Gemma 3n / Gemma 4's per-layer embeddings; refuses a model that has none."""
     found = {}
+    served = [name for name, module in model.named_modules() if isinstance(module, TierEmbedding)]
+    if served:
+        raise ValueError(f"this model's tables are already served from a tier ({served[0]}): offload_tables once per "
+                         "loaded model; to serve them another way, load the model again")  # fmt: skip
     for name, module in model.named_modules():
         if type(module).__name__ == "Qwen4ExpTextNGramEmbedding":
             found[name] = qwen4_served(model, module)
@@ -195,7 +204,7 @@ def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | 
     placements = []
     export_dir = Path(dir) if dir is not None else None
     if export_dir is not None:
-        _export_once(tables, export_dir, dtype)
+        _export_once(model, tables, export_dir, dtype)
     budgets = tier_budgets(tier, budget, export_dir, [tuple(t.embedding.weight.shape) for t in tables.values()])
     for k, (name, served) in enumerate(tables.items()):
         emb = served.embedding
@@ -246,150 +255,46 @@ def install_prefetch(model: nn.Module, tables: list[ServedTable]) -> None:
     model.register_forward_pre_hook(_PrefetchHook(tables), with_kwargs=True)
 
 
-def _export_once(tables: dict[str, ServedTable], export_dir: Path, dtype: str) -> None:
-    """Write the tables as an engram-lm export, unless `export_dir` already holds this model's
-    (same layouts and shapes); refuses one made for another model."""
+def _export_once(model: nn.Module, tables: dict[str, ServedTable], export_dir: Path, dtype: str) -> None:
+    """Write the tables as an engram-lm export, with the sha256 of each table's values as its source,
+    unless `export_dir` already holds an export of these very tables; refuses one made for another
+    model, dtype or from other weights (hf/provenance.py), and a folder that is no such export."""
     layouts = [t.fingerprint for t in tables.values()]
     shapes = [list(t.embedding.weight.shape) for t in tables.values()]
     if (export_dir / "manifest.json").exists():
         manifest = read_manifest(export_dir, None)
-        if manifest.get("layouts") != layouts or manifest.get("shapes") != shapes or manifest["dtype"] != dtype:
+        if "layouts" not in manifest or "shapes" not in manifest:
+            raise ValueError(f"{export_dir} holds an `engram export-memory` export (an engram-lm checkpoint's tables), "
+                             "not a transformers model's: give another dir")  # fmt: skip
+        if manifest["layouts"] != layouts or manifest["shapes"] != shapes or manifest["dtype"] != dtype:
             raise ValueError(f"{export_dir} holds tables exported for another model or dtype (layouts "
-                             f"{manifest.get('layouts')}, {manifest['dtype']}; this model: {layouts}, {dtype}): "
+                             f"{manifest['layouts']}, {manifest['dtype']}; this model: {layouts}, {dtype}): "
                              "give another dir, or remove that export")  # fmt: skip
+        check_source(export_dir, manifest, model_identity(model), lambda: [values_sha256(_chunks(t)) for t in tables.values()],
+                     param="dir")  # fmt: skip
         return
     export_dir.mkdir(parents=True, exist_ok=True)
-    layers = {}
+    layers, sources = {}, []
     for k, served in enumerate(tables.values()):
         weight = served.embedding.weight
         if weight.device.type == "meta":
             raise ValueError("the model's tables are on the meta device: load them (or export them from the "
                              "checkpoint) before offloading")  # fmt: skip
-        rows = weight.shape[0]
-        chunks = (weight[a : a + CHUNK_ROWS].detach().float().cpu() for a in range(0, rows, CHUNK_ROWS))
-        layers[str(k)] = write_table(chunks, rows, weight.shape[1], dtype, export_dir / f"layer-{k}.bin")
+        digest = hashlib.sha256()
+        layers[str(k)] = write_table(hashed(_chunks(served), digest), weight.shape[0], weight.shape[1], dtype,
+                                     export_dir / f"layer-{k}.bin")  # fmt: skip
+        sources.append(digest.hexdigest())
     write_manifest(export_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
-                                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers})  # fmt: skip
+                                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers,
+                                "source": memory_source(model, sources)})  # fmt: skip
+
+
+def _chunks(served: ServedTable):
+    """A table in memory as fp32 row chunks (what an export encodes and its source hash covers)."""
+    weight = served.embedding.weight
+    return (weight[a : a + CHUNK_ROWS].detach().float().cpu() for a in range(0, weight.shape[0], CHUNK_ROWS))
 
 
 def _text_config(model: nn.Module):
     config = model.config
     return getattr(config, "text_config", None) or config
-
-
-def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> dict[str, Any]:
-    """The n-gram tables of a qwen4_exp checkpoint folder as an engram-lm export, streamed from
-    its safetensors one stored part at a time (the manifest `offload_tables` reuses); a
-    DeepSeek-V4.1 folder's Engram tables are copied in their own fp8 + ue8m0 rows whatever
-    `dtype` says (hf/v41.py)."""
-    from types import SimpleNamespace
-
-    from safetensors import SafetensorError
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
-    if _model_type(model_dir).startswith("deepseek_v4"):  # V4.1: fp8 rows and ue8m0 scales, copied as they are
-        from engram_lm.hf.v41 import export_v41_tables
-
-        return export_v41_tables(model_dir, out_dir, _tensor_files(model_dir), json.loads((model_dir / "config.json").read_text()))
-    config = _read_config(model_dir)
-    where = _tensor_files(model_dir)
-    parts: dict[str, list[tuple[int, str]]] = {}
-    for key in where:
-        m = re.fullmatch(r"(.+)\.ngram_embedding(?:\.shard_(\d+))?\.weight", key)
-        if m:
-            parts.setdefault(m.group(1), []).append((int(m.group(2) or 0), key))
-    if not parts:
-        raise ValueError(f"{model_dir} holds no n-gram table (no '*.ngram_embedding.weight' or '*.ngram_embedding.shard_N.weight' "
-                         "tensor); point --model at a qwen4_exp checkpoint folder")  # fmt: skip
-    modules = sorted(parts, key=layer_of)
-    ple_ids = sorted(config.get("ple_layer_ids") or [])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layers, layouts, shapes = {}, [], []
-    for k, module in enumerate(modules):
-        layer_idx = layer_of(module)
-        if layer_idx + 1 not in ple_ids:
-            raise ValueError(f"{model_dir}: {module} is no PLE layer of its config.json (ple_layer_ids {ple_ids})")
-        layout = qwen4_layout_from_config(SimpleNamespace(**config), ple_ids.index(layer_idx + 1))
-        keys = [key for _, key in sorted(parts[module])]
-        try:
-            shape = _stacked_shape(model_dir, where, keys)
-            if shape[0] != layout.padded_rows:
-                raise ValueError(f"{model_dir}: {module}'s table has {shape[0]:,} rows, its config's layout "
-                                 f"{layout.padded_rows:,}: the checkpoint and config.json disagree")  # fmt: skip
-            chunks = (part for key in keys for part in _row_chunks(model_dir / where[key], key))
-            layers[str(k)] = write_table(chunks, shape[0], shape[1], dtype, out_dir / f"layer-{k}.bin")
-        except SafetensorError as exc:
-            raise ValueError(f"cannot read the table of {module} in {model_dir}: {exc}; the shard is truncated or "
-                             "damaged: download it again") from None  # fmt: skip
-        layouts.append(layout.fingerprint)
-        shapes.append(list(shape))
-    return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
-                                    "dtype": dtype, "head_dim": shapes[0][1], "modules": modules, "layers": layers,
-                                    "checkpoint": str(model_dir)})  # fmt: skip
-
-
-def layer_of(module_name: str) -> int:
-    """The decoder layer a module name belongs to ('model.layers.3.ple.ple_embedding' -> 3)."""
-    return int(re.search(r"layers\.(\d+)\.", module_name).group(1))
-
-
-def _model_type(model_dir: Path) -> str:
-    try:
-        return str(json.loads((model_dir / "config.json").read_text()).get("model_type", ""))
-    except (OSError, ValueError):
-        return ""  # _read_config says what is wrong
-
-
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{model_dir / 'config.json'} is missing or not JSON ({err}); point --model at a checkpoint folder") from None
-    config = config.get("text_config", config)  # the multimodal config nests the text model's
-    if config.get("model_type") not in ("qwen4_exp", "qwen4_exp_text"):
-        raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model; n-gram tables are exported from "
-                         "qwen4_exp checkpoints")  # fmt: skip
-    return config
-
-
-def _tensor_files(model_dir: Path) -> dict[str, str]:
-    """Tensor name -> the safetensors file holding it (index.json, or the single model.safetensors)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return json.loads(index.read_text())["weight_map"]
-    single = model_dir / "model.safetensors"
-    if not single.exists():
-        raise ValueError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(single), framework="pt") as f:
-            return {key: single.name for key in f.keys()}
-    except SafetensorError as exc:
-        raise ValueError(f"cannot read {single}: {exc}; the file is truncated or damaged: download it again") from None
-
-
-def _stacked_shape(model_dir: Path, where: dict[str, str], keys: list[str]) -> tuple[int, int]:
-    from safetensors import safe_open
-
-    rows, dims = 0, set()
-    for key in keys:
-        with safe_open(str(model_dir / where[key]), framework="pt") as f:
-            shape = f.get_slice(key).get_shape()
-        rows, dims = rows + shape[0], dims | {shape[1]}
-    if len(dims) != 1:
-        raise ValueError(f"{model_dir}: the parts of one table have different widths {sorted(dims)}")
-    return rows, dims.pop()
-
-
-def _row_chunks(path: Path, key: str):
-    """One stored tensor's rows as fp32, CHUNK_ROWS at a time."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        part = f.get_slice(key)
-        rows = part.get_shape()[0]
-        for a in range(0, rows, CHUNK_ROWS):
-            yield part[a : min(rows, a + CHUNK_ROWS)].float()

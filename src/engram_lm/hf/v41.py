@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from engram_lm.hf.provenance import checkpoint_source
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, write_manifest, write_table
 
 V41_TABLE = re.compile(r"(?:.*\.)?layers\.(\d+)\.engram\.embed\.(weight|scale)")
 SCALE_BLOCK = 32
+STORED = "the rows as stored: 256 e4m3 bytes, then 8 ue8m0 bytes"
 
 
 def v41_table_keys(keys) -> dict[int, dict[str, str]]:
@@ -39,8 +41,7 @@ def export_v41_tables(model_dir: Path, out_dir: Path, where: dict[str, str], con
     from safetensors import SafetensorError, safe_open
 
     tables = v41_table_keys(where)
-    expected = dict(zip(config.get("engram_layer_ids") or [], config.get("engram_num_embeddings") or []))
-    width = config.get("engram_head_dim")
+    expected, width = _engram_config(model_dir, config)
     if sorted(tables) != sorted(expected):
         raise ValueError(f"{model_dir}: Engram tables for layers {sorted(tables)}, config.json's engram_layer_ids "
                          f"{sorted(expected)}: the checkpoint and its config disagree")  # fmt: skip
@@ -66,9 +67,28 @@ def export_v41_tables(model_dir: Path, out_dir: Path, where: dict[str, str], con
         shapes.append([rows, dim])
         modules.append(f"layers.{layer}.engram.embed")
     layouts = [f"deepseek-v4.1:layer-{layer}:{rows}x{dim}" for layer, (rows, dim) in zip(sorted(tables), shapes)]
+    files = [where[key] for layer in tables for key in tables[layer].values()]
+    stored = [layers[str(k)]["sha256"] for k in range(len(tables))]  # rows copied as stored: their hash is the file's
     return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
                                     "dtype": "fp8", "head_dim": shapes[0][1], "modules": modules, "layers": layers,
-                                    "source": str(model_dir)})  # fmt: skip
+                                    "checkpoint": str(model_dir),
+                                    "source": checkpoint_source(model_dir, stored, files, hash_of=STORED)})  # fmt: skip
+
+
+def _engram_config(model_dir: Path, config: dict[str, Any]) -> tuple[dict[int, int], int | None]:
+    """config.json's Engram layers -> rows, and the row width, each checked for its shape."""
+    ids, rows, width = (config.get(k) for k in ("engram_layer_ids", "engram_num_embeddings", "engram_head_dim"))
+    for key, value in (("engram_layer_ids", ids), ("engram_num_embeddings", rows)):
+        if not (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+            raise ValueError(f"{model_dir / 'config.json'}: {key} is {value!r}, V4.1's is a list of integers, one per "
+                             "Engram layer; fix config.json (the released one lists [1, 14] and both tables' rows)")  # fmt: skip
+    if len(ids) != len(rows):
+        raise ValueError(f"{model_dir / 'config.json'}: engram_layer_ids {ids} and engram_num_embeddings {rows} differ "
+                         "in length (one row count per Engram layer); fix config.json")  # fmt: skip
+    if width is not None and not isinstance(width, int):
+        raise ValueError(f"{model_dir / 'config.json'}: engram_head_dim is {width!r}, V4.1's is one integer (256); "
+                         "fix config.json")  # fmt: skip
+    return dict(zip(ids, rows)), width
 
 
 def _check_table(model_dir: Path, layer: int, weight, scale, rows: int, width: int | None) -> None:

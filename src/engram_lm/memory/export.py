@@ -167,19 +167,29 @@ def open_exported(
         table = tiered_table(path, rows, dim, manifest["dtype"], budget_bytes=budget_bytes, device=device)  # checks the size
     else:
         table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
-    verify_file(Path(export_dir), entry, force=verify)
+    verify_file(Path(export_dir), entry, force=verify, remedy=rewrite_command(manifest))
     return table
 
 
-def verify_file(export_dir: Path, entry: dict[str, Any], *, force: bool = False) -> bool:
+def rewrite_command(manifest: dict[str, Any]) -> str:
+    """What writes this export again: engram export-memory for an engram-lm checkpoint's, engram tables
+    export for a released checkpoint's, offload_tables for a model's in memory."""
+    if "modules" not in manifest:
+        return f"engram export-memory --checkpoint {manifest.get('checkpoint', 'CHECKPOINT')} --to THIS_FOLDER"
+    if manifest.get("checkpoint"):
+        return f"engram tables export --model {manifest['checkpoint']} --to THIS_FOLDER"
+    return "remove the folder and call offload_tables(model, dir=...) again"
+
+
+def verify_file(export_dir: Path, entry: dict[str, Any], *, force: bool = False, remedy: str | None = None) -> bool:
     """Check one exported file against the manifest; True when it had to be re-hashed.
-    Raises ValueError naming the file when it does not match."""
+    Raises ValueError naming the file and what writes it again (`remedy`) when it does not match."""
     path = export_dir / entry["file"]
     if not force and _stamps(export_dir).get(entry["file"]) == _stamp_key(path, entry["sha256"]):
         return False
     if file_sha256(path) != entry["sha256"]:
         raise ValueError(f"{path} does not match its manifest checksum: the file is damaged; export it again "
-                         "(engram export-memory)")  # fmt: skip
+                         f"({remedy or 'engram export-memory'})")  # fmt: skip
     _stamp(export_dir, entry["file"], entry["sha256"])
     return True
 
@@ -190,7 +200,7 @@ def verify_memory(export_dir: Path) -> dict[str, Any]:
     report = {}
     for layer_id, entry in manifest["layers"].items():
         try:
-            verify_file(Path(export_dir), entry, force=True)
+            verify_file(Path(export_dir), entry, force=True, remedy=rewrite_command(manifest))
             report[layer_id] = "ok"
         except (ValueError, OSError) as err:
             report[layer_id] = str(err)
