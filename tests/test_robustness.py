@@ -296,3 +296,31 @@ def test_a_stopped_study_says_which_worker_was_killed_instead_of_saving():
     killed = stopped_message([130, -9], logs, 7)
     assert "worker 2 (killed by signal 9; log w2.log) did not save: its run resumes from its last checkpoint" in killed
     assert "every worker saved" not in killed
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("loop", "symbolic link"), ("file-as-out", "is a file where a folder is expected"),
+    ("dir-as-file", "is a folder where a file is expected"),
+])  # fmt: skip
+def test_file_system_errors_name_their_cause_not_disk_space(tmp_path, capsys, monkeypatch, case, phrase):
+    """The CLI answered every OSError with 'free space or choose a writable folder'."""
+    monkeypatch.chdir(tmp_path)
+    if case == "loop":  # a folder of texts holding a link that points at itself
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "a.txt").write_text("some text to read " * 20)
+        os.symlink("loop.txt", tmp_path / "docs" / "loop.txt")
+        argv = ["train", "--data", "docs", "--steps", "1", "--out", "run", "--quiet"]
+    elif case == "file-as-out":
+        (tmp_path / "taken").write_text("a file")
+        argv = ["quickstart", "--out", "taken", "--steps", "1", "--quiet"]
+    else:
+        assert main(["train", "--preset", "tiny", "--steps", "2", "--out", "run", "--quiet"]) == 0
+        (tmp_path / "folder.json").mkdir()
+        import engram_lm.memory.export as export
+
+        monkeypatch.setattr(export, "write_manifest", lambda out, m: (out / "folder.json").read_text())  # reads a folder
+        argv = ["export-memory", "--checkpoint", "run", "--to", "."]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and "free space" not in err and len(err.splitlines()) == 1

@@ -14,6 +14,28 @@ from engram_lm.cli.core import add_core_commands
 from engram_lm.cli.model import add_model_commands
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for a file system error: what is wrong with which path, and the fix for that cause."""
+    import errno
+
+    path = getattr(exc, "filename", None) or "a file"
+    fixes = {
+        errno.ENOSPC: "no space left on the device: free space or choose a folder on another disk (--out, "
+                      "$ENGRAM_CACHE_DIR)",
+        errno.EDQUOT: "the disk quota is used up: free space or choose another folder (--out, $ENGRAM_CACHE_DIR)",
+        errno.EACCES: "permission denied: choose a folder you may read and write, or change its permissions",
+        errno.EPERM: "operation not permitted: choose a folder you may read and write",
+        errno.EROFS: "the file system is read-only: choose a writable folder (--out, $ENGRAM_CACHE_DIR)",
+        errno.ELOOP: "a symbolic link that leads back to itself: fix or remove the link",
+        errno.EISDIR: "is a folder where a file is expected: give the file inside it",
+        errno.ENOTDIR: "is a file where a folder is expected: give a folder, or move the file",
+        errno.EEXIST: "is a file where a folder is expected: give a folder, or move the file",
+        errno.ENOENT: "does not exist: check the path",
+    }  # fmt: skip
+    fix = fixes.get(exc.errno, f"{exc.strerror or exc}: check the path and the disk")
+    return f"{path}: {fix}; nothing already saved was changed"
+
+
 COMMON_HELP = {"--json": "print the result as JSON", "--quiet": "no progress line"}
 
 
@@ -57,10 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"engram {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # disk full, read-only folder, permission: name the path and the cause
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"engram {args.command}: error: {exc.strerror or exc}{where}; free space or choose a writable "
-              "folder (--out, $ENGRAM_CACHE_DIR); nothing already saved was changed", file=sys.stderr)  # fmt: skip
+    except OSError as exc:  # disk full, read-only folder, a link loop...: the path, the cause and its own fix
+        print(f"engram {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         if type(exc).__name__ in ("TrainingInterrupted", "StudyStopped"):
