@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 from engram_lm.hf.adapter import save_engram
 from engram_lm.hf.retrofit import add_engram
@@ -56,23 +56,25 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--table-size", type=int, default=50_000)
     ap.add_argument("--lora-r", type=int, default=0)
     ap.add_argument("--save-steps", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="LoRA's and the memory's initial weights, and Trainer's seed")
     ap.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-N")
     args = ap.parse_args(argv)
     tok_file = Path(args.model) / "tokenizer.json"
     data = prepare_data(args.data, str(tok_file))
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
     model.requires_grad_(False)
+    set_seed(args.seed)  # LoRA's initial weights (Trainer seeds itself only later, when it is built)
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
                                                  lora_dropout=0.0))  # fmt: skip
     add_engram(model, str(tok_file), layers=tuple(args.layers), table_size=args.table_size, eod_id=data.eod_id,
-               pad_id=data.eod_id)  # fmt: skip
+               pad_id=data.eod_id, init_seed=args.seed)  # fmt: skip
     training = TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                                  per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0,
                                  save_strategy="steps", save_steps=args.save_steps, logging_steps=10, report_to=[],
-                                 seed=0, use_cpu=not torch.cuda.is_available())  # fmt: skip
+                                 seed=args.seed, use_cpu=not torch.cuda.is_available())  # fmt: skip
     trainer = EngramTrainer(model=model, args=training, train_dataset=Windows(data.train, args.seq_len),
                             eval_dataset=Windows(data.val, args.seq_len))  # fmt: skip
     trainer.train(resume_from_checkpoint=True if args.resume else None)

@@ -231,3 +231,30 @@ def test_a_lora_retrofit_resumes_to_the_unbroken_run(tmp_path, base):
     assert resumed["val_loss"] == unbroken["val_loss"] and _losses(tmp_path / "run") == _losses(tmp_path / "unbroken")
     with pytest.raises(ValueError, match="choose LoRA or --train-base"):
         _cfg(docs, lora_r=4, train_base=True)
+
+
+def _retrofit_config_from_cli(monkeypatch, argv):
+    """The RetrofitConfig `engram retrofit ARGV` would train with (training replaced by capturing it)."""
+    from engram_lm.cli import main
+    from engram_lm.hf import train as hf_train
+
+    seen = {}
+
+    def capture(model, cfg, out, **kw):
+        seen["cfg"] = cfg
+        return {"base_val_loss": 1.0, "val_loss": 1.0, "val_tokens": 1, "trainable_params": 1, "total_params": 1,
+                "adapter": str(out)}  # fmt: skip
+
+    monkeypatch.setattr(hf_train, "retrofit", capture)
+    code = main(["retrofit", "--model", "m", *argv])
+    return code, seen.get("cfg")
+
+
+def test_lora_targets_are_honoured_with_a_rank_from_either_flag_and_refused_without_one(monkeypatch, capsys):
+    code, cfg = _retrofit_config_from_cli(monkeypatch, ["--set", "lora_r=4", "--lora-targets", "q_proj"])
+    assert code == 0 and cfg.lora_r == 4 and cfg.lora_targets == ("q_proj",)  # was: () -> LoRA on every linear layer
+    code, cfg = _retrofit_config_from_cli(monkeypatch, ["--lora-r", "8", "--lora-targets", "q_proj,v_proj"])
+    assert code == 0 and cfg.lora_targets == ("q_proj", "v_proj")
+    code, cfg = _retrofit_config_from_cli(monkeypatch, ["--lora-targets", "q_proj"])
+    assert code == 2 and cfg is None  # was: trained no LoRA, said nothing
+    assert "--lora-targets" in capsys.readouterr().err

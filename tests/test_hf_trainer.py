@@ -108,3 +108,60 @@ def test_the_trainer_example_trains_lora_and_memory_and_its_adapter_loads_back_t
     loaded = load_adapter(fresh, out / "adapter").eval()
     assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)  # LoRA and the memory back, exactly
     assert not torch.allclose(loaded(ids).logits, plain)  # and they change the output
+
+
+def test_a_resumed_lora_trainer_run_ends_where_the_unbroken_one_does_memory_included(tmp_path):
+    """peft saves a PeftModel's Trainer checkpoints with the LoRA weights only (12 keys): the memory
+    resumed from fresh tables, off by 0.2. Now every checkpoint holds the memory too."""
+    _, model, retrofit = _model(lora=True)
+    EngramTrainer(model=model, args=_args(tmp_path / "whole", 4), train_dataset=_Windows()).train()
+    whole = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    _, model, _ = _model(lora=True)
+    EngramTrainer(model=model, args=_args(tmp_path / "broken", 2, save_strategy="steps", save_steps=2),
+                  train_dataset=_Windows()).train()  # fmt: skip
+    _, model, _ = _model(lora=True)  # a fresh process's model: everything trained comes from the checkpoint
+    EngramTrainer(model=model, args=_args(tmp_path / "broken", 4), train_dataset=_Windows()).train(
+        resume_from_checkpoint=str(tmp_path / "broken" / "checkpoint-2"))
+    resumed = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(resumed) == sorted(whole) and any(".engram." in n for n in whole) and any("lora_" in n for n in whole)
+    assert [n for n in whole if not torch.equal(whole[n], resumed[n])] == []
+
+
+def test_add_engram_initialises_from_its_own_seed_whatever_the_global_generator_did():
+    def made(init_seed: int, draws: int):
+        base = tiny_model("llama")
+        torch.manual_seed(123)
+        torch.rand(draws)  # whatever ran before (a dataloader, another model) moved the global generator
+        retrofit = add_engram(base, f"identity:{V}", layers=(1,), table_size=101, num_heads=2, init_seed=init_seed)
+        return {n: p.detach().clone() for n, p in retrofit.named_parameters()}, torch.rand(1)
+
+    (a, after_a), (b, after_b), (c, _) = made(0, 1), made(0, 7), made(1, 1)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the same start, whatever the global generator's state
+    assert any(not torch.equal(a[n], c[n]) for n in a)  # another seed, another start
+    assert not torch.equal(after_a, after_b)  # the global generator was left where the caller had it
+
+
+def test_two_runs_of_the_trainer_example_end_alike_and_a_resumed_one_too(tmp_path, hf_base):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("trainer_engram", Path(__file__).parents[1] / "examples" / "trainer_engram.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folder, docs = hf_base
+
+    def run(out, steps, *extra):
+        example.main(["--model", str(folder), "--data", str(docs), "--out", str(out), "--steps", str(steps),
+                      "--batch-size", "2", "--seq-len", "32", "--table-size", "97", "--lora-r", "4", "--save-steps", "2",
+                      *extra])  # fmt: skip
+        return {**load_file(str(out / "adapter" / "adapter.safetensors")),
+                **{f"lora.{k}": v for k, v in load_file(str(out / "adapter" / "lora" / "adapter_model.safetensors")).items()}}
+
+    first, second = run(tmp_path / "a", 4), run(tmp_path / "b", 4)
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
+    run(tmp_path / "c", 2)
+    resumed = run(tmp_path / "c", 4, "--resume")
+    assert all(torch.equal(first[k], resumed[k]) for k in first)

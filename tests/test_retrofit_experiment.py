@@ -81,3 +81,55 @@ def test_the_sweep_measures_every_method_resumes_and_renders_its_section(tmp_pat
     verdicts, lines = retrofit_section(runs)
     assert any(line.startswith("| engram | ") for line in lines) and len(verdicts) == 3  # engram vs lora8: the others need lora8+engram or full
     assert all(v[1] in ("reproduced", "not reproduced", "inconclusive at this scale") for v in verdicts)
+
+
+def test_a_resumed_sweep_refuses_settings_that_differ_from_its_finished_runs(tmp_path):
+    """Resumed with another --steps, the sweep averaged seeds of 2 and 6 steps into one row."""
+    import json
+
+    from engram_lm.experiments.retrofit import METHODS, RetrofitSettings, retrofit_sweep
+
+    settings = RetrofitSettings(steps=2, domain_rows=2, fact_rows=2, seq_len=32, eval_batches=1, table_size=1000)
+    done = tmp_path / "retrofit" / "frozen" / "seed0" / "result.json"
+    done.parent.mkdir(parents=True)
+    from dataclasses import asdict
+
+    done.write_text(json.dumps({"seed": 0, "val_loss": 3.0, "variant": "frozen", "settings": asdict(settings),
+                                "method": asdict(METHODS[0])}))  # fmt: skip
+    frozen = tuple(m for m in METHODS if m.name == "frozen")
+    assert len(retrofit_sweep(tmp_path, seeds=(0,), methods=frozen, settings=settings, progress=False)) == 1
+    with pytest.raises(ValueError, match=r"frozen seed 0 .*steps 2, now 6.*--steps 2.*another --out"):
+        retrofit_sweep(tmp_path, seeds=(0,), methods=frozen, settings=RetrofitSettings(**{**asdict(settings), "steps": 6}),
+                       progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads 0: give 1 or more"),
+    (["--steps", "0"], "--steps 0: give 1 or more"),
+])  # fmt: skip
+def test_experiment_retrofit_flags_out_of_range_are_one_line(tmp_path, capsys, argv, message):
+    from engram_lm.cli import main
+
+    assert main(["experiment", "retrofit", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_base_folder_without_its_record_or_with_truncated_weights_is_refused_before_training(tmp_path, capsys):
+    from engram_lm.cli import main
+    from engram_lm.experiments.retrofit import base_model
+    from engram_lm.hf.pretrain import PretrainConfig
+
+    base_cfg = PretrainConfig(steps=2, hidden_size=32, intermediate_size=64, layers=2, heads=2)
+    base = base_model(tmp_path, base_cfg, progress=False)
+    (base / "pretrain.json").rename(base / "pretrain.json.bak")
+    argv = ["experiment", "retrofit", "--out", str(tmp_path), "--seeds", "1", "--methods", "frozen", "--quiet"]
+    assert main(argv) == 2
+    assert "no pretrain.json" in capsys.readouterr().err
+    (base / "pretrain.json.bak").rename(base / "pretrain.json")
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "truncated" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "retrofit" / "frozen").exists()  # nothing ran

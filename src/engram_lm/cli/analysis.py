@@ -139,7 +139,10 @@ def cmd_retrofit_experiment(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"--methods {','.join(unknown)}: no such method; choose from {', '.join(m.name for m in METHODS)}")
         methods = tuple(m for m in METHODS if m.name in names)
-    settings = RetrofitSettings(**({"steps": args.steps} if args.steps else {}), threads=args.threads)
+    for flag, value in (("--threads", args.threads), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: give 1 or more")
+    settings = RetrofitSettings(**({"steps": args.steps} if args.steps is not None else {}), threads=args.threads)
     runs = retrofit_sweep(Path(args.out), seeds=_seeds(args), methods=methods, settings=settings, progress=not args.quiet)
     verdicts, lines = retrofit_section(runs)
     return {"verdicts": [{"claim": v[0], "verdict": v[1], "regime": v[2], "numbers": v[3]} for v in verdicts],

@@ -68,6 +68,12 @@ class RetrofitSettings:
     num_heads: int = 4
     max_ngram: int = 3
 
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)}" for k in ("steps", "domain_rows", "fact_rows", "seq_len", "eval_batches", "threads",
+                                                    "table_size", "num_heads") if getattr(self, k) < 1]  # fmt: skip
+        if bad:
+            raise ValueError(f"RetrofitSettings {', '.join(bad)}: each must be 1 or more")
+
 
 def base_model(out: Path, cfg: PretrainConfig = BASE, progress: bool = True) -> Path:
     """The cached base (OUT/retrofit/base), pretrained first if its weights are not there (the
@@ -80,20 +86,40 @@ def base_model(out: Path, cfg: PretrainConfig = BASE, progress: bool = True) -> 
         if progress:
             print(f"retrofit: pretraining the base once ({cfg.steps} steps) into {folder}", flush=True)
         pretrain_llama(folder, cfg, progress=progress)
+    check_base(folder)
     return folder
+
+
+def check_base(folder: Path) -> None:
+    """A base folder this experiment made: its record (pretrain.json) and readable weights; refused
+    in one line before any run trains on it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (folder / "pretrain.json").is_file():
+        raise ValueError(f"{folder} has no pretrain.json: it was not made by engram experiment retrofit (or lost its "
+                         "record); remove the folder and the base is pretrained again")  # fmt: skip
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt"):
+            pass  # safetensors checks that the header's tensors cover the file
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{folder / 'model.safetensors'} is truncated or damaged ({exc}); remove it and the base is "
+                         "pretrained again") from None  # fmt: skip
 
 
 def retrofit_sweep(out: Path, *, seeds=(0, 1, 2), methods: tuple[Method, ...] = METHODS,
                    settings: RetrofitSettings = RetrofitSettings(), progress: bool = True,
                    base_config: PretrainConfig = BASE) -> list[dict[str, Any]]:  # fmt: skip
     """Every method at every seed (seed by seed, so that a stopped sweep has whole comparisons),
-    each run in its own process; a finished run (its result.json) is kept. Returns the results."""
+    each run in its own process; a finished run (its result.json) is kept, refused when it was made
+    with other settings. Returns the results."""
     ctx = multiprocessing.get_context("spawn")
     results, base = [], None
     for seed in seeds:
         for method in methods:
             path = out / "retrofit" / method.name / f"seed{seed}" / "result.json"
-            if not path.is_file():
+            if path.is_file():
+                _check_same_run(path, method, seed, settings)
+            else:
                 base = base or base_model(out, base_config, progress=progress)  # only when something trains
                 if progress:
                     print(f"retrofit: {method.name} seed {seed}", flush=True)
@@ -104,6 +130,19 @@ def retrofit_sweep(out: Path, *, seeds=(0, 1, 2), methods: tuple[Method, ...] = 
                     raise RuntimeError(f"retrofit run {method.name} seed {seed} failed (exit {proc.exitcode}); see above")
             results.append(read_result(path))
     return results
+
+
+def _check_same_run(path: Path, method: Method, seed: int, settings: RetrofitSettings) -> None:
+    """A finished run resumed into a sweep must have been made with the sweep's settings: else its
+    row would average runs of different lengths or sizes."""
+    saved = read_result(path)
+    now = json.loads(json.dumps({**asdict(settings), **{f"method.{k}": v for k, v in asdict(method).items()}}))
+    then = {**saved.get("settings", {}), **{f"method.{k}": v for k, v in saved.get("method", {}).items()}}
+    differ = [f"{k} {then.get(k)}, now {v}" for k, v in now.items() if k in then and then[k] != v]
+    if differ:
+        flags = " ".join(f"--{k} {then[k]}" for k in ("steps", "threads") if k in then and then[k] != now[k])
+        raise ValueError(f"{method.name} seed {seed} finished with other settings than this sweep's ({'; '.join(differ)}): "
+                         f"rerun with {flags or 'the settings it was made with'}, or give another --out")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -201,7 +240,8 @@ def adapt_model(model, method: Method, tok_path: Path, eod_id: int, settings: Re
                                                  lora_dropout=0.0))  # fmt: skip
     if method.memory:
         add_engram(model, str(tok_path), layers=settings.layers, table_size=settings.table_size,
-                   num_heads=settings.num_heads, max_ngram=settings.max_ngram, eod_id=eod_id, pad_id=eod_id)  # fmt: skip
+                   num_heads=settings.num_heads, max_ngram=settings.max_ngram, eod_id=eod_id, pad_id=eod_id,
+                   init_seed=None)  # the run seeded the global generator (run_method): the committed runs' draws  # fmt: skip
     memory = {id(p) for p in model.engram.parameters()} if method.memory else set()
     for name, p in model.named_parameters():
         p.requires_grad_(method.full or id(p) in memory or bool(method.lora_r and "lora_" in name))

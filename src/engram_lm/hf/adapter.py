@@ -136,6 +136,34 @@ def load_engram(model: nn.Module, adapter_dir: str | Path, *, tokenizer: Any = N
     return retrofit
 
 
+def restore_engram(model: nn.Module, adapter_dir: str | Path) -> EngramRetrofit:
+    """Copy a saved adapter's weights into the Engram `model` already has, in place (its parameters,
+    and so every optimizer holding them, stay the same objects): resuming a run."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_config(adapter_dir)
+    _check_base(model, adapter_dir, meta)
+    retrofit = _retrofit(model)
+    if retrofit.fingerprint != meta["fingerprint"]:
+        raise ValueError(f"adapter {adapter_dir} has hash layout {meta['fingerprint']}, this model's Engram "
+                         f"{retrofit.fingerprint}: it was saved from another Engram configuration")  # fmt: skip
+    weights = adapter_dir / "adapter.safetensors"
+    if file_sha256(weights) != meta["adapter_sha256"]:
+        raise ValueError(f"{weights} is not the file saved with {adapter_dir / 'adapter_config.json'}: it was replaced or "
+                         "damaged; resume from another checkpoint")  # fmt: skip
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read {weights}: {exc}. The file is truncated or not a safetensors file") from None
+    state = retrofit.state_dict()
+    if set(tensors) != set(state):
+        raise ValueError(f"{weights} holds {sorted(set(tensors) ^ set(state))[:3]}... where this model's Engram differs: "
+                         "it was saved from another Engram configuration")  # fmt: skip
+    with torch.no_grad():
+        for name, value in state.items():
+            value.copy_(tensors[name])
+    return retrofit
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, **kwargs: Any) -> nn.Module:
     """A retrofit's adapter folder onto a fresh base: its LoRA weights (`lora/`, peft's format)
     when it has them, then the memory (`load_engram`, which takes `kwargs`). Returns the model to

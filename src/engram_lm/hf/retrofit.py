@@ -122,12 +122,16 @@ def add_engram(
     compress_tokens: bool = True,
     eod_id: int | None = None,
     pad_id: int | None = None,
+    init_seed: int | None = 0,
 ) -> EngramRetrofit:
     """Insert Engram before the given decoder layers of a transformers causal LM.
 
     tokenizer: the model's tokenizer (a transformers fast tokenizer, a tokenizer.json path,
     or "identity:V" for no compression); its compression projection is built and cached.
     table_size: base rows per n-gram order and head (primes land just above it).
+    init_seed: the module's initial weights are drawn from it, whatever the global generator did
+    before (pass the run's seed; two runs then start alike), and the global generator is left as
+    it was; None draws from the global generator (the caller seeded it).
     Returns the EngramRetrofit, also reachable as `model.engram`."""
     if getattr(model, "engram", None) is not None:
         raise ValueError("this model already has Engram; load or train that one instead of adding another")
@@ -144,7 +148,10 @@ def add_engram(
                        pad_id=pad_id if pad_id is not None else (pad if pad is not None else (eos or 0)),
                        seed=seed, embed_per_ngram=width, hidden_size=D, num_branches=1, kernel_size=kernel_size,
                        zero_init_output=True)  # fmt: skip
-    retrofit = EngramRetrofit(cfg, eod_id if eod_id is not None else eos)
+    with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        retrofit = EngramRetrofit(cfg, eod_id if eod_id is not None else eos)
     param = next(model.parameters())
     retrofit.to(device=param.device)
     causal_lm(model).engram = retrofit  # a peft wrapper reaches it by attribute, and saves it with the base

@@ -84,6 +84,9 @@ class RetrofitConfig:
         if self.lora_r < 0 or self.lora_r and self.train_base:
             raise ValueError(f"invalid RetrofitConfig.lora_r={self.lora_r!r} (train_base={self.train_base}): LoRA needs "
                              "lora_r >= 1 and a frozen base; choose LoRA or --train-base")  # fmt: skip
+        if self.lora_targets and not self.lora_r:
+            raise ValueError(f"--lora-targets {','.join(self.lora_targets)} names LoRA's modules, but no LoRA rank is set: "
+                             "add --lora-r R (or --set lora_r=R)")  # fmt: skip
         if self.save_minutes < 0:
             raise ValueError(f"invalid RetrofitConfig.save_minutes={self.save_minutes!r}: must be >= 0 (0: by steps only)")
 
@@ -218,7 +221,7 @@ def _attach_or_resume(model, cfg: RetrofitConfig, latest: Path | None, tok_file:
         load_engram(model, latest / "adapter")
     else:
         add_engram(model, str(tok_file), layers=cfg.layers, table_size=cfg.table_size, num_heads=cfg.num_heads,
-                   max_ngram=cfg.max_ngram, eod_id=eod_id, pad_id=eod_id)  # fmt: skip
+                   max_ngram=cfg.max_ngram, eod_id=eod_id, pad_id=eod_id, init_seed=None)  # seeded by retrofit()  # fmt: skip
     engram = {id(p) for p in model.engram.parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in engram or cfg.train_base or bool(cfg.lora_r and "lora_" in name))

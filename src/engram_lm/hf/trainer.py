@@ -9,19 +9,24 @@ parameter, which fails on the tables' sparse gradients. So:
 - `EngramTrainer` builds that from `engram_optimizers(model, lr=args.learning_rate, ...)`
   and clips (and logs the norm of) the dense gradients only, as `engram train` does; the
   tables' rows are not clipped.
-Save the memory with `save_engram` (and LoRA with peft's `save_pretrained`); Trainer's own
-checkpoints hold the base's weights too. `args.weight_decay` does not apply: the optimizers
-are ours. The overridden methods are Trainer's private `_clip_grad_norm` and
-`_get_grad_norm` (tested against transformers 5.25).
+Save the memory with `save_engram` (and LoRA with peft's `save_pretrained`). Trainer's own
+checkpoints hold what the model's save_pretrained writes: for a peft model, the LoRA weights
+only. So every checkpoint also gets the memory as an adapter (`<checkpoint>/engram`, save_engram's
+format), and resuming copies it back into the model's Engram in place: a resumed run ends
+bit-identical to the unbroken one, LoRA or not (tested). `args.weight_decay` does not apply: the
+optimizers are ours. The overridden methods are Trainer's private `_clip_grad_norm`,
+`_get_grad_norm`, `_save` and `_load_from_checkpoint` (tested against transformers 5.25).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
+from engram_lm.hf.adapter import restore_engram, save_engram
 from engram_lm.hf.train import engram_optimizers
 from engram_lm.training.allocator import keep_large_buffers_on_heap
 
@@ -97,3 +102,25 @@ class EngramTrainer(transformers.Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         return float(dense_grad_norm(model, float("inf")) if grad_norm is None else grad_norm)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # peft saves LoRA only: the memory goes beside it, in the adapter format
+            save_engram(self.model, Path(output_dir or self.args.output_dir) / MEMORY_FOLDER)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        folder = Path(resume_from_checkpoint) / MEMORY_FOLDER
+        if folder.is_dir():
+            restore_engram(self.model, folder)
+        elif _is_peft(self.model):  # the memory is nowhere else in a peft checkpoint: never resume from fresh tables
+            raise ValueError(f"{resume_from_checkpoint} holds no Engram memory ({MEMORY_FOLDER}/): it was not written by "
+                             "EngramTrainer, and a peft model's checkpoint keeps LoRA only; resume from a checkpoint "
+                             "EngramTrainer wrote, or start the run again")  # fmt: skip
+
+
+MEMORY_FOLDER = "engram"  # inside each Trainer checkpoint
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__.startswith("Peft") for m in (model, getattr(model, "module", None)) if m is not None)
