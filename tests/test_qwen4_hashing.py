@@ -32,6 +32,15 @@ def official(config, ple_layer_index: int, monkeypatch):
     return modeling.Qwen4ExpTextNGramEmbedding(config, heads, layer_idx=0, ple_layer_index=ple_layer_index)
 
 
+def _call(theirs, ids, cache):
+    """The official layer's forward with its cache, under the keyword this transformers names it
+    (`cache` from 5.24, `past_key_values` before)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(type(theirs).forward).parameters else "past_key_values"
+    return theirs(ids, **{name: cache})
+
+
 def small_config(**kw):
     cfg = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
                ple_layer_ids=[1], ple_embed_dim=24, ngram_size=3, heads_per_ngram=2, ngram_vocab_size_base=1000,
@@ -51,7 +60,7 @@ def test_row_ids_equal_the_official_class_on_random_ids_with_eos_inside_a_batch(
     g = torch.Generator().manual_seed(ple_layer_index)
     ids = torch.randint(0, 97, (3, 40), generator=g)
     ids[0, 5] = ids[0, 6] = ids[1, 0] = ids[1, 39] = ids[2, 20] = EOS  # EOS mid-sequence, twice in a row, at both ends
-    want = theirs(ids, cache=None)
+    want = _call(theirs, ids, None)
     got, history = qwen4_row_ids(ours, ids)
     assert torch.equal(got, want) and torch.equal(history, ids[:, -(ngram_size - 1):])
 
@@ -66,7 +75,7 @@ def test_cached_decoding_step_by_step_equals_the_official_cache_and_full_hashing
     cache = transformers.DynamicCache(config=config)
     history = init_history(ours, 2)
     for start, end in ((0, 1), (1, 10), *((t, t + 1) for t in range(10, 24))):  # a 1-token prompt, a prefill, steps
-        want = theirs(ids[:, start:end], cache=cache)
+        want = _call(theirs, ids[:, start:end], cache)
         got, history = qwen4_row_ids(ours, ids[:, start:end], history)
         assert torch.equal(got, want) and torch.equal(got, full[:, start:end]), (start, end)
 
@@ -79,7 +88,7 @@ def test_the_real_configuration_addresses_320001536_rows_as_the_official_class(m
     assert list(ours.head_sizes) == theirs.head_vocab_sizes and ours.head_sizes[0] > 20_000_000
     ids = torch.randint(0, 248_320, (2, 64), generator=torch.Generator().manual_seed(0))
     ids[1, 30] = 248044
-    assert torch.equal(qwen4_row_ids(ours, ids)[0], theirs(ids, cache=None))
+    assert torch.equal(qwen4_row_ids(ours, ids)[0], _call(theirs, ids, None))
     second = qwen4_layout_from_config(config, 1)  # the next PLE layer: its own multipliers and primes
     assert second.head_sizes[0] > ours.head_sizes[-1] and second.multipliers != ours.multipliers
 
