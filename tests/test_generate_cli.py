@@ -113,3 +113,28 @@ def test_eval_repeats_the_runs_logged_validation_loss_and_says_so(tiny_run, caps
     assert r["val_loss"] == pytest.approx(last, abs=1e-6)  # the same windows and weights
     assert main(["eval", "--checkpoint", str(tiny_run), "--batches", "1"]) == 0
     assert "without --batches eval repeats that figure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("with_engram", [True, False])
+def test_cached_generation_equals_full_recompute_with_engram_or_overencoding(with_engram):
+    """Decoding hashes the model's own tokens incrementally (no range check after the prompt): the
+    tokens equal recomputing the whole sequence, for Engram's hasher and for OverEncoding's."""
+    from engram_lm.models.overencoding import OverEncodingConfig
+    from engram_lm.models.transformer import EngramLM
+
+    model_cfg, _ = get_recipe("tiny")
+    if not with_engram:
+        model_cfg = model_cfg.with_(engram=None, overencoding=OverEncodingConfig(slots=101, table_dim=16, max_ngram=3,
+                                                                                 num_splits=1))  # fmt: skip
+    torch.manual_seed(0)
+    model = EngramLM(model_cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # Engram's zero-initialised value rows: make them count
+    prompt = [17, 250, 0, 31, 9]  # the end-of-document id inside the prompt
+    new = generate(model, [prompt], SamplingConfig(max_new_tokens=8))[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert new == seq[len(prompt):]

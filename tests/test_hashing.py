@@ -198,3 +198,16 @@ def test_layout_and_projection_must_agree():
     layout = build_layout(EngramConfig(tokenizer="identity:10"), 10, 2)
     with pytest.raises(ValueError, match="compresses to 11"):
         NgramHasher(layout, VocabProjection.identity(11))
+
+
+def test_suffix_windows_equal_the_shifted_copies_reference_with_dead_tokens_and_document_ends():
+    from engram_lm.hashing.ngram import ngram_window_start, suffix_ngram_ids, suffix_ngram_ids_reference
+
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 2, 3, 7, 50):
+        ids = torch.randint(-3, 100, (3, T), generator=g)  # negative pass-through markers too
+        dead, ends = torch.rand(3, T, generator=g) < 0.2, torch.rand(3, T, generator=g) < 0.2
+        for start in (None, ngram_window_start(T, dead, None), ngram_window_start(T, None, ends),
+                      ngram_window_start(T, dead, ends)):  # fmt: skip
+            for N in (2, 3, 4):
+                assert torch.equal(suffix_ngram_ids(ids, N, 2, start), suffix_ngram_ids_reference(ids, N, 2, start))

@@ -214,3 +214,21 @@ def test_zero_init_output_zeroes_the_value_rows_with_and_without_branch_fusion()
         assert engram.key_value.weight[: G * 16].abs().sum() > 0  # the keys are left as initialised
         ids, h = torch.randint(0, 64, (2, 5)), torch.randn(2, 5, 4, 16)
         assert torch.equal(engram(h, rows_for(hasher, ids)), torch.zeros_like(h))
+
+
+@pytest.mark.parametrize("T, dilation, branches", [(1, 3, 1), (7, 3, 1), (40, 4, 2), (2, 1, 4)])
+def test_the_tap_sum_conv_equals_one_conv1d_over_the_sequence_and_streams_the_same(T, dilation, branches):
+    """ShortConv computes the depthwise conv as K multiply-adds (oneDNN's conv1d setup cost 167 us of a
+    CPU decode step); the readable reference is one F.conv1d: equal, and equal again step by step."""
+    from engram_lm.engram.conv import ShortConv, reference_conv
+
+    torch.manual_seed(T)
+    conv = ShortConv(16, branches, dilation=dilation, zero_init=False)
+    u = torch.randn(2, T, branches, 16)
+    trained = conv(u)  # with gradients: F.conv1d, as every run was trained
+    with torch.no_grad():
+        full = conv(u)  # without: the taps
+        assert torch.equal(full, reference_conv(conv, u)) and torch.equal(full, trained.detach())
+        state = conv.init_state(2, "cpu", torch.float32)
+        streamed = torch.cat([conv(u[:, t : t + 1], state) for t in range(T)], dim=1)
+    assert torch.equal(streamed, full)

@@ -31,20 +31,32 @@ def ngram_window_start(
         return None
     ref = dead_BT if dead_BT is not None else boundary_BT
     pos_T = torch.arange(num_positions, device=ref.device if device is None else device)
-    barrier_BT = torch.zeros(ref.shape, dtype=torch.int64, device=pos_T.device)
-    if dead_BT is not None:
-        barrier_BT = torch.where(dead_BT, pos_T + 1, barrier_BT)
-    if boundary_BT is not None:
-        after_BT = torch.zeros_like(barrier_BT)
-        after_BT[:, 1:] = torch.where(boundary_BT[:, :-1], pos_T[1:], 0)  # s+1 seen from s+1 on
-        barrier_BT = torch.maximum(barrier_BT, after_BT)
+    barrier_BT = torch.where(dead_BT, pos_T + 1, 0) if dead_BT is not None else None
+    if boundary_BT is not None:  # s+1 seen from s+1 on
+        after_BT = torch.nn.functional.pad(torch.where(boundary_BT[:, :-1], pos_T[1:], 0), (1, 0))
+        barrier_BT = after_BT if barrier_BT is None else torch.maximum(barrier_BT, after_BT)
     return torch.cummax(barrier_BT, dim=1).values
 
 
 def suffix_ngram_ids(
     ids_BT: torch.Tensor, max_ngram: int, pad_id: int, start_BT: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """ids at lookbacks k = 0..N-1 of every position, pad where blocked: (B, T, N) int64."""
+    """ids at lookbacks k = 0..N-1 of every position, pad where blocked: (B, T, N) int64.
+    One padded copy read through N-wide windows, not N shifted copies: a decode step's hashing
+    is dozens of tiny ops, each ~4 us of dispatch on a CPU (docs/memory.md)."""
+    B, T = ids_BT.shape
+    padded_BX = torch.nn.functional.pad(ids_BT, (max_ngram - 1, 0), value=pad_id)
+    tokens_BTN = padded_BX.unfold(1, max_ngram, 1).flip(-1)  # [t, t-1, ..., t-N+1]
+    if start_BT is not None:  # lookback position t - k before the window's start reads the pad id
+        lookback_TN = torch.arange(T, device=ids_BT.device)[:, None] - torch.arange(max_ngram, device=ids_BT.device)
+        tokens_BTN = torch.where(lookback_TN >= start_BT[..., None], tokens_BTN, pad_id)
+    return tokens_BTN
+
+
+def suffix_ngram_ids_reference(
+    ids_BT: torch.Tensor, max_ngram: int, pad_id: int, start_BT: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same, one shifted copy per lookback (the readable reference; tested equal)."""
     B, T = ids_BT.shape
     pos_T = torch.arange(T, device=ids_BT.device)
     columns = []

@@ -145,10 +145,14 @@ class EngramLM(nn.Module):
     def _rows(self, hasher, key: str, ids_BT: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
         """Engram: (L, B, T, H) global rows; OverEncoding: (B, T, H)."""
         eod = self.config.eod_id
-        kwargs = {"global_rows": True} if isinstance(hasher, NgramHasher) else {}
+        engram = isinstance(hasher, NgramHasher)
         if cache is None:
-            return hasher.hash_all(ids_BT, eod_id=eod, **kwargs)
-        history = cache.histories.get(key) or hasher.init_history(ids_BT.shape[0], ids_BT.device)
+            return hasher.hash_all(ids_BT, eod_id=eod, **({"global_rows": True} if engram else {}))
+        history = cache.histories.get(key)
+        # after the prompt, the ids are the model's own tokens, in range by construction: no range check (a sync)
+        kwargs = {"global_rows": True, "check": history is None} if engram else {}
+        if history is None:
+            history = hasher.init_history(ids_BT.shape[0], ids_BT.device)
         rows, cache.histories[key] = hasher.step(history, ids_BT, eod_id=eod, **kwargs)
         return rows
 
