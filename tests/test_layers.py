@@ -102,3 +102,28 @@ def test_attention_cache_equals_full_and_is_causal():
     assert torch.allclose(attn(x2, cos[:9], sin[:9])[:, :6], full[:, :6], atol=1e-6)
     with pytest.raises(ValueError, match="KV cache holds 16"):
         attn(torch.randn(2, 8, 16), cos[:8], sin[:8], cache)
+
+
+def test_grouped_query_attention_equals_repeating_each_kv_head_and_decodes_like_the_full_sequence():
+    import torch.nn.functional as F
+
+    from engram_lm.layers.attention import Attention, KVCache
+    from engram_lm.layers.rope import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    attn = Attention(24, num_heads=4, num_kv_heads=2, head_dim=8)  # queries 32 wide over a 24-wide residual
+    assert attn.wqkv.weight.shape == ((4 + 2 * 2) * 8, 24) and attn.wo.weight.shape == (24, 32)
+    x = torch.randn(2, 6, 24)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    with torch.no_grad():
+        y = attn(x, cos[:6], sin[:6])
+        q, k, v = attn.wqkv(x).split((32, 16, 16), dim=-1)
+        q, k, v = (t.view(2, 6, -1, 8).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos[:6], sin[:6]), apply_rope(k, cos[:6], sin[:6])
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # query heads 0,1 share kv head 0
+        want = attn.wo(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 6, 32))
+        assert torch.allclose(y, want, atol=1e-6)
+        cache = KVCache.empty(2, 2, 16, 8, "cpu", torch.float32)
+        steps = [attn(x[:, :3], cos[:3], sin[:3], cache)] + [attn(x[:, t : t + 1], cos[t : t + 1], sin[t : t + 1], cache)
+                                                             for t in range(3, 6)]  # fmt: skip
+    assert torch.allclose(torch.cat(steps, dim=1), y, atol=1e-6)

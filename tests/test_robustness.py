@@ -125,6 +125,8 @@ def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_go
 # ---- bad values at the boundary ------------------------------------------------------------
 @pytest.mark.parametrize("pair, message", [("steps=true", "TrainConfig.steps=True"), ("lr=\"x\"", "TrainConfig.lr"),
                                            ("num_heads=2.5", "ModelConfig.num_heads"),
+                                           ("num_kv_heads=3", "num_kv_heads=3: must divide num_heads=4"),
+                                           ("attention_head_dim=7", "attention_head_dim=7: must be even"),
                                            ("engram.table_sizes=[1e30, 5]", "EngramConfig.table_sizes")])  # fmt: skip
 def test_wrong_types_and_ranges_are_refused_with_the_field_named(tmp_path, capsys, pair, message):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", pair]) == 2

@@ -88,6 +88,39 @@ def _print_big_table(r: dict[str, Any]) -> None:
           + (f", peak while serving {gb(peak)}" if peak else ""))  # fmt: skip
 
 
+def cmd_bench_penalty(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from engram_lm.bench.penalty import bench_penalty
+
+    if args.turns < 1:
+        raise ValueError(f"--turns {args.turns}: give 1 or more")
+    tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
+    unknown = sorted(set(tiers) - {"device", "ram", "tiered", "mmap", "ssd"})
+    if unknown:
+        raise ValueError(f"--tiers {','.join(unknown)}: choose from device, ram, tiered, mmap, ssd")
+    return bench_penalty(args.shape, table_gb=args.table_gb, workdir=Path(args.workdir) if args.workdir else None,
+                         device=args.device, turns=args.turns, tiers=tiers, prefill=tuple(args.prefill or ()) or None,
+                         decode=tuple(args.decode or ()) or None, new_tokens=args.new_tokens, cold=not args.no_cold)  # fmt: skip
+
+
+def _print_penalty(r: dict[str, Any]) -> None:
+    print(f"{r['shape']}: {r['params'] / 1e9:.2f}B parameters ({r['source']}); table {r['table_rows']:,} rows = "
+          f"{r['table_bytes'] / 1e9:.2f} GB; {r['device']}, {r['torch_threads']} threads, {r['turns']} turns"
+          + ("; workloads scaled down for a CPU" if r["scaled_for_cpu"] else ""))  # fmt: skip
+    print(f"  {'config':<22}{'workload':<14}{'tok/s':>10}{'penalty':>10}{'95% interval':>20}{'p50 ms':>9}{'p99 ms':>9}")
+    for state in ("warm", "cold"):
+        for name, works in r[state].items():
+            for work, e in works.items():
+                if not isinstance(e, dict) or "tok_s" not in e:
+                    continue
+                ci = f"[{e['ci95'][0]:+.1%}, {e['ci95'][1]:+.1%}]" if "ci95" in e else ""
+                pen = f"{e['penalty']:+.1%}" if "penalty" in e else ""
+                lat = f"{e['p50_ms']:>9.2f}{e['p99_ms']:>9.2f}" if "p50_ms" in e else ""
+                print(f"  {name + (' cold' if state == 'cold' else ''):<22}{work:<14}{e['tok_s']:>10,.1f}{pen:>10}{ci:>20}{lat}")
+    print(f"peak resident memory {r['peak_rss_gb']:.2f} GB")
+
+
 def cmd_bench_real_table(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.real_table import bench_real_table
 
@@ -228,6 +261,21 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_real_table, show=_print_real_table)
+    b = bench.add_parser("penalty", help="a real-sized model's tokens/s with its Engram table on each tier (+prefetch), "
+                                         "warm and cold, against the same model without Engram (the paper's Table 4 claim)")  # fmt: skip
+    b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b"),
+                   help="the model (bench/shapes.py says where each number comes from)")
+    b.add_argument("--table-gb", type=float, default=1.0, help="size of the Engram table file (fp32 rows)")
+    b.add_argument("--tiers", default="device,ram,tiered,mmap,ssd", help="comma-separated tiers (device: CUDA only)")
+    b.add_argument("--turns", type=int, default=5, help="alternating warm turns per configuration (one more untimed)")
+    b.add_argument("--prefill", type=int_list, help="prefill lengths (default: 1024,4096 on CUDA, 128 on a CPU)")
+    b.add_argument("--decode", type=int_list, help="decode batch sizes (default: 1,8,32 on CUDA, 1 on a CPU)")
+    b.add_argument("--new-tokens", type=int, help="tokens decoded per decode workload (default: 64 on CUDA, 16 on a CPU)")
+    b.add_argument("--no-cold", action="store_true", help="skip the cold pass (one configuration at a time, pages dropped)")
+    b.add_argument("--workdir", help="folder for the table file (default: the system's temporary folder)")
+    b.add_argument("--device", default="cpu", help="compute device (cuda: the table also in GPU memory, pinned RAM)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_penalty, show=_print_penalty)
     b = bench.add_parser("offload", help="prefill/decode throughput with the table on every tier (ram, mmap, ssd, tiered; "
                                          "+prefetch, +cache), warm and cold, beside the backbone without Engram")  # fmt: skip
     b.add_argument("--table-gb", type=float, default=4.0, help="size of the table file written (GB)")

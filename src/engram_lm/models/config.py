@@ -39,13 +39,18 @@ class ModelConfig:
     eod_id: int | None = None  # n-grams never cross this token (packed documents)
     init_std: float = 0.02
     table_init_std: float = 0.02
+    num_kv_heads: int | None = None  # grouped-query attention: fewer key/value heads (None: num_heads)
+    attention_head_dim: int | None = None  # per head (None: dim / num_heads); Qwen3-4B: 32 x 128 over hidden 2560
 
     def __post_init__(self) -> None:
         check_field_types(self)
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "ffn_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _check(self.dim % self.num_heads == 0, "dim", self.dim, f"must be divisible by num_heads={self.num_heads}")
-        _check((self.dim // self.num_heads) % 2 == 0, "num_heads", self.num_heads, "head dim must be even (RoPE)")
+        if self.attention_head_dim is None:
+            _check(self.dim % self.num_heads == 0, "dim", self.dim, f"must be divisible by num_heads={self.num_heads}")
+        _check(self.head_dim >= 2 and self.head_dim % 2 == 0, "attention_head_dim", self.head_dim, "must be even (RoPE)")
+        _check(self.kv_heads >= 1 and self.num_heads % self.kv_heads == 0, "num_kv_heads", self.kv_heads,
+               f"must divide num_heads={self.num_heads}")  # fmt: skip
         _check(self.num_branches >= 1, "num_branches", self.num_branches, "use 1 for a plain residual")
         if self.num_routed_experts:
             _check(
@@ -67,7 +72,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.attention_head_dim or self.dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def is_moe(self) -> bool:

@@ -59,7 +59,7 @@ class Block(nn.Module):
         D, M = config.dim, config.num_branches
         self.engram = engram
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps)
-        self.attn = Attention(D, config.num_heads)
+        self.attn = Attention(D, config.num_heads, config.kv_heads, config.head_dim)
         self.ffn_norm = nn.RMSNorm(D, eps=config.norm_eps)
         if config.is_moe_layer(layer):
             self.ffn = MoE(D, config.num_routed_experts, config.num_shared_experts, config.top_k,
@@ -191,7 +191,7 @@ class EngramLM(nn.Module):
         p = self.head.weight
         layers = []
         for block in self.blocks:
-            kv = KVCache.empty(batch, self.config.num_heads, max_len, self.config.head_dim, p.device, p.dtype)
+            kv = KVCache.empty(batch, self.config.kv_heads, max_len, self.config.head_dim, p.device, p.dtype)
             conv = None
             if block.engram is not None and block.engram.short_conv is not None:
                 conv = block.engram.short_conv.init_state(batch, p.device, p.dtype)
