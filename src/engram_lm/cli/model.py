@@ -126,13 +126,16 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
                                       prefetch=args.prefetch, device=args.device or "cpu",
                                       export_dir=Path(export_dir) if export_dir else None,
                                       allow_other_export=args.allow_other_export,
-                                      memory_budget=args.memory_budget)  # fmt: skip
+                                      memory_budget=args.memory_budget, shared=args.shared)  # fmt: skip
     tokenizer = Tokenizer.from_file(str(Path(state["path"]) / "tokenizer.json"))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop_id=model.config.eod_id)  # fmt: skip
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
     outputs = generate(model, prompts, cfg)
-    placement = [block.engram.memory.placement() for block in model.blocks if block.engram is not None]
+    tables = [block.engram.memory for block in model.blocks if block.engram is not None]
+    placement = [table.placement() for table in tables]
+    for table in tables:  # files, threads, I/O contexts; a shared row store is removed by its last process
+        table.close()
     return {"checkpoint": state["path"], "memory": placement, "completions": [
         {"prompt": p, "ids": ids, "text": tokenizer.decode(ids)} for p, ids in zip(args.prompt, outputs)]}  # fmt: skip
 
@@ -270,6 +273,8 @@ def _add_serving_commands(sub) -> None:
                         "tiered: rows held in RAM up to --memory-budget, misses read from the disk at depth)")
     p.add_argument("--memory-budget", help="--memory tiered: RAM for table rows, all layers together, e.g. 512M or 4G "
                                            "(default: half the available memory)")
+    p.add_argument("--shared", action="store_true", help="--memory tiered: one row store in /dev/shm for every process "
+                                                          "on this host serving the same tables (named from their hash)")
     p.add_argument("--memory-dir", help="tables exported by `engram export-memory` (implies --memory mmap)")
     p.add_argument("--allow-other-export", action="store_true",
                    help="serve a --memory-dir exported from another checkpoint or step (refused by default)")

@@ -34,11 +34,13 @@ TABLE_KEYS = [r"ngram_embedding\.(shard_\d+\.)?weight$"]  # the checkpoint's tab
 
 def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, tier: str = "tiered",
                               table_dtype: str = "fp32", cache_rows: int = 0, prefetch: bool = False, verify: bool = False,
-                              budget: int | str | None = None, **from_pretrained: Any) -> nn.Module:  # fmt: skip
+                              budget: int | str | None = None, shared: bool = False,
+                              **from_pretrained: Any) -> nn.Module:  # fmt: skip
     """`AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained)` with every n-gram
     table served from `tier` ("tiered": rows held in RAM up to `budget` for all tables, default
     half the available memory, the rest read from the disk at depth; "mmap"; "ssd"; optionally
-    behind the hot-row cache and the prefetch hook); `table_dtype` is the export's row encoding
+    behind the hot-row cache and the prefetch hook; `shared`: the tiered tier's rows in one store for every
+    process on the host serving the same export); `table_dtype` is the export's row encoding
     when it has to be written; `dtype=` goes to transformers (the model's weights), as every
     other keyword does."""
     from transformers import AutoModelForCausalLM
@@ -70,7 +72,7 @@ def from_pretrained_offloaded(model_dir: str | Path, *, tables_dir: str | Path, 
                              "differs): give another tables_dir, or remove that export")  # fmt: skip
         emb = module.ngram_embedding
         table = tier_table(tables_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
-                           prefetch=prefetch, verify=verify, budget=budgets[k])  # fmt: skip
+                           prefetch=prefetch, verify=verify, budget=budgets[k], shared=shared)  # fmt: skip
         module.ngram_embedding = TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         built.append(module)
 

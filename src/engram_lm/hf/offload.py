@@ -187,13 +187,15 @@ def served_tables(model: nn.Module) -> dict[str, ServedTable]:
 
 def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | None = None, dtype: str = "fp32",
                    cache_rows: int = 0, verify: bool = False, prefetch: bool = False,
-                   budget: int | str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                   budget: int | str | None = None, shared: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Serve every n-gram table of `model` from `tier`; the tables are exported to `dir` first
     (reused when `dir` already holds this model's export). The default tier, `tiered`, holds rows
     in RAM up to `budget` (all tables together, e.g. "8G"; default half the available memory) and
     reads the rest from the disk at depth. With `prefetch`, a forward pre-hook on `model` starts
     each table's reads as soon as the input ids are known, on a worker thread, while the layers
-    before run. Returns each table's placement."""
+    before run. With `shared` (tier "tiered"), the rows held are one store per table for every process on
+    the host that serves the same export with the same budget (memory/shared_tiered.py). Returns each
+    table's placement."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {TIERS}")
     if dtype not in DTYPES:
@@ -214,7 +216,7 @@ def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | 
             table = _wrapped(table, cache_rows, prefetch, device)
         else:
             table = tier_table(export_dir, k, emb.num_embeddings, emb.embedding_dim, tier=tier, cache_rows=cache_rows,
-                               prefetch=prefetch, verify=verify, device=device, budget=budgets[k])  # fmt: skip
+                               prefetch=prefetch, verify=verify, device=device, budget=budgets[k], shared=shared)  # fmt: skip
         setattr(served.holder, served.attr, TierEmbedding(table, emb.num_embeddings, emb.embedding_dim, emb.weight.dtype,
                                                           scale=served.scale))  # fmt: skip
         placements.append({"module": name, **table.placement()})
@@ -224,11 +226,12 @@ def offload_tables(model: nn.Module, *, tier: str = "tiered", dir: str | Path | 
 
 
 def tier_table(export_dir: Path, k: int, rows: int, dim: int, *, tier: str, cache_rows: int = 0, prefetch: bool = False,
-               verify: bool = False, device: torch.device | str = "cpu", budget: int | None = None) -> MemoryTable:  # fmt: skip
+               verify: bool = False, device: torch.device | str = "cpu", budget: int | None = None,
+               shared: bool = False) -> MemoryTable:  # fmt: skip
     """Table `k` of an export, served by `tier` (mmap, ssd or tiered with `budget` bytes), behind the
     hot-row cache and the prefetcher when asked."""
     table = open_exported(export_dir, k, rows, dim, fingerprint=None, device=device, verify=verify, tier=tier,
-                          budget_bytes=budget)  # fmt: skip
+                          budget_bytes=budget, shared=shared)  # fmt: skip
     return _wrapped(table, cache_rows, prefetch, device)
 
 

@@ -47,11 +47,13 @@ def load_for_inference(
     verify: bool = False,
     allow_other_export: bool = False,
     memory_budget: int | str | None = None,
+    shared: bool = False,
 ) -> tuple[EngramLM, dict[str, Any]]:
     """A checkpoint's model for inference; `export_dir` serves tables exported from this
     checkpoint (refused when they came from another one or another step, unless
     `allow_other_export`). `memory_budget` (tier "tiered"): the memory the tables' rows may hold,
-    all layers together (default: half the available memory)."""
+    all layers together (default: half the available memory); `shared` (tier "tiered"): those rows in
+    one store for every process on the host serving the same export (memory/shared_tiered.py)."""
     if memory not in MEMORY_TIERS:
         raise ValueError(f"unknown memory tier {memory!r}; choose one of {MEMORY_TIERS}")
     if cache_rows < 0:
@@ -86,7 +88,7 @@ def load_for_inference(
     for layer_id in layers:
         block = model.blocks[layer_id]
         table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify,
-                            budgets[layer_id])  # fmt: skip
+                            budgets[layer_id], shared)  # fmt: skip
         if cache_rows:
             table = CachedTable(table, cache_rows, device=device)
         if prefetch:
@@ -133,11 +135,14 @@ def _budgets(memory: str, total: int | str | None, manifest: dict[str, Any] | No
     return table_budgets(total, manifest["dtype"], [(t.num_rows, t.dim) for t in tables])
 
 
-def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify, budget) -> MemoryTable:
+def _make_table(memory, state, export_dir, layer_id, meta_table, fingerprint, device, verify, budget,
+                shared=False) -> MemoryTable:  # fmt: skip
     rows, dim = meta_table.num_rows, meta_table.dim
     if memory in FILE_TIERS:
         return open_exported(export_dir, layer_id, rows, dim, fingerprint, device=device, verify=verify, tier=memory,
-                             budget_bytes=budget)  # fmt: skip
+                             budget_bytes=budget, shared=shared)  # fmt: skip
+    if shared:
+        raise ValueError(f"--shared applies to --memory tiered (one row store for the host's processes), not {memory!r}")
     weight = read_table_rows(state, table_key(layer_id), 0, rows)
     if tuple(weight.shape) != (rows, dim):
         raise ValueError(f"checkpoint table of layer {layer_id} has shape {tuple(weight.shape)}, expected {(rows, dim)}")

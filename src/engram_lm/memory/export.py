@@ -142,12 +142,16 @@ def read_manifest(export_dir: Path, fingerprint: str | None) -> dict[str, Any]:
 
 def open_exported(
     export_dir: Path, layer_id: int, rows: int, dim: int, fingerprint: str | None, *, device="cpu", verify: bool = False,
-    tier: str = "mmap", budget_bytes: int | None = None,
+    tier: str = "mmap", budget_bytes: int | None = None, shared: bool = False,
 ) -> MmapTable:
     """The exported table of one layer as an mmap table, with tier="ssd" as the deep-queue
     reader (memory/ssd.py), with tier="tiered" as rows held within `budget_bytes` in front of
-    that reader (memory/tiered.py; default: the whole file, or half the available memory);
+    that reader (memory/tiered.py; default: the whole file, or half the available memory; with
+    `shared`, one row store for every process on the host serving this file, named from its sha256);
     checked against the manifest either way."""
+    if shared and tier != "tiered":
+        raise ValueError(f"a shared row store is the tiered tier's; the {tier} tier holds no rows of its own "
+                         "(mmap shares through the page cache already): use tier 'tiered' or shared=False")  # fmt: skip
     manifest = read_manifest(export_dir, fingerprint)
     entry = manifest["layers"].get(str(layer_id))
     if entry is None:
@@ -164,7 +168,8 @@ def open_exported(
     elif tier == "tiered":
         from engram_lm.memory.tiered import tiered_table
 
-        table = tiered_table(path, rows, dim, manifest["dtype"], budget_bytes=budget_bytes, device=device)  # checks the size
+        table = tiered_table(path, rows, dim, manifest["dtype"], budget_bytes=budget_bytes, device=device,
+                             shared_key=entry["sha256"] if shared else None)  # checks the size
     else:
         table = MmapTable(path, rows, dim, manifest["dtype"], device=device)  # checks the file size
     verify_file(Path(export_dir), entry, force=verify, remedy=rewrite_command(manifest))

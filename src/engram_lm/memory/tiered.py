@@ -115,11 +115,16 @@ def table_budgets(total: int | str | None, dtype: str, shapes: list[tuple[int, i
 
 
 def tiered_table(path: Path, rows: int, dim: int, dtype: str, *, budget_bytes: int | None = None,
-                 device: torch.device | str = "cpu") -> "TieredTable":  # fmt: skip
+                 device: torch.device | str = "cpu", shared_key: str | None = None) -> "TieredTable":  # fmt: skip
     """A tiered table over an exported file; without a budget, the default share (the whole
-    file, or half the available memory)."""
+    file, or half the available memory). With `shared_key` (the file's content sha256), its row
+    store is the one every process on the host serving that file maps (memory/shared_tiered.py)."""
     if budget_bytes is None:
         budget_bytes = table_budgets(None, dtype, [(rows, dim)])[0]
+    if shared_key is not None:
+        from engram_lm.memory.shared_tiered import SharedTieredTable
+
+        return SharedTieredTable(path, rows, dim, dtype, budget_bytes=budget_bytes, device=device, content_sha256=shared_key)
     return TieredTable(path, rows, dim, dtype, budget_bytes=budget_bytes, device=device)
 
 
@@ -145,21 +150,26 @@ class TieredTable(MemoryTable):
                              "machine has available: give a smaller budget")  # fmt: skip
         self.disk = SsdTable(path, num_rows, dim, dtype, queue_depth=queue_depth, engine=engine)  # checks the file
         self.path, self.age_every = Path(path), age_every
-        # slot s holds a row at store[s]; store[0] is never used, so that slot_of can say "not held" with 0.
-        # The store's pages appear as rows arrive (filled in order); the index is touched now.
-        self.store = anonymous_array((self.capacity + 1, self.row_bytes), np.uint8, touch=False)
+        self._allocate()
         with warnings.catch_warnings():  # the store is writable; torch warns about non-writable NumPy buffers only
             warnings.simplefilter("ignore", UserWarning)
             self._store_t = torch.from_numpy(self.store)
-        self.slot_of = anonymous_array((num_rows,), np.int32, touch=True)  # 0: not held
-        self.seen = anonymous_array((num_rows,), np.uint8, touch=True)  # per row: misses (reads while not held), saturating
-        self.ref = anonymous_array((self.capacity + 1,), np.uint8, touch=True)  # per slot: read since a draw passed over it
-        self.row_in = anonymous_array((self.capacity + 1,), np.int64, touch=True)  # slot -> row
         self._counts = [0, 0, 0]  # calls, hits, misses (distinct rows per call)
-        self._age_at, self._age_chunk = [0], -(-num_rows // age_every)
-        self._used = [0]  # slots filled (in order) so far
+        self._age_chunk = -(-num_rows // age_every)
         self._rng = np.random.default_rng(seed)
         self._lock = ProcessLock()  # a prefetch worker and the caller never interleave on the store
+
+    def _allocate(self) -> None:
+        """The store and its index, this process's own (memory/shared_tiered.py maps them from /dev/shm).
+        Slot s holds a row at store[s]; store[0] is never used, so that slot_of can say "not held" with 0.
+        The store's pages appear as rows arrive (filled in order); the index is touched now."""
+        self.store = anonymous_array((self.capacity + 1, self.row_bytes), np.uint8, touch=False)
+        self.slot_of = anonymous_array((self.num_rows,), np.int32, touch=True)  # 0: not held
+        self.seen = anonymous_array((self.num_rows,), np.uint8, touch=True)  # per row: misses while not held, saturating
+        self.ref = anonymous_array((self.capacity + 1,), np.uint8, touch=True)  # per slot: read since a draw passed it
+        self.row_in = anonymous_array((self.capacity + 1,), np.int64, touch=True)  # slot -> row
+        self._age_at = np.zeros(1, dtype=np.int64)  # where the next slice of miss counts is halved
+        self._used = np.zeros(1, dtype=np.int64)  # slots filled (in order) so far
 
     @property
     def hits(self) -> int:
@@ -171,7 +181,7 @@ class TieredTable(MemoryTable):
 
     @property
     def used(self) -> int:
-        return self._used[0]
+        return int(self._used[0])
 
     @property
     def hit_rate(self) -> float:
@@ -209,16 +219,16 @@ class TieredTable(MemoryTable):
         """Halve the next 1/age_every of the miss counts: every count halves once per age_every
         calls that miss, a slice at a time (halving a 320M-row table's counts at once stalls one
         call ~0.2 s; a warm call, all hits, pays nothing)."""
-        start = self._age_at[0]
+        start = int(self._age_at[0])
         stop = min(start + self._age_chunk, self.num_rows)
         np.right_shift(self.seen[start:stop], 1, out=self.seen[start:stop])
         self._age_at[0] = 0 if stop == self.num_rows else stop
 
     def _admit(self, missed_M: np.ndarray, raw_M: np.ndarray, seen_M: np.ndarray) -> None:
-        used = self._used[0]
+        used = int(self._used[0])
         room = min(self.capacity - used, len(missed_M))
         if room:
-            self._place(np.arange(used + 1, used + room + 1), missed_M[:room], raw_M[:room])
+            self._fill(np.arange(used + 1, used + room + 1), missed_M[:room], raw_M[:room])
             self._used[0] = used + room
         keen = seen_M[room:] >= 2  # missed before: a one-off row never displaces anything
         if not keen.any():
@@ -231,10 +241,12 @@ class TieredTable(MemoryTable):
         victims, first = np.unique(victims[free], return_index=True)
         if len(victims):
             chosen = np.nonzero(free)[0][first]
-            self.slot_of[self.row_in[victims]] = 0
-            self._place(victims, rest[chosen], rest_raw[chosen])
+            self._fill(victims, rest[chosen], rest_raw[chosen])
 
-    def _place(self, slots: np.ndarray, rows: np.ndarray, raw: np.ndarray) -> None:
+    def _fill(self, slots: np.ndarray, rows: np.ndarray, raw: np.ndarray) -> None:
+        """Put `rows` into `slots`, unmapping the rows those slots held (a fresh slot's row_in maps no row to it)."""
+        old = self.row_in[slots]
+        self.slot_of[old[self.slot_of[old] == slots]] = 0
         self.store[slots] = raw
         self.row_in[slots] = rows
         self.slot_of[rows] = slots
