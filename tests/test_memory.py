@@ -169,7 +169,7 @@ def test_export_round_trip_and_manifest_checks(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="checksum"):
         open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"], verify=True)
     m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
-    m["dtype"] = "int4"
+    m["dtype"] = "int3"
     (tmp_path / "bf16" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="unknown dtype"):
         open_exported(tmp_path / "bf16", int(layer), dense.num_rows, dense.dim, state["fingerprint"])
@@ -330,3 +330,22 @@ def test_every_tier_refuses_row_ids_outside_its_table(tmp_path):
             with pytest.raises(ValueError, match="fall outside"):
                 table.prefetch(torch.tensor(bad)) if "prefetch" in name else table(torch.tensor(bad))
         table.close()
+
+
+@pytest.mark.parametrize("dtype, dim", [("int8", 32), ("int8", 40), ("int4", 32), ("int4", 45), ("int4", 1)])
+def test_integer_rows_decode_within_half_a_scale_and_cost_what_they_say(dtype, dim):
+    """int8 / int4 with a bf16 scale per 32 columns: every element within max|x| of its group / 254 (int8) or / 14
+    (int4); zeros exact; bytes per row as stated."""
+    from engram_lm.memory.codec import decode_rows, encode_rows, error_bound, row_bytes
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(200, dim, generator=g) * torch.logspace(-3, 1, 200).unsqueeze(1)  # rows of very different sizes
+    x[3] = 0.0
+    raw = encode_rows(x, dtype)
+    assert raw.shape == (200, row_bytes(dtype, dim)) == (200, (dim if dtype == "int8" else (dim + 1) // 2) + 2 * -(-dim // 32))
+    back = decode_rows(raw, dtype, dim)
+    assert (back - x).abs().le(error_bound(x, dtype) + 1e-12).all()
+    assert torch.equal(back[3], torch.zeros(dim))
+    assert (back - x).abs().max() > 0  # lossy, within its bound
+    with pytest.raises(ValueError, match="must be finite"):
+        encode_rows(torch.tensor([[float("nan")] * dim]), dtype)

@@ -186,3 +186,32 @@ def test_generate_with_a_shared_tiered_tier_gives_the_same_tokens_and_leaves_not
     assert {p.name for p in folder.glob("engram-lm-*")} == before  # the last process out removed its store
     assert main(["generate", *prompt, "--memory", "mmap", "--shared"]) == 2
     assert "shared row store is the tiered tier's" in capsys.readouterr().err
+
+
+def test_the_replicas_bench_runs_every_mode_and_a_newcomer_finds_the_shared_rows(tmp_path):
+    from engram_lm.bench.replicas import bench_replicas
+
+    (tmp_path / "shm").mkdir()
+    r = bench_replicas(table_gb=0.005, processes=2, budget_gb=0.002, calls=4, workdir=tmp_path, shm=tmp_path / "shm")
+    assert list(r["modes"]) == ["private", "shared", "mmap"] and all(m["total_pss_gb"] > 0 for m in r["modes"].values())
+    for m in r["modes"].values():
+        assert m["warm_decode_rows_s"] > 0 and m["warm_decode_p99_ms"] >= m["warm_decode_p50_ms"] > 0
+    assert r["modes"]["shared"]["newcomer_hit_rate"] > r["modes"]["private"]["newcomer_hit_rate"]
+    assert set(r["shared_vs_private"]) >= {"table_pss", "warm_decode_rows_s", "cold_prefill_rows_s"}
+    assert list((tmp_path / "shm").iterdir()) == []
+
+
+def test_rows_a_dead_writer_left_half_written_are_repaired_even_when_no_row_is_new(folder):
+    """Every row asked for maps to a slot the dead writer left odd: the call still takes the lock and repairs."""
+    reference = MmapTable(_file(folder), ROWS, DIM, "fp32")
+    table = _open(folder, budget_rows=100)
+    rows = torch.arange(100, 110)
+    table(rows)
+    slots = table.slot_of[rows.numpy()].astype(np.int64)
+    table.shared.begin(slots, rows.numpy())  # as a writer that died after marking its slots
+    table.seq[slots] += 1
+    assert torch.equal(table(rows), reference(rows))
+    assert int(table.shared.header["journal_state"][0]) == 0 and (table.seq[slots] & 1 == 0).all()
+    before = table.hits
+    assert torch.equal(table(rows), reference(rows)) and table.hits == before + 10  # held again, whole
+    table.close()

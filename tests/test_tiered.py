@@ -17,7 +17,7 @@ def _file(tmp_path, rows=2000, dim=16, dtype="fp32", seed=0):
     return path
 
 
-@pytest.mark.parametrize("dtype, dim", [("fp32", 16), ("bf16", 48), ("fp8", 32)])
+@pytest.mark.parametrize("dtype, dim", [("fp32", 16), ("bf16", 48), ("fp8", 32), ("int8", 40), ("int4", 45)])
 @pytest.mark.parametrize("budget_rows", [1, 37, 5000])
 def test_same_rows_as_the_mmap_tier_under_any_budget(tmp_path, dtype, dim, budget_rows):
     path = _file(tmp_path, dim=dim, dtype=dtype)

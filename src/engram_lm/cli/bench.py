@@ -122,6 +122,32 @@ def _print_penalty(r: dict[str, Any]) -> None:
     print(f"peak resident memory {r['peak_rss_gb']:.2f} GB")
 
 
+def cmd_bench_replicas(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from engram_lm.bench.replicas import MODES, bench_replicas
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if set(modes) - set(MODES):
+        raise ValueError(f"--modes {','.join(sorted(set(modes) - set(MODES)))}: choose from {', '.join(MODES)}")
+    return bench_replicas(table_gb=args.table_gb, processes=args.processes, budget_gb=args.budget_gb, calls=args.calls,
+                          workdir=Path(args.workdir) if args.workdir else None, modes=modes, table=args.table)  # fmt: skip
+
+
+def _print_replicas(r: dict[str, Any]) -> None:
+    print(f"{r['processes']} processes on one {r['table_gb']:.2f} GB table ({r['rows']:,} rows x {r['dim']} {r['dtype']}), "
+          f"tiered budget {r['budget_gb']:.2f} GB each (private) or in all (shared); {r['calls']} calls a phase")  # fmt: skip
+    print(f"  {'mode':<9}{'PSS GB':>8}{'table GB':>9}{'cold dec rows/s':>17}{'cold pre rows/s':>17}{'warm dec rows/s':>17}"
+          f"{'warm pre rows/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'newcomer hits':>15}")  # fmt: skip
+    for mode, m in r["modes"].items():
+        hits = f"{m['newcomer_hit_rate']:.1%}" if m.get("newcomer_hit_rate") is not None else "-"
+        print(f"  {mode:<9}{m['total_pss_gb']:>8.2f}{m['table_pss_gb']:>9.2f}{m['cold_decode_rows_s']:>17,.0f}{m['cold_prefill_rows_s']:>17,.0f}"
+              f"{m['warm_decode_rows_s']:>17,.0f}{m['warm_prefill_rows_s']:>17,.0f}{m['warm_decode_p50_ms']:>8.3f}"
+              f"{m['warm_decode_p99_ms']:>8.3f}{hits:>15}")  # fmt: skip
+    if "shared_vs_private" in r:
+        print("shared / private: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["shared_vs_private"].items()))
+
+
 def cmd_bench_real_table(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.real_table import bench_real_table
 
@@ -262,6 +288,19 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_real_table, show=_print_real_table)
+    b = bench.add_parser("replicas", help="N processes serving one table: private tiered stores vs one shared store vs "
+                                          "mmap (total PSS, cold and warm rows/s, decode p50/p99, a newcomer's hit rate)")  # fmt: skip
+    b.add_argument("--table-gb", type=float, default=1.0, help="size of the table file (fp32 rows of 64)")
+    b.add_argument("--table", default="random", choices=("random", "qwen3.8"),
+                   help="qwen3.8: Qwen3.8-Flash-Next's n-gram table at its real size (52.8 GB, kept in --workdir)")
+    b.add_argument("--processes", type=int, default=4, help="processes serving the table at once")
+    b.add_argument("--budget-gb", type=float, default=0.25, help="the tiered tier's row budget (each private store's, "
+                                                                 "or the one shared store's)")
+    b.add_argument("--calls", type=int, default=200, help="decode-sized (16 rows) and prefill-sized (4,096) calls a phase")
+    b.add_argument("--modes", default="private,shared,mmap", help="comma-separated: private, shared, mmap")
+    b.add_argument("--workdir", help="folder for the table file (default: the system's temporary folder)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_replicas, show=_print_replicas)
     b = bench.add_parser("penalty", help="a real-sized model's tokens/s with its Engram table on each tier (+prefetch), "
                                          "warm and cold, against the same model without Engram (the paper's Table 4 claim)")  # fmt: skip
     b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b"),

@@ -155,7 +155,9 @@ def cmd_tables_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export_memory(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.memory.export import export_memory
 
-    return export_memory(Path(args.checkpoint), Path(args.to), args.dtype)
+    return export_memory(Path(args.checkpoint), Path(args.to), args.dtype, check_text=args.check_text,
+                         check_batches=args.check_batches, max_kl=args.max_kl, max_loss_increase=args.max_loss_increase,
+                         check=not args.no_check)  # fmt: skip
 
 
 def cmd_retrofit(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,6 +209,15 @@ def _print_export(r: dict[str, Any]) -> None:
         print(f"layer {layer}: {entry['rows']:,} rows x {r['head_dim']} ({r['dtype']}) -> {entry['file']}, "
               f"{entry['bytes']:,} bytes, sha256 {entry['sha256'][:16]}...")  # fmt: skip
     print(f"layout fingerprint {r['fingerprint']}")
+    q = r.get("quality", {})
+    if q.get("lossless"):
+        return
+    if q.get("checked"):
+        print(f"quality ({q['tokens']:,} held-out tokens of {q['text']}): loss {q['loss']:.4f} -> {q['loss_format']:.4f} "
+              f"({q['loss_increase']:+.4f}), KL {q['kl']:.5f} nats a token: within the gate ({q['max_loss_increase']}, "
+              f"{q['max_kl']})")  # fmt: skip
+    else:
+        print(f"quality unchecked ({q.get('reason')}): recorded so in the manifest")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,8 +298,14 @@ def _add_serving_commands(sub) -> None:
     p = sub.add_parser("export-memory", help="write a checkpoint's Engram tables as mmap-able files")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (newest checkpoint)")
     p.add_argument("--to", required=True, help="output folder (manifest.json + layer-<L>.bin)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"),
-                   help="row encoding (fp8: e4m3 with a power-of-two scale per 32 values)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8", "int8", "int4"),
+                   help="row encoding (fp8: e4m3 with a power-of-two scale per 32 values; int8 / int4: integers with "
+                        "a bf16 scale per 32 values); a lossy one is measured first and refused above the gate")
+    p.add_argument("--check-text", help="corpus to measure the format's cost on (default: the run's own held-out split)")
+    p.add_argument("--check-batches", type=int, default=8, help="held-out batches the gate measures")
+    p.add_argument("--max-kl", type=float, help="the gate: mean next-token KL in nats (default 0.01)")
+    p.add_argument("--max-loss-increase", type=float, help="the gate: held-out loss increase in nats (default 0.01)")
+    p.add_argument("--no-check", action="store_true", help="export without measuring (recorded as unchecked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_export_memory, show=_print_export)
 
@@ -297,8 +314,9 @@ def _add_serving_commands(sub) -> None:
     t = tables.add_parser("export", help="stream a checkpoint folder's n-gram tables into an engram-lm export")
     t.add_argument("--model", required=True, help="a qwen4_exp or DeepSeek-V4.1 checkpoint folder (config.json and safetensors)")
     t.add_argument("--to", required=True, help="output folder (manifest.json + layer-<k>.bin)")
-    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8"),
-                   help="row encoding for qwen4_exp tables (V4.1's are copied in their own fp8 rows)")
+    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp8", "int8", "int4"),
+                   help="row encoding for qwen4_exp tables (V4.1's are copied in their own fp8 rows); a lossy one is "
+                        "recorded as quality-unchecked: no model runs here")
     t.add_argument("--json", action="store_true")
     t.set_defaults(run=cmd_tables_export, show=lambda r: print(f"{len(r['modules'])} table(s) {r['shapes']} as "
                                                                 f"{r['dtype']} in {r['to']}"))  # fmt: skip

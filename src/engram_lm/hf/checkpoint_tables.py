@@ -24,6 +24,7 @@ from engram_lm.hashing.qwen4 import qwen4_layout_from_config
 from engram_lm.hf.provenance import checkpoint_source, hashed
 from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, write_manifest, write_table
+from engram_lm.memory.quality import unchecked
 
 NGRAM_KEY = re.compile(r"(.+)\.ngram_embedding(?:\.shard_(\d+))?\.weight")
 
@@ -110,9 +111,10 @@ def export_checkpoint_tables(model_dir: str | Path, out_dir: str | Path, dtype: 
         layouts.append(layout.fingerprint)
         shapes.append(list(shape))
         sources.append(digest.hexdigest())
+    quality = unchecked(dtype, "tables exported from checkpoint files: no model ran to measure the format")
     return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
                                     "dtype": dtype, "head_dim": shapes[0][1], "modules": tables.modules, "layers": layers,
-                                    "checkpoint": str(model_dir),
+                                    "checkpoint": str(model_dir), "quality": quality,
                                     "source": checkpoint_source(model_dir, sources, tables.files)})  # fmt: skip
 
 

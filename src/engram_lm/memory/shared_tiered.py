@@ -6,7 +6,9 @@ own memory: a row one process admitted is a hit for all. Reads take no lock: a s
 kept when its seq was even and unchanged around the copy and the slot still holds the row asked
 for; anything else is a miss, read from the disk by the process that needs it (outside any lock),
 then admitted under the store's writer lock, which first drops the rows another process admitted
-meanwhile. Admissions are journaled (shared_store.py), so a process killed mid-admission leaves
+meanwhile. A process that finds the lock held does not wait: it serves its rows and leaves their
+admission to a later miss (their miss counts kept), so no call waits for another's admission (a
+blocking lock made the 52.8 GB table's decode p99 11 ms against 3 ms for private stores). Admissions are journaled (shared_store.py), so a process killed mid-admission leaves
 the store consistent for the others.
 
 Shape legend: U distinct rows of a call, M of them missed.
@@ -60,18 +62,20 @@ class SharedTieredTable(TieredTable):
         raw = self.disk.read_raw(missed)  # the slow part, outside every lock
         out = got.numpy()
         out[~good] = raw
-        with self._lock, self.shared.lock():  # this process's threads, then the other processes
-            self.shared.repair()  # a writer killed mid-admission: its slots emptied before anything else
-            self._age()
-            self._admit_new(missed, raw, seen)
+        if self._fresh(missed).any():  # replicas miss the same hot rows at once: the first to admit them spares the rest the lock
+            with self._lock, self.shared.try_lock() as held:  # this process's threads; the others, if free now
+                if held:  # else another process is admitting: these rows wait for the next miss (their counts kept)
+                    self.shared.repair()  # a writer killed mid-admission: its slots emptied before anything else
+                    self._age()
+                    fresh = self._fresh(missed)  # again, under the lock
+                    self._admit(missed[fresh], raw[fresh], seen[fresh])
         return got
 
-    def _admit_new(self, missed_M: np.ndarray, raw_M: np.ndarray, seen_M: np.ndarray) -> None:
-        """Admit the missed rows no other process admitted meanwhile."""
-        slots = self.slot_of[missed_M]
-        fresh = ~((slots > 0) & (self.row_in[slots] == missed_M))
-        if fresh.any():
-            self._admit(missed_M[fresh], raw_M[fresh], seen_M[fresh])
+    def _fresh(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these rows no process holds whole: a slot's claim checked against the row it holds and its
+        version even (odd: being written, or left half-written by a process that died, which the lock repairs)."""
+        slots = self.slot_of[rows]
+        return ~((slots > 0) & (self.row_in[slots] == rows) & (self.seq[slots] & 1 == 0))
 
     def _fill(self, slots: np.ndarray, rows: np.ndarray, raw: np.ndarray) -> None:
         """Journaled: the journal first, the slots marked odd while they change, then even again."""
