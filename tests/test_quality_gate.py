@@ -74,3 +74,25 @@ def test_a_format_nothing_can_measure_is_said_and_recorded_unchecked(trained, tm
     assert q["checked"] is False and "no-such-text" in q["reason"]
     assert main(["export-memory", "--checkpoint", str(trained), "--to", str(tmp_path / "f"), "--dtype", "fp32"]) == 0
     assert json.loads((tmp_path / "f" / "manifest.json").read_text())["quality"]["lossless"] is True
+
+
+def test_the_formats_bench_measures_bytes_hit_rate_and_quality_per_format(trained, capsys):
+    from engram_lm.bench.formats import bench_formats
+
+    r = bench_formats(checkpoint=str(trained), batches=2, budget_fraction=0.05)
+    f = r["formats"]
+    assert list(f) == ["fp32", "bf16", "fp8", "int8", "int4"]
+    assert [f[d]["bytes_per_row"] for d in f] == [4 * r["dim"], 2 * r["dim"], r["dim"] + 1, r["dim"] + 2, r["dim"] // 2 + 2]
+    assert f["fp32"]["kl"] == 0 and f["int4"]["hit_rate"] >= f["fp32"]["hit_rate"]  # more rows in the same budget
+    assert main(["bench", "formats", "--checkpoint", str(trained), "--batches", "1"]) == 0
+    assert "int4" in capsys.readouterr().out
+
+
+def test_the_formats_bench_runs_on_a_retrofitted_hugging_face_model(tmp_path, hf_base):
+    from engram_lm.bench.formats import bench_formats
+
+    folder, docs = hf_base
+    assert main(["retrofit", "--model", str(folder), "--data", str(docs), "--steps", "2", "--out", str(tmp_path / "r"),
+                 "--set", "table_size=97", "--set", "batch_size=2", "--set", "seq_len=32", "--quiet"]) == 0  # fmt: skip
+    r = bench_formats(retrofit=str(tmp_path / "r"), batches=1)
+    assert r["formats"]["int4"]["tokens"] == 2 * 32 and r["formats"]["fp32"]["loss_increase"] == 0

@@ -148,6 +148,22 @@ def _print_replicas(r: dict[str, Any]) -> None:
         print("shared / private: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["shared_vs_private"].items()))
 
 
+def cmd_bench_formats(args: argparse.Namespace) -> dict[str, Any]:
+    from engram_lm.bench.formats import bench_formats
+
+    return bench_formats(checkpoint=args.checkpoint, retrofit=args.retrofit, batches=args.batches,
+                         budget_fraction=args.budget_fraction)  # fmt: skip
+
+
+def _print_formats(r: dict[str, Any]) -> None:
+    print(f"{r['model']}: {r['tables']} table(s), the first {r['table_rows']:,} rows x {r['dim']}; tiered budget "
+          f"{r['budget_bytes'] / 2**20:,.1f} MiB ({r['budget_fraction']:.0%} of it in fp32)")  # fmt: skip
+    print(f"  {'format':<7}{'bytes/row':>10}{'rows/GB':>13}{'hit rate':>10}{'loss +':>10}{'KL':>10}")
+    for name, f in r["formats"].items():
+        print(f"  {name:<7}{f['bytes_per_row']:>10}{f['rows_per_gb']:>13,}{f['hit_rate']:>10.1%}{f['loss_increase']:>+10.4f}"
+              f"{f['kl']:>10.5f}")  # fmt: skip
+
+
 def cmd_bench_real_table(args: argparse.Namespace) -> dict[str, Any]:
     from engram_lm.bench.real_table import bench_real_table
 
@@ -288,6 +304,14 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--keep", action="store_true", help="keep the table file (a later run reuses it)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_real_table, show=_print_real_table)
+    b = bench.add_parser("formats", help="per row format: bytes per row, rows per GB, the tiered tier's hit rate at a "
+                                         "fixed budget, and quality (loss, KL) on a trained model's own tables")  # fmt: skip
+    b.add_argument("--checkpoint", help="an engram-lm run or checkpoint folder")
+    b.add_argument("--retrofit", help="an `engram retrofit` run folder (its adapter on its base model)")
+    b.add_argument("--batches", type=int, default=8, help="held-out batches for the quality and the hit rate")
+    b.add_argument("--budget-fraction", type=float, default=0.1, help="the tiered budget, as a share of the fp32 table")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=cmd_bench_formats, show=_print_formats)
     b = bench.add_parser("replicas", help="N processes serving one table: private tiered stores vs one shared store vs "
                                           "mmap (total PSS, cold and warm rows/s, decode p50/p99, a newcomer's hit rate)")  # fmt: skip
     b.add_argument("--table-gb", type=float, default=1.0, help="size of the table file (fp32 rows of 64)")
