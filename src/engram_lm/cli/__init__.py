@@ -72,7 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lm_eval_main(argv: Sequence[str]) -> int:
+    """`engram lm-eval ...`: lm-eval's own command line, with the model "engram-lm" registered first."""
+    try:
+        import engram_lm.inference.harness  # noqa: F401  (registers "engram-lm")
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as err:
+        print(f"engram lm-eval: error: needs lm-eval ({err}); install the extra: pip install 'engram-lm[eval]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"engram lm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # its flags are lm-eval's: handed over as they are
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
