@@ -89,7 +89,22 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     same_windows = batches == train_cfg.eval_batches and args.data in (None, state["corpus"])
     return {"checkpoint": state["path"], "step": state["step"], "data": data.corpus, "val_loss": loss,
             "val_tokens": tokens, "batches": batches, "run_batches": train_cfg.eval_batches,
-            "logged_val_loss": _logged_val_loss(Path(state["path"]), state["step"]) if same_windows else None}  # fmt: skip
+            "logged_val_loss": _logged_val_loss(Path(state["path"]), state["step"]) if same_windows else None,
+            "probes": _probes(args.probes, model, data, state, args.device or "cpu")}  # fmt: skip
+
+
+def _probes(names: str | None, model, data, state: dict[str, Any], device: str) -> dict[str, Any]:
+    from engram_lm.probes.fact_recall import BIOS_PREFIX, probe_knowledge
+
+    out: dict[str, Any] = {}
+    for name in filter(None, (names or "").split(",")):
+        if name != "knowledge":
+            raise ValueError(f"--probes {name}: unknown probe; available: knowledge")
+        if not state["corpus"].startswith(BIOS_PREFIX):
+            raise ValueError(f"--probes knowledge: {state['path']} was trained on {state['corpus']!r}, which holds no "
+                             "biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. bios:600:0+bible)")  # fmt: skip
+        out[name] = probe_knowledge(model, data.tokenizer, state["corpus"], device)
+    return out
 
 
 def _logged_val_loss(checkpoint: Path, step: int) -> float | None:
@@ -111,6 +126,20 @@ def _print_eval(r: dict[str, Any]) -> None:
         line += (f" ({r['batches']} batches; the run's log holds its first {r['run_batches']}: without --batches "
                  "eval repeats that figure)")  # fmt: skip
     print(line)
+    if "knowledge" in r.get("probes", {}):
+        _print_knowledge(r["probes"]["knowledge"])
+
+
+def _print_knowledge(k: dict[str, Any]) -> None:
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    print(f"knowledge: {k['people']:,} people, {k['facts']:,} facts; recall {k['template']['recall']:.1%} in a "
+          f"training template, {k['question']['recall']:.1%} asked as a question; {k['bits']:,.0f} bits "
+          f"({k['bits_per_param']:.4f} per parameter)")  # fmt: skip
+    print("  documents per person: " + "  ".join(f"{e}: {pct(v)}" for e, v in k["template"]["by_exposures"].items()))
+    if "engram_zeroed" in k:
+        z = k["engram_zeroed"]["template"]
+        print(f"  Engram zeroed: recall {z['recall']:.1%} (retained {pct(k['retained_recall'])}), "
+              f"{k['engram_zeroed']['bits']:,.0f} bits")  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,13 +266,17 @@ def add_model_commands(sub) -> None:
     _add_serving_commands(sub)
     _add_retrofit_command(sub)
     _add_quickstart_command(sub)
+    sub.add_parser("lm-eval", help="lm-eval's command line with the model 'engram-lm' registered (the [eval] extra): "
+                                   "engram lm-eval --model engram-lm --model_args pretrained=RUN --tasks TASKS; "
+                                   "`engram lm-eval --help` for its flags", add_help=False)  # fmt: skip
 
 
 def _add_train_commands(sub) -> None:
     """`engram train` and `engram eval`."""
     p = sub.add_parser("train", help="train a model from a preset")
     p.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="model and training recipe")
-    p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder")
+    p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder; "
+                                  "bios:PEOPLE:SEED+CORPUS mixes synthetic biographies in (engram eval --probes knowledge)")  # fmt: skip
     p.add_argument("--steps", type=int, help="training steps (default: the preset's; more extends a finished run)")
     p.add_argument("--out", help="run folder (default runs/<preset>); rerun the same command to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
@@ -264,6 +297,9 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--batches", type=int, help="held-out batches (default: the run's own eval_batches, so the figure "
                                                 "is the one its metrics.jsonl logged)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--probes", help="also score probes (comma-separated): knowledge = the facts of a run trained on "
+                                    "--data bios:PEOPLE:SEED+CORPUS, recalled against exposures, in bits, and with "
+                                    "Engram zeroed")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval, show=_print_eval)
 

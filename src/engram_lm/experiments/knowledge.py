@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from engram_lm.probes.scoring import Probe, answer_scores, encode_probe
 
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "capital": ("The capital of {c} is {a}.", "The government of {c} sits in its capital, {a}.",
@@ -94,49 +94,19 @@ def fact_tokens(tokenizer, facts: list[Fact], eod_id: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
-    ids: list[int]  # the sentence up to and including its answer
-    answer_start: int  # index in ids of the answer's first token
-
-
 def probes(tokenizer, facts: list[Fact], templates: dict[str, tuple[str, ...]]) -> list[Probe]:
     """One probe per fact and template: the sentence's tokens up to the answer's end, and where
-    the answer starts. A template whose prefix does not tokenize as a prefix of the sentence
-    (a merge across the answer's boundary) cannot be scored this way and is refused."""
-    out = []
-    for f in facts:
-        for t in templates[f.relation]:
-            head, _ = t.split("{a}")
-            prefix = tokenizer.encode(head.format(c=f.country).rstrip(" "), add_special_tokens=False).ids
-            full = tokenizer.encode(t.format(c=f.country, a=f.answer).removesuffix("."), add_special_tokens=False).ids
-            if full[: len(prefix)] != prefix or len(full) == len(prefix):
-                raise ValueError(f"template {t!r} does not tokenize the answer {f.answer!r} apart from its prefix")
-            out.append(Probe(full, len(prefix)))
-    return out
+    the answer starts (probes/scoring.py::encode_probe; a template that merges tokens across the
+    answer's boundary is refused)."""
+    return [encode_probe(tokenizer, t.split("{a}")[0].format(c=f.country), t.format(c=f.country, a=f.answer).removesuffix("."))
+            for f in facts for t in templates[f.relation]]  # fmt: skip
 
 
-@torch.no_grad()
 def score_probes(model, probe_list: list[Probe], pad_id: int, batch: int = 128, device: str = "cpu") -> dict[str, float]:
     """accuracy: the share of probes whose every answer token is the argmax; answer_nll: the
-    mean negative log-likelihood per answer token. Right padding leaves a causal model's
-    predictions at the real positions unchanged."""
+    mean negative log-likelihood per answer token (a Hugging Face causal LM)."""
     was = model.training
     model.eval()
-    right = nll = tokens = 0.0
-    for i in range(0, len(probe_list), batch):
-        chunk = probe_list[i : i + batch]
-        width = max(len(p.ids) for p in chunk)
-        x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        for row, p in enumerate(chunk):
-            x[row, : len(p.ids)] = torch.tensor(p.ids)
-        logp = F.log_softmax(model(input_ids=x.to(device), use_cache=False).logits.float(), dim=-1).cpu()
-        for row, p in enumerate(chunk):
-            pos = torch.arange(p.answer_start, len(p.ids))
-            target = x[row, pos]
-            pred = logp[row, pos - 1]
-            right += bool((pred.argmax(-1) == target).all())
-            nll -= pred.gather(1, target[:, None]).sum().item()
-            tokens += len(pos)
+    scores = answer_scores(lambda x: model(input_ids=x, use_cache=False).logits, probe_list, pad_id, batch, device)
     model.train(was)
-    return {"accuracy": right / len(probe_list), "answer_nll": nll / tokens}
+    return {"accuracy": sum(s[0] for s in scores) / len(scores), "answer_nll": sum(s[1] for s in scores) / sum(s[2] for s in scores)}

@@ -50,6 +50,8 @@ def load_corpus(name_or_path: str) -> list[str]:
         return python_stdlib_files()
     if name_or_path == "bible+facts":
         return bible_with_facts()
+    if name_or_path.startswith("bios:"):
+        return corpus_with_biographies(name_or_path)
     return read_user_corpus(Path(name_or_path))
 
 
@@ -147,6 +149,17 @@ def bible_with_facts() -> list[str]:
     return docs
 
 
+def corpus_with_biographies(spec: str) -> list[str]:
+    """`bios:PEOPLE:SEED+CORPUS`: CORPUS's documents with PEOPLE synthetic biographies between
+    them, each person written 1-32 times (probes/biographies.py), none in the validation split."""
+    from engram_lm.probes.biographies import biography_documents, people, with_biographies
+    from engram_lm.probes.fact_recall import parse_bios_corpus
+    from engram_lm.training.data import is_val_document
+
+    count, seed, inner = parse_bios_corpus(spec)
+    return with_biographies(load_corpus(inner), biography_documents(people(count, seed), seed), is_val_document)
+
+
 def python_stdlib_files() -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
@@ -165,7 +178,8 @@ def read_user_corpus(path: Path) -> list[str]:
     if not path.exists():
         raise ValueError(
             f"data path {path} does not exist; pass a .txt or .jsonl file, a folder of them, "
-            f"or a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
+            f"a built-in corpus ({', '.join(BUILTIN_CORPORA)}), first:N:CORPUS for a slice, or "
+            "bios:PEOPLE:SEED+CORPUS for CORPUS with synthetic biographies mixed in"
         )
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     docs: list[str] = []

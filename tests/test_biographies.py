@@ -1,0 +1,126 @@
+"""Synthetic biographies and the knowledge probe (probes/): people, documents, the corpus mix,
+scoring and bits, against hand-computed values and an oracle model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from engram_lm.cli import main
+from engram_lm.probes.biographies import (ATTRIBUTES, EXPOSURES, POOLS, QUESTIONS, TRAIN_TEMPLATES, biography_documents,
+                                          knowledge_bits, people, with_biographies)  # fmt: skip
+from engram_lm.probes.fact_recall import parse_bios_corpus, score_facts
+from engram_lm.probes.scoring import Probe, answer_scores
+
+
+def test_people_are_reproducible_distinct_and_cycle_through_the_exposure_counts():
+    a, b = people(120, seed=3), people(120, seed=3)
+    assert a == b and a != people(120, seed=4)
+    assert len({p.name for p in a}) == 120
+    assert [p.exposures for p in a[:7]] == [1, 2, 4, 8, 16, 32, 1]
+    for p in a:
+        assert [k for k, _ in p.attributes] == list(ATTRIBUTES)
+        assert all(v in POOLS[k] for k, v in p.attributes)
+    assert len(POOLS["birth_date"]) == 100 * 12 * 28
+
+
+def test_each_person_is_written_as_often_as_their_exposures_every_attribute_once_a_document():
+    persons = people(12, seed=0)
+    docs = biography_documents(persons, seed=0)
+    assert len(docs) == 2 * sum(EXPOSURES)
+    for p in persons:
+        mine = [d for d in docs if d.startswith(p.name) or f" {p.name} " in f" {d} "]
+        assert len(mine) == p.exposures
+        for d in mine:
+            for attribute, value in p.attributes:
+                said = [t.format(n=p.name, a=value) for t in TRAIN_TEMPLATES[attribute]]
+                assert sum(d.count(s) for s in said) == 1  # once, in a training template
+            assert not any(q.split("{n}")[0] in d for q in QUESTIONS.values() for q in q)  # never the question form
+
+
+def test_the_mix_keeps_the_corpus_order_and_no_biography_in_the_validation_split():
+    corpus = [f"doc {i}" for i in range(50)]
+    bios = [f"bio {i}" for i in range(30)]
+    is_val = lambda i: i % 10 == 3  # noqa: E731
+    mixed = with_biographies(corpus, bios, is_val)
+    assert sorted(mixed) == sorted(corpus + bios)
+    assert [d for d in mixed if d.startswith("doc")] == corpus
+    assert all(mixed[i].startswith("doc") for i in range(len(mixed)) if is_val(i))
+    spread = [i for i, d in enumerate(mixed) if d.startswith("bio")]
+    assert spread[0] < 5 and spread[-1] > len(mixed) - 5  # spread over the whole corpus, not bunched
+    with pytest.raises(ValueError, match="fewer people or a larger corpus"):
+        with_biographies(corpus[:2], bios, is_val)
+
+
+def test_the_corpus_spec_is_parsed_and_bad_ones_say_how_to_write_it():
+    assert parse_bios_corpus("bios:600:0+bible") == (600, 0, "bible")
+    assert parse_bios_corpus("bios:10:2+first:1000:python-stdlib") == (10, 2, "first:1000:python-stdlib")
+    for bad in ("bios:600+bible", "bios:x:0+bible", "bios:600:0", "bios:600:0+"):
+        with pytest.raises(ValueError, match="bios:PEOPLE:SEED\\+CORPUS"):
+            parse_bios_corpus(bad)
+
+
+def test_knowledge_bits_by_hand():
+    assert knowledge_bits(0.0, "field") == pytest.approx(math.log2(20))  # certain of the value: all of its pool's bits
+    assert knowledge_bits(math.log(20), "field") == pytest.approx(0.0, abs=1e-12)  # as good as guessing from the pool
+    assert knowledge_bits(10.0, "birth_city") == 0.0  # worse than guessing: clipped
+    assert knowledge_bits(math.log(2), "university") == pytest.approx(math.log2(40) - 1)
+
+
+def test_answer_scores_by_hand_on_a_uniform_model():
+    uniform = lambda x: torch.zeros(*x.shape, 5)  # noqa: E731  (argmax: token 0)
+    scores = answer_scores(uniform, [Probe([3, 1, 0, 0], 2), Probe([2, 4, 0], 1), Probe([1, 2], 1)], pad_id=0, batch=2)
+    assert scores == [(True, pytest.approx(2 * math.log(5)), 2), (False, pytest.approx(2 * math.log(5)), 2),
+                      (False, pytest.approx(math.log(5)), 1)]  # fmt: skip
+
+
+class _Words:
+    """A word-level tokenizer over the probes' own text (each space-separated word one id)."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {"<pad>": 0}
+
+    def encode(self, text, add_special_tokens=False):
+        class _E:
+            pass
+
+        e = _E()
+        e.ids = [self.ids.setdefault(w, len(self.ids)) for w in text.split()]
+        return e
+
+
+def test_an_oracle_knows_every_fact_and_holds_every_bit_a_uniform_model_none():
+    persons, tok = people(12, seed=1), _Words()
+    score_facts(lambda x: torch.zeros(*x.shape, 4096), tok, persons, pad_id=0)  # fills the vocabulary
+
+    def oracle(x):  # puts everything on the token that actually follows
+        out = torch.full((*x.shape, 4096), -30.0)
+        out[:, :-1].scatter_(-1, x[:, 1:, None], 30.0)
+        return out
+
+    known = score_facts(oracle, tok, persons, pad_id=0)
+    assert known["template"]["recall"] == known["question"]["recall"] == 1.0
+    assert known["bits"] == pytest.approx(12 * sum(math.log2(len(POOLS[a])) for a in ATTRIBUTES), rel=1e-6)
+    assert set(known["template"]["by_exposures"]) == {str(e) for e in EXPOSURES}
+    guess = score_facts(lambda x: torch.zeros(*x.shape, 4096), tok, persons, pad_id=0)
+    assert guess["template"]["recall"] == 0.0 and guess["bits"] == 0.0  # 4096 ids: worse than the pool's prior
+
+
+def test_engram_eval_probes_knowledge_on_a_run_trained_with_biographies(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", "bios:24:0+bible", "--steps", "6", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--probes", "knowledge", "--json"]) == 0
+    k = json.loads(capsys.readouterr().out)["probes"]["knowledge"]
+    assert k["people"] == 24 and k["facts"] == 120
+    assert 0 <= k["template"]["recall"] <= 1 and k["bits"] >= 0 and k["params"]["params_total"] > 0
+    assert "engram_zeroed" in k  # the tiny preset has Engram
+    assert main(["eval", "--checkpoint", str(run), "--probes", "knowledge"]) == 0
+    assert "documents per person: 1:" in capsys.readouterr().out
+    other = tmp_path / "other"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(other), "--quiet"]) == 0
+    assert main(["eval", "--checkpoint", str(other), "--probes", "knowledge"]) == 2
+    assert "holds no biographies; train with --data bios:" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--probes", "recall"]) == 2
+    assert "unknown probe; available: knowledge" in capsys.readouterr().err
