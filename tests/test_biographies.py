@@ -9,7 +9,7 @@ import torch
 
 from engram_lm.cli import main
 from engram_lm.probes.biographies import (ATTRIBUTES, EXPOSURES, POOLS, QUESTIONS, TRAIN_TEMPLATES, biography_documents,
-                                          knowledge_bits, people, with_biographies)  # fmt: skip
+                                          knowledge_bits, mix_documents, people)  # fmt: skip
 from engram_lm.probes.fact_recall import parse_bios_corpus, score_facts
 from engram_lm.probes.scoring import Probe, answer_scores
 
@@ -43,14 +43,14 @@ def test_the_mix_keeps_the_corpus_order_and_no_biography_in_the_validation_split
     corpus = [f"doc {i}" for i in range(50)]
     bios = [f"bio {i}" for i in range(30)]
     is_val = lambda i: i % 10 == 3  # noqa: E731
-    mixed = with_biographies(corpus, bios, is_val)
+    mixed = mix_documents(corpus, bios, is_val)
     assert sorted(mixed) == sorted(corpus + bios)
     assert [d for d in mixed if d.startswith("doc")] == corpus
     assert all(mixed[i].startswith("doc") for i in range(len(mixed)) if is_val(i))
     spread = [i for i, d in enumerate(mixed) if d.startswith("bio")]
     assert spread[0] < 5 and spread[-1] > len(mixed) - 5  # spread over the whole corpus, not bunched
     with pytest.raises(ValueError, match="fewer people or a larger corpus"):
-        with_biographies(corpus[:2], bios, is_val)
+        mix_documents(corpus[:2], bios, is_val)
 
 
 def test_the_corpus_spec_is_parsed_and_bad_ones_say_how_to_write_it():
@@ -107,7 +107,7 @@ def test_an_oracle_knows_every_fact_and_holds_every_bit_a_uniform_model_none():
     assert guess["template"]["recall"] == 0.0 and guess["bits"] == 0.0  # 4096 ids: worse than the pool's prior
 
 
-def test_engram_eval_probes_knowledge_on_a_run_trained_with_biographies(tmp_path, capsys):
+def test_engram_eval_probes_knowledge_on_a_run_trained_mix_documents(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--data", "bios:24:0+bible", "--steps", "6", "--out", str(run), "--quiet"]) == 0
     capsys.readouterr()
@@ -122,5 +122,5 @@ def test_engram_eval_probes_knowledge_on_a_run_trained_with_biographies(tmp_path
     assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(other), "--quiet"]) == 0
     assert main(["eval", "--checkpoint", str(other), "--probes", "knowledge"]) == 2
     assert "holds no biographies; train with --data bios:" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(run), "--probes", "recall"]) == 2
-    assert "unknown probe; available: knowledge" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--probes", "facts"]) == 2
+    assert "unknown probe; available: knowledge, recall" in capsys.readouterr().err

@@ -90,20 +90,24 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"checkpoint": state["path"], "step": state["step"], "data": data.corpus, "val_loss": loss,
             "val_tokens": tokens, "batches": batches, "run_batches": train_cfg.eval_batches,
             "logged_val_loss": _logged_val_loss(Path(state["path"]), state["step"]) if same_windows else None,
-            "probes": _probes(args.probes, model, data, state, args.device or "cpu")}  # fmt: skip
+            "probes": _probes(args.probes, model, data, state, train_cfg.seq_len, args.device or "cpu")}  # fmt: skip
 
 
-def _probes(names: str | None, model, data, state: dict[str, Any], device: str) -> dict[str, Any]:
+def _probes(names: str | None, model, data, state: dict[str, Any], context: int, device: str) -> dict[str, Any]:
     from engram_lm.probes.fact_recall import BIOS_PREFIX, probe_knowledge
+    from engram_lm.probes.recall import probe_recall
 
     out: dict[str, Any] = {}
     for name in filter(None, (names or "").split(",")):
-        if name != "knowledge":
-            raise ValueError(f"--probes {name}: unknown probe; available: knowledge")
-        if not state["corpus"].startswith(BIOS_PREFIX):
-            raise ValueError(f"--probes knowledge: {state['path']} was trained on {state['corpus']!r}, which holds no "
-                             "biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. bios:600:0+bible)")  # fmt: skip
-        out[name] = probe_knowledge(model, data.tokenizer, state["corpus"], device)
+        if name == "knowledge":
+            if not state["corpus"].startswith(BIOS_PREFIX):
+                raise ValueError(f"--probes knowledge: {state['path']} was trained on {state['corpus']!r}, which holds no "
+                                 "biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. bios:600:0+bible)")  # fmt: skip
+            out[name] = probe_knowledge(model, data.tokenizer, state["corpus"], device)
+        elif name == "recall":
+            out[name] = probe_recall(model, data.tokenizer, state["corpus"], context, device)
+        else:
+            raise ValueError(f"--probes {name}: unknown probe; available: knowledge, recall")
     return out
 
 
@@ -128,6 +132,18 @@ def _print_eval(r: dict[str, Any]) -> None:
     print(line)
     if "knowledge" in r.get("probes", {}):
         _print_knowledge(r["probes"]["knowledge"])
+    if "recall" in r.get("probes", {}):
+        _print_recall(r["probes"]["recall"])
+
+
+def _print_recall(c: dict[str, Any]) -> None:
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    m, n = c["mqar"], c["needle"]
+    print(f"in-context recall (fresh instances, at most {c['context']} tokens"
+          + ("" if c["trained_on_format"] else "; its corpus held no recall documents: the format is new to it") + "):")
+    print(f"  key-value recall {pct(m['accuracy'])} of {m['queries']} queries; by pairs "
+          + "  ".join(f"{k}: {pct(v)}" for k, v in m["by_pairs"].items()))  # fmt: skip
+    print(f"  needle {pct(n['accuracy'])} of {n['probes']}; by depth " + "  ".join(f"{k}: {pct(v)}" for k, v in n["by_depth"].items()))
 
 
 def _print_knowledge(k: dict[str, Any]) -> None:
@@ -276,7 +292,8 @@ def _add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset")
     p.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="model and training recipe")
     p.add_argument("--data", help="built-in corpus (bible, python-stdlib) or a .txt/.jsonl file or folder; "
-                                  "bios:PEOPLE:SEED+CORPUS mixes synthetic biographies in (engram eval --probes knowledge)")  # fmt: skip
+                                  "bios:PEOPLE:SEED+CORPUS mixes synthetic biographies in, recall:DOCS:SEED+CORPUS "
+                                  "in-context recall documents (engram eval --probes)")  # fmt: skip
     p.add_argument("--steps", type=int, help="training steps (default: the preset's; more extends a finished run)")
     p.add_argument("--out", help="run folder (default runs/<preset>); rerun the same command to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
@@ -299,7 +316,8 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     p.add_argument("--probes", help="also score probes (comma-separated): knowledge = the facts of a run trained on "
                                     "--data bios:PEOPLE:SEED+CORPUS, recalled against exposures, in bits, and with "
-                                    "Engram zeroed")  # fmt: skip
+                                    "Engram zeroed; recall = key-value recall and needles on fresh instances (train "
+                                    "with --data recall:DOCS:SEED+CORPUS so the model knows the format)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval, show=_print_eval)
 

@@ -9,7 +9,7 @@ attribute once, each in a training template drawn at random, in a shuffled order
 teacher forcing on the value's tokens: `TRAIN_TEMPLATES` are the sentences training reads,
 `QUESTIONS` a question form it never reads (does the model know the fact, or the sentence?).
 
-`with_biographies(documents, ...)` mixes the biography documents between a corpus's documents,
+`mix_documents(documents, ...)` mixes the biography documents between a corpus's documents,
 never where the validation split takes one (training/data.py::is_val_document): held-out loss
 stays the corpus's own, and every fact is in training.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 EXPOSURES = (1, 2, 4, 8, 16, 32)
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer")
 
-_SYLLABLES = ("ba", "bel", "cor", "da", "del", "fa", "gan", "hal", "ir", "ka", "kel", "lo", "mar", "mi", "nor", "o",
+SYLLABLES = ("ba", "bel", "cor", "da", "del", "fa", "gan", "hal", "ir", "ka", "kel", "lo", "mar", "mi", "nor", "o",
               "pel", "ra", "ren", "sa", "sel", "ta", "tor", "u", "va", "ven", "wil", "za", "zor", "qui")  # fmt: skip
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")  # fmt: skip
@@ -83,7 +83,7 @@ class Person:
 
 
 def _name(rng: random.Random) -> str:
-    word = lambda k: "".join(rng.choice(_SYLLABLES) for _ in range(k)).capitalize()  # noqa: E731
+    word = lambda k: "".join(rng.choice(SYLLABLES) for _ in range(k)).capitalize()  # noqa: E731
     return f"{word(2)} {word(rng.choice((2, 3)))}"
 
 
@@ -119,8 +119,8 @@ def biography_documents(persons: list[Person], seed: int = 0) -> list[str]:
     return docs
 
 
-def with_biographies(documents: list[str], bios: list[str], is_val) -> list[str]:
-    """The corpus's documents in their order with the biographies spread evenly between them,
+def mix_documents(documents: list[str], bios: list[str], is_val) -> list[str]:
+    """The corpus's documents in their order with `bios` (biographies, recall documents) spread evenly between them,
     each at an index the validation split does not take (`is_val(index)`): the held-out split
     holds corpus documents only, and every fact is in training."""
     total = len(documents) + len(bios)

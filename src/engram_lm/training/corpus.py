@@ -52,6 +52,8 @@ def load_corpus(name_or_path: str) -> list[str]:
         return bible_with_facts()
     if name_or_path.startswith("bios:"):
         return corpus_with_biographies(name_or_path)
+    if name_or_path.startswith("recall:"):
+        return corpus_with_recall(name_or_path)
     return read_user_corpus(Path(name_or_path))
 
 
@@ -152,12 +154,35 @@ def bible_with_facts() -> list[str]:
 def corpus_with_biographies(spec: str) -> list[str]:
     """`bios:PEOPLE:SEED+CORPUS`: CORPUS's documents with PEOPLE synthetic biographies between
     them, each person written 1-32 times (probes/biographies.py), none in the validation split."""
-    from engram_lm.probes.biographies import biography_documents, people, with_biographies
+    from engram_lm.probes.biographies import biography_documents, mix_documents, people
     from engram_lm.probes.fact_recall import parse_bios_corpus
     from engram_lm.training.data import is_val_document
 
     count, seed, inner = parse_bios_corpus(spec)
-    return with_biographies(load_corpus(inner), biography_documents(people(count, seed), seed), is_val_document)
+    return mix_documents(load_corpus(inner), biography_documents(people(count, seed), seed), is_val_document)
+
+
+def corpus_with_recall(spec: str) -> list[str]:
+    """`recall:DOCS:SEED+CORPUS`: CORPUS's documents with DOCS in-context recall documents between
+    them (probes/recall.py: key-value lists and needles in CORPUS's own training text), none in
+    the validation split."""
+    from engram_lm.probes.biographies import mix_documents
+    from engram_lm.probes.recall import parse_recall_corpus, recall_documents
+    from engram_lm.training.data import is_val_document
+
+    count, seed, inner = parse_recall_corpus(spec)
+    docs = load_corpus(inner)
+    filler = [d for i, d in enumerate(docs) if not is_val_document(i)]
+    return mix_documents(docs, recall_documents(count, seed, filler), is_val_document)
+
+
+def held_out_documents(spec: str) -> list[str]:
+    """The documents of the corpus under any bios:/recall: mixes that its validation split takes."""
+    from engram_lm.training.data import is_val_document
+
+    while spec.startswith(("bios:", "recall:")) and "+" in spec:
+        spec = spec.partition("+")[2]
+    return [d for i, d in enumerate(load_corpus(spec)) if is_val_document(i)]
 
 
 def python_stdlib_files() -> list[str]:
@@ -178,8 +203,8 @@ def read_user_corpus(path: Path) -> list[str]:
     if not path.exists():
         raise ValueError(
             f"data path {path} does not exist; pass a .txt or .jsonl file, a folder of them, "
-            f"a built-in corpus ({', '.join(BUILTIN_CORPORA)}), first:N:CORPUS for a slice, or "
-            "bios:PEOPLE:SEED+CORPUS for CORPUS with synthetic biographies mixed in"
+            f"a built-in corpus ({', '.join(BUILTIN_CORPORA)}), first:N:CORPUS for a slice, "
+            "bios:PEOPLE:SEED+CORPUS or recall:DOCS:SEED+CORPUS for CORPUS with probe documents mixed in"
         )
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     docs: list[str] = []
