@@ -9,9 +9,11 @@ import torch
 
 from engram_lm.cli import main
 from engram_lm.probes.biographies import (ATTRIBUTES, EXPOSURES, POOLS, QUESTIONS, TRAIN_TEMPLATES, biography_documents,
-                                          knowledge_bits, mix_documents, people)  # fmt: skip
-from engram_lm.probes.fact_recall import parse_bios_corpus, score_facts
+                                          knowledge_bits, people)  # fmt: skip
+from engram_lm.probes.fact_recall import score_facts
+from engram_lm.probes.mixes import base_corpus, find_mix, mix_documents, parse_mix
 from engram_lm.probes.scoring import Probe, answer_scores
+from probe_util import PieceTokenizer
 
 
 def test_people_are_reproducible_distinct_and_cycle_through_the_exposure_counts():
@@ -49,16 +51,21 @@ def test_the_mix_keeps_the_corpus_order_and_no_biography_in_the_validation_split
     assert all(mixed[i].startswith("doc") for i in range(len(mixed)) if is_val(i))
     spread = [i for i, d in enumerate(mixed) if d.startswith("bio")]
     assert spread[0] < 5 and spread[-1] > len(mixed) - 5  # spread over the whole corpus, not bunched
-    with pytest.raises(ValueError, match="fewer people or a larger corpus"):
+    with pytest.raises(ValueError, match="use fewer or a larger corpus"):
         mix_documents(corpus[:2], bios, is_val)
 
 
 def test_the_corpus_spec_is_parsed_and_bad_ones_say_how_to_write_it():
-    assert parse_bios_corpus("bios:600:0+bible") == (600, 0, "bible")
-    assert parse_bios_corpus("bios:10:2+first:1000:python-stdlib") == (10, 2, "first:1000:python-stdlib")
+    assert parse_mix("bios:600:0+bible") == ("bios", 600, 0, "bible")
+    assert parse_mix("recall:10:2+first:1000:python-stdlib") == ("recall", 10, 2, "first:1000:python-stdlib")
+    composed = "bios:600:3+recall:4000:1+first:1000:bible"
+    assert find_mix(composed, "recall") == (4000, 1) and find_mix(composed, "bios") == (600, 3)
+    assert find_mix("bible", "bios") is None and base_corpus(composed) == "first:1000:bible"
     for bad in ("bios:600+bible", "bios:x:0+bible", "bios:600:0", "bios:600:0+"):
         with pytest.raises(ValueError, match="bios:PEOPLE:SEED\\+CORPUS"):
-            parse_bios_corpus(bad)
+            parse_mix(bad)
+    with pytest.raises(ValueError, match="recall:DOCS:SEED\\+CORPUS"):
+        parse_mix("recall:1:2:3+bible")
 
 
 def test_knowledge_bits_by_hand():
@@ -75,23 +82,9 @@ def test_answer_scores_by_hand_on_a_uniform_model():
                       (False, pytest.approx(math.log(5)), 1)]  # fmt: skip
 
 
-class _Words:
-    """A word-level tokenizer over the probes' own text (each space-separated word one id)."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {"<pad>": 0}
-
-    def encode(self, text, add_special_tokens=False):
-        class _E:
-            pass
-
-        e = _E()
-        e.ids = [self.ids.setdefault(w, len(self.ids)) for w in text.split()]
-        return e
-
 
 def test_an_oracle_knows_every_fact_and_holds_every_bit_a_uniform_model_none():
-    persons, tok = people(12, seed=1), _Words()
+    persons, tok = people(12, seed=1), PieceTokenizer()
     score_facts(lambda x: torch.zeros(*x.shape, 4096), tok, persons, pad_id=0)  # fills the vocabulary
 
     def oracle(x):  # puts everything on the token that actually follows

@@ -10,24 +10,11 @@ import torch
 
 from engram_lm.cli import main
 from engram_lm.probes.recall import PAIRS, mqar, mqar_text, needle, recall_documents, recall_probes, score_recall
+from probe_util import PieceTokenizer
 
 FILLER = ["the quick brown fox jumps over the lazy dog and runs far away into the green hills " * 6,
           "a long road winds through the valley where farmers grow wheat and barley every summer " * 6]  # fmt: skip
 
-
-class _Pieces:
-    """Words and punctuation, one id each (ids grow as text is seen)."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {"<pad>": 0}
-
-    def encode(self, text, add_special_tokens=False):
-        class _E:
-            pass
-
-        e = _E()
-        e.ids = [self.ids.setdefault(w, len(self.ids)) for w in re.findall(r"\w+|[^\w\s]", text)]
-        return e
 
 
 def _induction(vocab: int):
@@ -74,7 +61,7 @@ def test_training_documents_alternate_the_two_kinds_and_are_reproducible():
 
 
 def test_copying_from_context_answers_every_probe_and_a_uniform_model_none():
-    tok = _Pieces()
+    tok = PieceTokenizer()
     probes = recall_probes(tok, seed=0, filler=FILLER, max_tokens=96, per_cell=4)
     assert all(len(p.ids) <= 96 for _, p in probes)
     kinds = {m["kind"] for m, _ in probes}
@@ -85,7 +72,7 @@ def test_copying_from_context_answers_every_probe_and_a_uniform_model_none():
     assert set(copied["needle"]["by_depth"]) == {"0.1", "0.5", "0.9"}
     blank = score_recall(lambda x: torch.zeros(*x.shape, len(tok.ids) + 1), probes, pad_id=0)
     assert blank["mqar"]["accuracy"] == 0.0 and blank["needle"]["accuracy"] == 0.0
-    assert recall_probes(_Pieces(), 0, FILLER, 96, 4) == probes and recall_probes(_Pieces(), 1, FILLER, 96, 4) != probes
+    assert recall_probes(PieceTokenizer(), 0, FILLER, 96, 4) == probes and recall_probes(PieceTokenizer(), 1, FILLER, 96, 4) != probes
 
 
 def test_engram_eval_probes_recall_on_runs_with_and_without_the_format(tmp_path, capsys):
@@ -98,3 +85,8 @@ def test_engram_eval_probes_recall_on_runs_with_and_without_the_format(tmp_path,
     assert r["mqar"]["queries"] > 0 and r["needle"]["probes"] > 0 and 0 <= r["mqar"]["accuracy"] <= 1
     assert main(["eval", "--checkpoint", str(run), "--probes", "recall"]) == 0
     assert "key-value recall" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(plain), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(plain), "--probes", "recall"]) == 0
+    assert "its corpus held no recall documents: the format is new to it" in capsys.readouterr().out

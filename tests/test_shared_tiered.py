@@ -14,6 +14,7 @@ from engram_lm.memory.codec import encode_rows, row_bytes
 from engram_lm.memory.host import MmapTable
 from engram_lm.memory.shared_store import APPLYING, SharedRowStore, store_name
 from engram_lm.memory.shared_tiered import SharedTieredTable
+from tier_util import hammer
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the shared store registers processes by /proc")
 
@@ -32,19 +33,12 @@ def _open(folder, budget_rows=50, **kw):
                              content_sha256=KEY, shm=folder / "shm", **kw)  # fmt: skip
 
 
-def _hammer(table, reference, calls: int, seed: int) -> int:
-    rng, wrong = np.random.default_rng(seed), 0
-    for _ in range(calls):
-        rows = torch.from_numpy(np.minimum(rng.zipf(1.2, size=int(rng.integers(1, 80))), ROWS) - 1)
-        wrong += not torch.equal(table(rows), reference(rows))
-    return wrong
-
 
 def _serve(folder, seed: int, calls: int, queue) -> None:
     """A process of its own: open the shared table, read at random, report the wrong calls and its counters."""
     try:
         table = _open(folder)
-        wrong = _hammer(table, MmapTable(_file(folder), ROWS, DIM, "fp32"), calls, seed)
+        wrong = hammer(table, MmapTable(_file(folder), ROWS, DIM, "fp32"), calls, seed, rows=ROWS)
         queue.put((wrong, table.hits, table.misses))
         table.close()
     except Exception as exc:  # noqa: BLE001
@@ -115,7 +109,7 @@ def _die_mid_admission(folder, queue, dying) -> None:
 def test_a_process_killed_mid_admission_leaves_the_store_consistent_for_the_others(folder):
     reference = MmapTable(_file(folder), ROWS, DIM, "fp32")
     survivor = _open(folder, budget_rows=200)
-    assert _hammer(survivor, reference, 20, seed=1) == 0
+    assert hammer(survivor, reference, 20, seed=1, rows=ROWS) == 0
     ctx = multiprocessing.get_context("spawn")
     queue, dying = ctx.Queue(), ctx.Event()
     victim = ctx.Process(target=_die_mid_admission, args=(folder, queue, dying))
@@ -127,7 +121,7 @@ def test_a_process_killed_mid_admission_leaves_the_store_consistent_for_the_othe
     rows = torch.arange(2000, 2040)
     assert torch.equal(survivor(rows), reference(rows))  # its half-written slots read as misses, never served
     assert int(survivor.shared.header["journal_state"][0]) == 0  # the next admission repaired the store first
-    assert _hammer(survivor, reference, 100, seed=2) == 0
+    assert hammer(survivor, reference, 100, seed=2, rows=ROWS) == 0
     assert survivor.hits > 0
     survivor.close()
     assert list((folder / "shm").iterdir()) == []  # the dead process did not keep the store alive

@@ -15,6 +15,7 @@ from engram_lm.memory.host import HostTable, MmapTable
 from engram_lm.memory.prefetch import PrefetchingTable
 from engram_lm.memory.ssd import SsdTable
 from engram_lm.memory.tiered import TieredTable
+from tier_util import hammer
 
 ROWS, DIM = 3000, 16
 ENGINES = ["threads", "aio"]
@@ -35,21 +36,13 @@ def _table(kind: str, path, engine: str):
     raise AssertionError(kind)
 
 
-def _hammer(table, reference, calls: int, seed: int) -> int:
-    """Random calls (Zipf-like ids, repeats inside a call); the number whose rows differ from the file's."""
-    rng, wrong = np.random.default_rng(seed), 0
-    for _ in range(calls):
-        rows = torch.from_numpy(np.minimum(rng.zipf(1.2, size=int(rng.integers(1, 80))), ROWS) - 1)
-        wrong += not torch.equal(table(rows), reference(rows))
-    return wrong
-
 
 def _in_threads(table, reference, threads: int = 4, calls: int = 150) -> list:
     results: list = []
 
     def work(seed: int) -> None:
         try:
-            results.append(_hammer(table, reference, calls, seed))
+            results.append(hammer(table, reference, calls, seed, rows=ROWS))
         except Exception as exc:  # noqa: BLE001 - any error is a failure of the tier
             results.append(repr(exc))
 
@@ -90,7 +83,7 @@ def _child(kind: str, path, engine: str, table_holder: list, queue) -> None:
     try:
         table = table_holder[0]
         reference = MmapTable(path, ROWS, DIM, "fp32")
-        queue.put(_hammer(table, reference, 200, seed=11))
+        queue.put(hammer(table, reference, 200, seed=11, rows=ROWS))
     except Exception as exc:  # noqa: BLE001
         queue.put(repr(exc))
 
@@ -104,12 +97,12 @@ def test_a_table_used_before_fork_serves_the_files_rows_in_the_child_and_the_par
     while the parent goes on reading at the same time."""
     path, reference = _file(tmp_path)
     table = _table(kind, path, engine)
-    assert _hammer(table, reference, 50, seed=1) == 0  # warm: the store is full, the reader has run
+    assert hammer(table, reference, 50, seed=1, rows=ROWS) == 0  # warm: the store is full, the reader has run
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(kind, path, engine, [table], queue))
     child.start()
-    parent_wrong = _hammer(table, reference, 200, seed=12)  # at the same time as the child
+    parent_wrong = hammer(table, reference, 200, seed=12, rows=ROWS)  # at the same time as the child
     child_result = queue.get(timeout=120)
     child.join(timeout=60)
     assert (parent_wrong, child_result, child.exitcode) == (0, 0, 0)

@@ -94,15 +94,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _probes(names: str | None, model, data, state: dict[str, Any], context: int, device: str) -> dict[str, Any]:
-    from engram_lm.probes.fact_recall import BIOS_PREFIX, probe_knowledge
+    from engram_lm.probes.fact_recall import probe_knowledge
     from engram_lm.probes.recall import probe_recall
 
     out: dict[str, Any] = {}
     for name in filter(None, (names or "").split(",")):
         if name == "knowledge":
-            if not state["corpus"].startswith(BIOS_PREFIX):
-                raise ValueError(f"--probes knowledge: {state['path']} was trained on {state['corpus']!r}, which holds no "
-                                 "biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. bios:600:0+bible)")  # fmt: skip
             out[name] = probe_knowledge(model, data.tokenizer, state["corpus"], device)
         elif name == "recall":
             out[name] = probe_recall(model, data.tokenizer, state["corpus"], context, device)

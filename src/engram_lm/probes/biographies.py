@@ -9,9 +9,9 @@ attribute once, each in a training template drawn at random, in a shuffled order
 teacher forcing on the value's tokens: `TRAIN_TEMPLATES` are the sentences training reads,
 `QUESTIONS` a question form it never reads (does the model know the fact, or the sentence?).
 
-`mix_documents(documents, ...)` mixes the biography documents between a corpus's documents,
-never where the validation split takes one (training/data.py::is_val_document): held-out loss
-stays the corpus's own, and every fact is in training.
+`--data bios:PEOPLE:SEED+CORPUS` mixes the biography documents between a corpus's documents
+(probes/mixes.py), never where the validation split takes one: held-out loss is the corpus's
+own, and every fact is in training.
 
 Pure: the same count and seed give the same people and documents on every machine.
 """
@@ -117,21 +117,6 @@ def biography_documents(persons: list[Person], seed: int = 0) -> list[str]:
     docs = [biography(p, rng) for p in persons for _ in range(p.exposures)]
     rng.shuffle(docs)
     return docs
-
-
-def mix_documents(documents: list[str], bios: list[str], is_val) -> list[str]:
-    """The corpus's documents in their order with `bios` (biographies, recall documents) spread evenly between them,
-    each at an index the validation split does not take (`is_val(index)`): the held-out split
-    holds corpus documents only, and every fact is in training."""
-    total = len(documents) + len(bios)
-    train_at = [i for i in range(total) if not is_val(i)]
-    if len(train_at) < len(bios) or total - len(train_at) > len(documents):
-        raise ValueError(f"{len(bios):,} biographies need more than {len(documents):,} corpus documents to sit between "
-                         "(the validation split must take corpus documents only): use fewer people or a larger corpus")  # fmt: skip
-    step = len(train_at) / max(1, len(bios))
-    bio_at = {train_at[int(k * step)]: k for k in range(len(bios))}
-    docs = iter(documents)
-    return [bios[bio_at[i]] if i in bio_at else next(docs) for i in range(total)]
 
 
 def knowledge_bits(value_nll_nats: float, attribute: str) -> float:

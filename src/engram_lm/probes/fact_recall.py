@@ -13,20 +13,8 @@ from typing import Any, Callable
 import torch
 
 from engram_lm.probes.biographies import ATTRIBUTES, EXPOSURES, QUESTIONS, TRAIN_TEMPLATES, Person, knowledge_bits, people
+from engram_lm.probes.mixes import find_mix
 from engram_lm.probes.scoring import answer_scores, encode_probe
-
-BIOS_PREFIX = "bios:"
-
-
-def parse_bios_corpus(spec: str) -> tuple[int, int, str]:
-    """`bios:PEOPLE:SEED+CORPUS` -> (people, seed, corpus)."""
-    head, plus, inner = spec.partition("+")
-    parts = head.split(":")
-    if not spec.startswith(BIOS_PREFIX) or not plus or not inner or len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"corpus {spec!r}: write bios:PEOPLE:SEED+CORPUS, e.g. bios:600:0+bible (600 people, seed 0, "
-                         "mixed into the Bible)")  # fmt: skip
-    return int(parts[1]), int(parts[2]), inner
-
 
 def fact_probes(tokenizer, persons: list[Person], form: str) -> list:
     """One probe per person and attribute: `form` 'template' (the first training template) or 'question'."""
@@ -63,7 +51,11 @@ def probe_knowledge(model, tokenizer, corpus: str, device: str | torch.device = 
     from engram_lm.analysis.capture import engram_zeroed
     from engram_lm.models.accounting import count_params
 
-    count, seed, _ = parse_bios_corpus(corpus)
+    mix = find_mix(corpus, "bios")
+    if mix is None:
+        raise ValueError(f"corpus {corpus!r} holds no biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. "
+                         "bios:600:0+bible)")  # fmt: skip
+    count, seed = mix
     persons = people(count, seed)
     logits_of = lambda x: model(x)[0]  # noqa: E731
     pad = model.config.eod_id if model.config.eod_id is not None else 0

@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch
 
 from engram_lm.probes.biographies import SYLLABLES
+from engram_lm.probes.mixes import find_mix
 from engram_lm.probes.scoring import Probe, answer_scores
 
-RECALL_PREFIX = "recall:"
 PAIRS = (2, 4, 8, 16)
 DEPTHS = (0.1, 0.5, 0.9)
 HELD_OUT_SEED = 1_000_003  # instances scored are drawn from this seed plus the run's: never trained on
@@ -80,16 +80,6 @@ def _excerpt(rng: random.Random, filler: list[str], max_words: int) -> str:
     words = rng.choice(filler).split() if filler else []
     start = rng.randrange(max(1, len(words) - max_words))
     return " ".join(words[start : start + rng.randrange(max_words // 4, max_words + 1)])
-
-
-def parse_recall_corpus(spec: str) -> tuple[int, int, str]:
-    """`recall:DOCS:SEED+CORPUS` -> (documents, seed, corpus)."""
-    head, plus, inner = spec.partition("+")
-    parts = head.split(":")
-    if not spec.startswith(RECALL_PREFIX) or not plus or not inner or len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"corpus {spec!r}: write recall:DOCS:SEED+CORPUS, e.g. recall:4000:0+bible (4,000 recall "
-                         "documents, seed 0, mixed into the Bible)")  # fmt: skip
-    return int(parts[1]), int(parts[2]), inner
 
 
 def recall_probes(tokenizer, seed: int, filler: list[str], max_tokens: int, per_cell: int = 32) -> list[tuple[dict[str, Any], Probe]]:
@@ -158,11 +148,10 @@ def probe_recall(model, tokenizer, corpus: str, context: int, device: str | torc
     recall documents (without them a model has never seen the format: expect zero)."""
     from engram_lm.training.corpus import held_out_documents
 
-    parts = corpus.split("+")
-    recall = [p for p in parts if p.startswith(RECALL_PREFIX)]
-    seed = parse_recall_corpus(recall[0] + "+x")[1] if recall else 0
+    mix = find_mix(corpus, "recall")
+    seed = mix[1] if mix else 0
     probes = recall_probes(tokenizer, seed, held_out_documents(corpus), context)
     pad = model.config.eod_id if model.config.eod_id is not None else 0
     with torch.no_grad():
         result = score_recall(lambda x: model(x)[0], probes, pad, device)
-    return {"trained_on_format": bool(recall), "context": context, **result}
+    return {"trained_on_format": mix is not None, "context": context, **result}

@@ -50,10 +50,8 @@ def load_corpus(name_or_path: str) -> list[str]:
         return python_stdlib_files()
     if name_or_path == "bible+facts":
         return bible_with_facts()
-    if name_or_path.startswith("bios:"):
-        return corpus_with_biographies(name_or_path)
-    if name_or_path.startswith("recall:"):
-        return corpus_with_recall(name_or_path)
+    if name_or_path.startswith(("bios:", "recall:")):
+        return corpus_with_probes(name_or_path)
     return read_user_corpus(Path(name_or_path))
 
 
@@ -151,38 +149,30 @@ def bible_with_facts() -> list[str]:
     return docs
 
 
-def corpus_with_biographies(spec: str) -> list[str]:
-    """`bios:PEOPLE:SEED+CORPUS`: CORPUS's documents with PEOPLE synthetic biographies between
-    them, each person written 1-32 times (probes/biographies.py), none in the validation split."""
-    from engram_lm.probes.biographies import biography_documents, mix_documents, people
-    from engram_lm.probes.fact_recall import parse_bios_corpus
+def corpus_with_probes(spec: str) -> list[str]:
+    """`bios:PEOPLE:SEED+CORPUS` (synthetic biographies, each person written 1-32 times) or
+    `recall:DOCS:SEED+CORPUS` (key-value lists and needles in CORPUS's own training text):
+    CORPUS's documents with the probe documents between them, none in the validation split."""
+    from engram_lm.probes.biographies import biography_documents, people
+    from engram_lm.probes.mixes import mix_documents, parse_mix
+    from engram_lm.probes.recall import recall_documents
     from engram_lm.training.data import is_val_document
 
-    count, seed, inner = parse_bios_corpus(spec)
-    return mix_documents(load_corpus(inner), biography_documents(people(count, seed), seed), is_val_document)
-
-
-def corpus_with_recall(spec: str) -> list[str]:
-    """`recall:DOCS:SEED+CORPUS`: CORPUS's documents with DOCS in-context recall documents between
-    them (probes/recall.py: key-value lists and needles in CORPUS's own training text), none in
-    the validation split."""
-    from engram_lm.probes.biographies import mix_documents
-    from engram_lm.probes.recall import parse_recall_corpus, recall_documents
-    from engram_lm.training.data import is_val_document
-
-    count, seed, inner = parse_recall_corpus(spec)
+    kind, count, seed, inner = parse_mix(spec)
     docs = load_corpus(inner)
-    filler = [d for i, d in enumerate(docs) if not is_val_document(i)]
-    return mix_documents(docs, recall_documents(count, seed, filler), is_val_document)
+    if kind == "bios":
+        extra = biography_documents(people(count, seed), seed)
+    else:
+        extra = recall_documents(count, seed, [d for i, d in enumerate(docs) if not is_val_document(i)])
+    return mix_documents(docs, extra, is_val_document)
 
 
 def held_out_documents(spec: str) -> list[str]:
-    """The documents of the corpus under any bios:/recall: mixes that its validation split takes."""
+    """The documents of the corpus under any probe mixes that its validation split takes."""
+    from engram_lm.probes.mixes import base_corpus
     from engram_lm.training.data import is_val_document
 
-    while spec.startswith(("bios:", "recall:")) and "+" in spec:
-        spec = spec.partition("+")[2]
-    return [d for i, d in enumerate(load_corpus(spec)) if is_val_document(i)]
+    return [d for i, d in enumerate(load_corpus(base_corpus(spec))) if is_val_document(i)]
 
 
 def python_stdlib_files() -> list[str]:
