@@ -32,6 +32,8 @@ from engram_lm.experiments.retrofit import CLAIMS as RETROFIT_CLAIMS
 from engram_lm.experiments.retrofit import retrofit_section
 from engram_lm.experiments.runner import read_result
 from engram_lm.experiments.scaling import SCALING_4X, scaling_4x_section, scaling_section, versus_strongest_overencoding
+from engram_lm.experiments.probes import CLAIMS as PROBE_CLAIMS
+from engram_lm.experiments.probes import knowledge_section, recall_section
 from engram_lm.experiments.sensitivity import sensitivity_section
 from engram_lm.experiments.summary import plot_summary, summary_lines
 from engram_lm.experiments.table_lr import table_lr_section
@@ -89,7 +91,8 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("table-lr", "table lr: the paper's 5x beats 1x"),
           ("regime", REGIME_CLAIM),
           ("scaling-4x", f"{SCALING_4X}: Engram's loss falls log-linearly with table size"),
-          *(("retrofit", claim[0]) for claim in RETROFIT_CLAIMS)]  # fmt: skip
+          *(("retrofit", claim[0]) for claim in RETROFIT_CLAIMS),
+          *(("probes", claim) for claim in PROBE_CLAIMS.values())]  # fmt: skip
 
 
 def load_results(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -170,6 +173,8 @@ SECTIONS: list[tuple[str, Section]] = [
     ("branch-fusion", branch_fusion_section),
     ("regime", regime_section),
     ("retrofit", retrofit_section),
+    ("probes", knowledge_section),
+    ("probes", recall_section),
 ]  # fmt: skip
 
 

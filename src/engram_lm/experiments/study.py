@@ -35,6 +35,10 @@ long runs):
                 the default's Engram (table decay 10) as well: does the default keep the gain?
   mhc           the duration pair (MoE, Engram) with M = 4 residual branches, --long-data
   allocation    the rho sweep at the quickstart budget (0.8 epochs of the built-in corpus)
+  probes        beyond loss: MoE vs MoE+Engram vs capacity-1 at 3x the quickstart's tokens on
+                --long-data with synthetic biographies and in-context recall documents mixed
+                in; facts recalled against exposures, in bits and with Engram zeroed, and
+                key-value recall and needles (experiments/probes.py)
 Sections that need --long-data are skipped without it (and the plan says so). Runs are
 folders under --out; a folder with result.json is finished and reused.
 """
@@ -51,6 +55,7 @@ from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
 from engram_lm.experiments.oe_diagnosis import oe_diagnosis_specs
+from engram_lm.experiments.probes import analyse_probes, probe_specs, write_probes
 from engram_lm.experiments.regime import REGIME_CANDIDATES, regime_corpora, regime_specs, write_regime
 from engram_lm.experiments.regularisation import regularisation_control_specs, regularisation_specs
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
@@ -60,8 +65,9 @@ from engram_lm.experiments.table_lr import table_lr_specs
 from engram_lm.recipes import quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
-            "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation", "regime")  # fmt: skip
-NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x")
+            "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation", "regime",
+            "probes")  # fmt: skip
+NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x", "probes")
 
 
 def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTIONS) -> dict[str, list[RunSpec]]:
@@ -99,6 +105,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         # measures its corpora to size the runs: the novels slice only where the folder is there
         "regime": lambda: regime_specs(seeds=seed_list, prefix="regime/", candidates=REGIME_CANDIDATES,
                                        corpora=regime_corpora(long_data if long_data and Path(long_data).exists() else None)),
+        "probes": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes/"),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
     }
@@ -106,6 +113,14 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         if name in sections and not (name in NEEDS_LONG_DATA and long_data is None):
             plan[name] = builders[name]()
     return plan
+
+
+def analyse(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """What a kept checkpoint is asked after training: the probes section's probes, or the
+    sensitivity section's token classes."""
+    if spec.tags.get("experiment") == "probes":
+        return analyse_probes(spec, run_dir)
+    return analyse_run(spec, run_dir)
 
 
 def planned_runs(plan: dict[str, list[RunSpec]]) -> list[RunSpec]:
@@ -124,7 +139,7 @@ def run_study(out: Path, *, seeds: int = 3, long_data: str | None = None, sectio
     for name, specs in plan.items():
         done = sum(load_result(out, s) is not None for s in specs)
         print(f"  {name:<18} {len(specs):>3} runs, {done:>3} finished")
-    results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run, analyse=analyse_run)
+    results = run_specs(out, ordered, device=device, progress=progress, dry_run=dry_run, analyse=analyse)
     if dry_run:  # a plan prints; it never rewrites what is committed
         from engram_lm.experiments.report import load_results, trained_runs
 
@@ -200,6 +215,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
     write_regime(section("regime"), out / "regime")
+    write_probes(section("probes"), out / "probes")
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
     write_curves(section("regularisation-control"), out / "regularisation-control",

@@ -1,0 +1,82 @@
+"""The study's probes section (experiments/probes.py): its plan, a trained and analysed run of
+each arm, and the page's verdicts from hand-made results."""
+
+import csv
+from dataclasses import replace
+
+import pytest
+
+from engram_lm.experiments import probes as P
+from engram_lm.experiments.runner import run_specs
+from engram_lm.experiments.study import analyse, study_plan
+
+TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. {i} Winston Smith slipped quickly "
+        "through the glass doors of Victory Mansions, though not quickly enough to prevent a swirl of gritty dust. ")  # fmt: skip
+
+
+def test_the_section_needs_long_data_and_plans_three_arms_per_seed():
+    assert "probes" not in study_plan(seeds=2, sections=("probes",))
+    specs = study_plan(seeds=2, long_data="novels", sections=("probes",))["probes"]
+    assert [s.key for s in specs] == ["probes/moe/seed-0", "probes/engram/seed-0", "probes/capacity1/seed-0",
+                                      "probes/moe/seed-1", "probes/engram/seed-1", "probes/capacity1/seed-1"]  # fmt: skip
+    assert all(s.keep_checkpoint and s.train.data == "bios:600:0+recall:3000:0+first:7000000:novels" for s in specs)
+    assert specs[2].model.engram.single_slot and specs[0].model.engram is None
+    assert len({s.train.steps for s in specs}) == 1 and specs[0].train.steps == 3 * 400
+
+
+def test_each_arm_trains_is_probed_and_the_page_renders(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "PEOPLE", 12)
+    monkeypatch.setattr(P, "RECALL_DOCS", 30)
+    monkeypatch.setattr(P, "NOVEL_CHARS", 400_000)
+    novels = tmp_path / "novels"
+    novels.mkdir()
+    for f in range(20):
+        (novels / f"{f:02d}.txt").write_text("".join(TEXT.format(i=f * 100 + i) for i in range(100)))
+    specs = [replace(s, train=s.train.with_(steps=2, eval_every=2, eval_batches=1))
+             for s in P.probe_specs(long_data=str(novels), seeds=(0,))]  # fmt: skip
+    results = run_specs(tmp_path / "runs", specs, progress=False, analyse=analyse)
+    for r in results:
+        a = r["analysis"]
+        assert a["knowledge"]["people"] == 12 and 0 <= a["knowledge"]["template"]["recall"] <= 1
+        assert a["recall"]["trained_on_format"] and a["recall"]["context"] == specs[0].train.seq_len
+        assert 0 <= a["next_token"]["with_engram"] <= 1
+        assert (a["next_token"]["engram_zeroed"] is None) == (r["variant"] == "moe")
+    verdicts, lines = P.knowledge_section(results)
+    assert [v[0] for v in verdicts] == [P.CLAIMS[k] for k in ("bits", "few", "table", "zeroed")]
+    assert all(v[1] == "inconclusive at this scale" for v in verdicts)  # one seed calls nothing
+    assert any(line.startswith("| MoE+Engram |") for line in lines)
+    verdicts, _ = P.recall_section(results)
+    assert [v[0] for v in verdicts] == [P.CLAIMS["mqar"], P.CLAIMS["needle"]]
+    P.write_probes(results, tmp_path / "out")
+    with (tmp_path / "out" / "probes.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["moe", "engram", "capacity1"]
+    assert rows[0]["next_token_kept_zeroed"] == "" and rows[1]["next_token_kept_zeroed"] != ""  # the MoE has no Engram
+
+
+def _run(variant: str, seed: int, bits: float, few: float, kept: float, tokens_kept: float, mqar: float) -> dict:
+    by = {str(e): few for e in (1, 2, 4)} | {str(e): 0.5 for e in (8, 16, 32)}
+    knowledge = {"params": {"params_total": 3e6}, "template": {"recall": 0.3, "by_exposures": by}, "question": {"recall": 0.1},
+                 "bits": bits, "bits_per_param": bits / 3e6, "retained_recall": kept if variant != "moe" else None}  # fmt: skip
+    recall = {"context": 128, "mqar": {"accuracy": mqar, "by_pairs": {str(n): mqar for n in (2, 4, 8, 16)}},
+              "needle": {"accuracy": mqar / 2}}  # fmt: skip
+    return {"variant": variant, "seed": seed, "data": "bios:600:0+recall:3000:0+first:7000000:novels", "epochs": 1.02,
+            "val_loss": 4.0, "analysis": {"knowledge": knowledge, "recall": recall,
+                                          "next_token": {"retained": tokens_kept if variant != "moe" else None}}}  # fmt: skip
+
+
+def test_the_verdicts_are_paired_over_seeds_by_hand():
+    runs = [_run("moe", s, 1000 + s, 0.10, 0, 0, 0.20) for s in range(3)]
+    runs += [_run("engram", s, [1300, 1250, 1320][s], [0.2, 0.25, 0.22][s], [0.3, 0.4, 0.35][s], 0.9, [0.2, 0.21, 0.19][s])
+             for s in range(3)]  # fmt: skip
+    runs += [_run("capacity1", s, 1000, 0.1, 0.9, 0.9, 0.2) for s in range(3)]
+    verdicts, _ = P.knowledge_section(runs)
+    bits, few, table, zeroed = verdicts
+    # Engram minus MoE bits per seed: 300, 249, 318 -> mean 289, sd sqrt(2562 / 2) = 35.79, se 20.664
+    assert bits[1] == "reproduced" and "difference +289.000 ± 20.664" in bits[3]
+    assert few[1] == "reproduced" and table[1] == "reproduced"
+    # kept facts minus kept next tokens: -0.6, -0.5, -0.55 -> -0.55 ± 0.029
+    assert zeroed[1] == "reproduced" and "difference -0.550 ± 0.029" in zeroed[3]
+    verdicts, _ = P.recall_section(runs)
+    assert verdicts[0][1] == "inconclusive at this scale"  # 0, +0.01, -0.01: nothing to call
+    assert P.knowledge_section(runs[:3])[0] == []  # an arm missing: not rendered yet
