@@ -287,6 +287,12 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--device", default="cuda", help="compute device")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_train_throughput, show=_print_train_throughput)
+    _add_table_benches(bench)
+    _add_model_benches(bench)
+
+
+def _add_table_benches(bench) -> None:
+    """The benchmarks of where a table lives: its tiers, formats, processes and what it costs a model."""
     b = bench.add_parser("big-table", help="generate with an Engram table file larger than RAM; report RSS and tok/s")
     b.add_argument("--table-gb", type=float, default=32.0, help="size of the table file written (GB)")
     b.add_argument("--workdir", default=".", help="folder for the temporary table file (needs table-gb + 1 GB free)")
@@ -325,6 +331,10 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--workdir", help="folder for the table file (default: the system's temporary folder)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=cmd_bench_replicas, show=_print_replicas)
+
+
+def _add_model_benches(bench) -> None:
+    """A model with its table on every tier: tokens/s and the penalty against the same model without Engram."""
     b = bench.add_parser("penalty", help="a real-sized model's tokens/s with its Engram table on each tier (+prefetch), "
                                          "warm and cold, against the same model without Engram (the paper's Table 4 claim)")  # fmt: skip
     b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b"),
