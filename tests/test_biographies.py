@@ -11,7 +11,7 @@ from engram_lm.cli import main
 from engram_lm.probes.biographies import (ATTRIBUTES, EXPOSURES, POOLS, QUESTIONS, TRAIN_TEMPLATES, biography_documents,
                                           knowledge_bits, people)  # fmt: skip
 from engram_lm.probes.fact_recall import score_facts
-from engram_lm.probes.mixes import base_corpus, find_mix, mix_documents, parse_mix
+from engram_lm.probes.mixes import base_corpus, find_mix, mix_documents, mixed_corpus, parse_mix
 from engram_lm.probes.scoring import Probe, answer_scores
 from probe_util import PieceTokenizer
 
@@ -41,18 +41,43 @@ def test_each_person_is_written_as_often_as_their_exposures_every_attribute_once
             assert not any(q.split("{n}")[0] in d for q in QUESTIONS.values() for q in q)  # never the question form
 
 
-def test_the_mix_keeps_the_corpus_order_and_no_biography_in_the_validation_split():
-    corpus = [f"doc {i}" for i in range(50)]
-    bios = [f"bio {i}" for i in range(30)]
+def test_the_mix_holds_out_the_corpus_own_held_out_text_and_trains_on_everything_else():
+    corpus = [f"doc {i} " + " ".join(f"w{i}-{j}" for j in range(40)) for i in range(50)]
+    bios = [f"bio {i}" for i in range(300)]
     is_val = lambda i: i % 10 == 3  # noqa: E731
     mixed = mix_documents(corpus, bios, is_val)
-    assert sorted(mixed) == sorted(corpus + bios)
-    assert [d for d in mixed if d.startswith("doc")] == corpus
-    assert all(mixed[i].startswith("doc") for i in range(len(mixed)) if is_val(i))
+    held = [d for i, d in enumerate(mixed) if is_val(i)]
+    assert " ".join(held) == " ".join(corpus[3::10])  # the same held-out text, cut into the split's 35 places
+    assert len(held) == sum(is_val(i) for i in range(len(mixed)))
+    trained = [d for i, d in enumerate(mixed) if not is_val(i)]
+    assert [d for d in trained if d.startswith("doc")] == [d for i, d in enumerate(corpus) if not is_val(i)]
+    assert sorted(d for d in trained if d.startswith("bio")) == sorted(bios)
     spread = [i for i, d in enumerate(mixed) if d.startswith("bio")]
     assert spread[0] < 5 and spread[-1] > len(mixed) - 5  # spread over the whole corpus, not bunched
     with pytest.raises(ValueError, match="use fewer or a larger corpus"):
-        mix_documents(corpus[:2], bios, is_val)
+        mix_documents(corpus[:5], bios * 10, is_val)  # one held-out document of 42 words: too little for 300 places
+    with pytest.raises(ValueError, match="none held out"):
+        mix_documents(corpus[:3], bios, is_val)
+
+
+def test_composed_mixes_keep_every_probe_document_out_of_the_validation_split():
+    """One pass over the base corpus for every mix (mixed one after the other, the outer mix's
+    insertions moved the inner one's documents onto validation places: 411 of 483 held-out
+    documents were recall documents)."""
+    is_val = lambda i: i % 20 == 10  # noqa: E731  (training/data.py's split)
+    novel = [" ".join(f"word{i}-{j}" for j in range(400)) for i in range(12)]  # one held out (index 10)
+    docs = mixed_corpus("bios:30:0+recall:200:1+novels", lambda name: novel, is_val)
+    bios = set(biography_documents(people(30, 0), 0))
+    probe = lambda d: d in bios or d.startswith("Pairs:") or "The code word of" in d  # noqa: E731
+    assert sum(probe(d) for d in docs) == len(bios) + 200
+    held_out = [d for i, d in enumerate(docs) if is_val(i)]
+    assert " ".join(held_out) == novel[10]  # the novels' own held-out document (index 10), cut in pieces
+    trained = [d for i, d in enumerate(docs) if not is_val(i) and not probe(d)]
+    assert trained == novel[:10] + novel[11:]  # every other novel document trains, whole
+    needles = [d for d in docs if "The code word of" in d]
+    assert all(len(n.split()) > 20 for n in needles)  # a needle in training text
+    assert not any("word10-" in n for n in needles)  # never in held-out text
+    assert mixed_corpus("recall:200:1+bios:30:0+novels", lambda name: novel, is_val) == docs  # the order of the mixes is no matter
 
 
 def test_the_corpus_spec_is_parsed_and_bad_ones_say_how_to_write_it():

@@ -150,29 +150,21 @@ def bible_with_facts() -> list[str]:
 
 
 def corpus_with_probes(spec: str) -> list[str]:
-    """`bios:PEOPLE:SEED+CORPUS` (synthetic biographies, each person written 1-32 times) or
-    `recall:DOCS:SEED+CORPUS` (key-value lists and needles in CORPUS's own training text):
-    CORPUS's documents with the probe documents between them, none in the validation split."""
-    from engram_lm.probes.biographies import biography_documents, people
-    from engram_lm.probes.mixes import mix_documents, parse_mix
-    from engram_lm.probes.recall import recall_documents
+    """`bios:PEOPLE:SEED+CORPUS` (synthetic biographies, each person written 1-32 times) and
+    `recall:DOCS:SEED+CORPUS` (key-value lists and needles in CORPUS's own training text), alone
+    or composed: CORPUS's documents with the probe documents between them, none in the
+    validation split (probes/mixes.py)."""
+    from engram_lm.probes.mixes import mixed_corpus
     from engram_lm.training.data import is_val_document
 
-    kind, count, seed, inner = parse_mix(spec)
-    docs = load_corpus(inner)
-    if kind == "bios":
-        extra = biography_documents(people(count, seed), seed)
-    else:
-        extra = recall_documents(count, seed, [d for i, d in enumerate(docs) if not is_val_document(i)])
-    return mix_documents(docs, extra, is_val_document)
+    return mixed_corpus(spec, load_corpus, is_val_document)
 
 
 def held_out_documents(spec: str) -> list[str]:
-    """The documents of the corpus under any probe mixes that its validation split takes."""
-    from engram_lm.probes.mixes import base_corpus
+    """The documents the validation split of `spec` takes (under probe mixes: corpus text only)."""
     from engram_lm.training.data import is_val_document
 
-    return [d for i, d in enumerate(load_corpus(base_corpus(spec))) if is_val_document(i)]
+    return [d for i, d in enumerate(load_corpus(spec)) if is_val_document(i)]
 
 
 def python_stdlib_files() -> list[str]:
