@@ -132,6 +132,13 @@ def test_bad_model_args_are_named(run):
         harness.EngramHarnessLM.create_from_arg_string("memory=ram")
     with pytest.raises(ValueError, match="max_length=100000"):
         harness.EngramHarnessLM(pretrained=str(run), max_length=100000)
+    from lm_eval.api.instance import Instance
+
+    lm = harness.EngramHarnessLM(pretrained=str(run), max_length=16)
+    with pytest.raises(ValueError, match="max_gen_toks=16 leaves no room for a prompt in max_length=16"):
+        lm.generate_until([Instance("generate_until", {}, ("And God said", {"max_gen_toks": 16}), 0)])
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("", {"max_gen_toks": 4, "until": []}), 0)])
+    assert isinstance(text, str)  # an empty context starts a new document
 
 
 def test_lm_eval_scores_a_retrofitted_model_with_its_memory_on(tmp_path, hf_base):

@@ -140,9 +140,9 @@ class EngramHarnessLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", 256))
             sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
-            prompt = self.tok_encode(context)[-(self.max_length - max_new) :] if max_new < self.max_length else None
-            if not prompt:
+            if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length={self.max_length}")
+            prompt = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]  # empty: a new document
             cfg = SamplingConfig(max_new_tokens=max_new, temperature=temperature, top_k=int(kwargs.pop("top_k", 0)),
                                  top_p=float(kwargs.pop("top_p", 1.0)), stop_id=self.eot_token_id)  # fmt: skip
             text = self.tok_decode(generate(self.model, [prompt], cfg)[0])
