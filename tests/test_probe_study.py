@@ -48,6 +48,7 @@ def test_each_arm_trains_is_probed_and_the_page_renders(tmp_path, monkeypatch):
     verdicts, _ = P.recall_section(results)
     assert [v[0] for v in verdicts] == [P.CLAIMS["mqar"], P.CLAIMS["needle"]]
     P.write_probes(results, tmp_path / "out")
+    assert (tmp_path / "out" / "probes.png").stat().st_size > 0
     with (tmp_path / "out" / "probes.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["moe", "engram", "capacity1"]

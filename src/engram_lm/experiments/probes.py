@@ -225,3 +225,23 @@ def write_probes(results: list[dict[str, Any]], out_dir: Path) -> None:
         return
     write_csv(out_dir / "probes.csv", probe_rows(results), PROBE_FIELDS)
     write_json(out_dir / "probes.json", {"runs": results, **run_metadata()})
+    if any("analysis" in r for r in results):
+        plot_recall_by_exposures(results, out_dir / "probes.png")
+
+
+def plot_recall_by_exposures(results: list[dict[str, Any]], path: Path) -> None:
+    """Fact recall (training template) against documents per person, one line per arm, mean ± SE over seeds."""
+    from engram_lm.plotting import regime_caption, saved_figure
+
+    arms = {arm: rs for arm, rs in _by_arm(results).items() if rs}
+    with saved_figure(path, (6, 4)) as (fig, ax):
+        for arm, rs in arms.items():
+            est = [estimate([r["analysis"]["knowledge"]["template"]["by_exposures"][str(e)] for r in rs]) for e in EXPOSURES]
+            ax.errorbar(EXPOSURES, [e.mean for e in est], yerr=[0 if e.n < 2 else e.se for e in est], marker="o",
+                        capsize=3, label=LABELS[arm])  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("documents per person (each read about once an epoch)")
+        ax.set_ylabel("facts recalled (training template)")
+        ax.set_title(f"What the memory stores, by exposures\n{regime_caption([r for rs in arms.values() for r in rs])}",
+                     fontsize=9)  # fmt: skip
+        ax.legend()

@@ -62,7 +62,7 @@ FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc
            "allocation": "allocation.png", "allocation-4x": "allocation.png", "scaling": "scaling.png",
            "ablations": "ablations.png", "branch-fusion": "ablations.png", "scaling-4x": "scaling.png", "regularisation": "curves.png",
            "regularisation-cost": "curves.png", "regularisation-control": "curves.png",
-           "regime": "regime.png"}  # fmt: skip
+           "regime": "regime.png", "probes": "probes.png"}  # fmt: skip
 
 
 # Every claim the verdict table must answer, with the section that answers it: a claim whose
@@ -183,12 +183,14 @@ def render_sections(sections: dict[str, list[dict[str, Any]]], root: Path,
     """Every section's verdict rows and page lines, each section's figure copied into `figures`."""
     verdicts: list[list[str]] = []
     body: list[str] = []
+    shown: set[str] = set()
     for name, render in SECTIONS:
         v, lines = render(sections.get(name, []))
         verdicts += v
         body += lines
         figure = root / name / FIGURES.get(name, f"{name}.png")
-        if figure.exists():
+        if figure.exists() and name not in shown:  # a folder two sections read shows its figure once
+            shown.add(name)
             shutil.copyfile(figure, figures / f"study-{name}.png")
             body[-1:-1] = ["", f"![{name}](figures/study-{name}.png)"]
     return verdicts, body
