@@ -26,7 +26,7 @@ from engram_lm.experiments.page import STUDY_COMMAND, claim_verdict, data_name, 
 from engram_lm.experiments.runner import RunSpec
 from engram_lm.experiments.stats import compare, estimate
 from engram_lm.models.accounting import allocate
-from engram_lm.probes.biographies import EXPOSURES
+from engram_lm.probes.biographies import ATTRIBUTES, EXPOSURES, POOLS
 from engram_lm.probes.recall import PAIRS
 from engram_lm.recipes import QUICKSTART_RHO, paper_optimiser, quickstart_engram_template, quickstart_moe
 
@@ -36,6 +36,7 @@ NOVEL_CHARS = 7_000_000  # with the probe documents, about one epoch at 3x the q
 ARMS = ("moe", "engram", "capacity1")
 LABELS = {"moe": "MoE", "engram": "MoE+Engram", "capacity1": "capacity-1"}
 FEW = (1, 2, 4)  # "few exposures": documents per person
+GUESS = sum(1 / len(POOLS[a]) for a in ATTRIBUTES) / len(ATTRIBUTES)  # recall of a model that names one value per pool
 
 CLAIMS = {
     "bits": "knowledge: Engram stores more facts than the iso-parameter MoE (bits, equal total parameters)",
@@ -145,15 +146,24 @@ def knowledge_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list
              "when every token of its value is the argmax after a training template (*template*) or after a question "
              "training never read (*question*). *Bits*: log2 of the attribute's pool size minus the value's NLL in bits, "
              "clipped at 0, summed (a simplified form of Physics of LMs 3.3's bound; their anchor: ~2 bits per parameter "
-             "at enough exposures). *Kept*: recall with Engram's output zeroed over recall with it.", ""]  # fmt: skip
+             f"at enough exposures). *Kept*: recall with Engram's output zeroed over recall with it. Guessing one value "
+             f"of each pool scores {GUESS:.1%}.", ""]  # fmt: skip
     table = [[LABELS[arm], _est(rs, lambda a: a["knowledge"]["params"]["params_total"] / 1e6, 2),
+              fmt_estimate(estimate([r["val_loss"] for r in rs]), digits=3),
               _est(rs, k(lambda q: q["template"]["recall"])), _est(rs, k(lambda q: q["question"]["recall"])),
               *(_est(rs, k(lambda q, e=e: q["template"]["by_exposures"][str(e)])) for e in EXPOSURES),
               _est(rs, k(lambda q: q["bits"]), 0), _est(rs, k(lambda q: q["bits_per_param"]), 4),
               _est(rs, k(lambda q: q.get("retained_recall")))] for arm, rs in arms.items()]  # fmt: skip
-    lines += md_table(["model", "P_tot (M)", "recall, template", "recall, question", *(f"{e} docs" for e in EXPOSURES),
-                       "bits", "bits / param", "kept, Engram zeroed"], table)  # fmt: skip
+    lines += md_table(["model", "P_tot (M)", "val loss", "recall, template", "recall, question",
+                       *(f"{e} docs" for e in EXPOSURES), "bits", "bits / param", "kept, Engram zeroed"], table)  # fmt: skip
     e, m, c = arms["engram"], arms["moe"], arms["capacity1"]
+    loss = compare({r["seed"]: r["val_loss"] for r in e}, {r["seed"]: r["val_loss"] for r in m})
+    recall = compare(_per_seed(e, k(lambda q: q["template"]["recall"])), _per_seed(m, k(lambda q: q["template"]["recall"])))
+    gap = " A lower loss is not, here, more facts recalled." if loss.verdict == "lower" and recall.verdict != "higher" else ""
+    lines += ["", f"Read: Engram's held-out loss is {fmt_estimate(loss.diff, True, 3)} against the MoE's ({loss.verdict}), "
+              f"its fact recall {fmt_estimate(recall.diff, True, 3)} ({recall.verdict}).{gap} P_tot of the capacity-1 "
+              "control is its own (one row per hash column: fewer parameters, the same active ones), so its bits per "
+              "parameter are not a like-for-like comparison."]  # fmt: skip
     verdicts = [
         _verdict(CLAIMS["bits"], e, m, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus MoE"),
         _verdict(CLAIMS["few"], e, m, _few, "higher", where, "template recall at 1-4 documents, Engram minus MoE"),
@@ -190,6 +200,12 @@ def recall_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[st
               *(_est(rs, r_(lambda q, n=n: q["mqar"]["by_pairs"][str(n)])) for n in PAIRS),
               _est(rs, r_(lambda q: q["needle"]["accuracy"]))] for arm, rs in arms.items()]  # fmt: skip
     lines += md_table(["model", "key-value recall", *(f"{n} pairs" for n in PAIRS), "needle"], table)
+    best = max(r["analysis"]["recall"][kind]["accuracy"] or 0 for r in done for kind in ("mqar", "needle"))
+    if best < 0.05:
+        lines += ["", f"Not measurable at this scale: no run answers more than {best:.1%} of either probe, chance for a "
+                  "two-digit value (1 in 90); the models did not learn to retrieve from context. The smallest change that "
+                  "would make it measurable: far more recall documents (Zoology trains on hundreds of thousands of "
+                  "instances), or a model large and long-trained enough to form induction heads on novels."]  # fmt: skip
     e, m = arms["engram"], arms["moe"]
     verdicts = [_verdict(CLAIMS["mqar"], e, m, r_(lambda q: q["mqar"]["accuracy"]), "higher", where,
                          "key-value recall, Engram minus MoE"),
