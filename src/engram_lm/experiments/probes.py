@@ -104,6 +104,18 @@ def _by_arm(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {arm: sorted((r for r in analysed if r["variant"] == arm), key=lambda r: r["seed"]) for arm in ARMS}
 
 
+NOT_RUN = f"Not run yet (`{STUDY_COMMAND}`; section `probes`)."
+
+
+def _finished(runs: list[dict[str, Any]]):
+    """(analysed runs by arm, all of them, their regime in words), or None until every arm has one."""
+    arms = _by_arm(runs)
+    if not all(arms.values()):
+        return None
+    done = [r for rs in arms.values() for r in rs]
+    return arms, done, f"{data_name(done)}, {epochs_range(done)} epochs, {seeds_of(done)} seed(s)"
+
+
 def _per_seed(runs: list[dict[str, Any]], value) -> dict[int, float]:
     return {r["seed"]: v for r in runs if (v := value(r["analysis"])) is not None}
 
@@ -133,11 +145,9 @@ def _paired(claim: str, a: dict[int, float], b: dict[int, float], expected: str,
 
 def knowledge_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
     title = "## What the memory stores: facts about people (probes)"
-    arms = _by_arm(runs)
-    if not all(arms.values()):
-        return [], [title, "", f"Not run yet (`{STUDY_COMMAND}`; section `probes`).", ""]
-    done = [r for rs in arms.values() for r in rs]
-    where = f"{data_name(done)}, {epochs_range(done)} epochs, {seeds_of(done)} seed(s)"
+    if (found := _finished(runs)) is None:
+        return [], [title, "", NOT_RUN, ""]
+    arms, done, where = found
     k = lambda f: (lambda a: f(a["knowledge"]))  # noqa: E731
     lines = [title, "", f"The quickstart MoE, its iso-parameter MoE+Engram and the capacity-1 control, {STEPS_MULTIPLE}x the "
              f"quickstart's tokens on `{done[0]['data']}` ({epochs_range(done)} epochs: a person written n times was read "
@@ -184,11 +194,9 @@ def _zeroed_verdict(engram: list[dict[str, Any]], where: str) -> list[str]:
 
 def recall_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
     title = "## What the memory frees: in-context recall (probes)"
-    arms = _by_arm(runs)
-    if not all(arms.values()):
-        return [], [title, "", f"Not run yet (`{STUDY_COMMAND}`; section `probes`).", ""]
-    done = [r for rs in arms.values() for r in rs]
-    where = f"{data_name(done)}, {epochs_range(done)} epochs, {seeds_of(done)} seed(s)"
+    if (found := _finished(runs)) is None:
+        return [], [title, "", NOT_RUN, ""]
+    arms, done, where = found
     r_ = lambda f: (lambda a: f(a["recall"]))  # noqa: E731
     context = done[0]["analysis"]["recall"]["context"]
     lines = [title, "", f"The same runs as the facts above. Trained with {RECALL_DOCS:,} recall documents mixed in, scored on "
