@@ -16,6 +16,7 @@ from engram_lm.probes.biographies import ATTRIBUTES, EXPOSURES, QUESTIONS, TRAIN
 from engram_lm.probes.mixes import find_mix
 from engram_lm.probes.scoring import answer_scores, encode_probe
 
+
 def fact_probes(tokenizer, persons: list[Person], form: str) -> list:
     """One probe per person and attribute: `form` 'template' (the first training template) or 'question'."""
     templates = {a: (TRAIN_TEMPLATES[a][0] if form == "template" else QUESTIONS[a][0]) for a in ATTRIBUTES}
