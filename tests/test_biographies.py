@@ -142,3 +142,28 @@ def test_engram_eval_probes_knowledge_on_a_run_trained_mix_documents(tmp_path, c
     assert "holds no biographies; train with --data bios:" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run), "--probes", "facts"]) == 2
     assert "unknown probe; available: knowledge, recall" in capsys.readouterr().err
+
+
+def test_bios_qa_adds_question_answer_documents_for_half_the_people_and_the_probe_scores_the_other_half(tmp_path, capsys):
+    from engram_lm.probes.biographies import qa_documents, qa_people
+
+    persons = people(10, seed=0)
+    qa = qa_documents(persons, seed=0)
+    assert len(qa) == 5 and qa_people(persons) == persons[::2]
+    for p, doc in zip(persons[::2], sorted(qa, key=lambda d: [p.name in d for p in persons[::2]].index(True))):
+        for attribute, value in p.attributes:  # every question, answered
+            assert QUESTIONS[attribute][0].format(n=p.name, a=value) in doc
+    assert not any(p.name in d for p in persons[1::2] for d in qa)  # the held-out half is never asked
+    is_val = lambda i: i % 20 == 10  # noqa: E731
+    novel = [" ".join(f"word{i}-{j}" for j in range(400)) for i in range(30)]
+    docs = mixed_corpus("bios-qa:10:0+novels", lambda name: novel, is_val)
+    assert sum(d in set(qa) for d in docs) == 5
+    with pytest.raises(ValueError, match="bios and bios-qa in one --data"):
+        mixed_corpus("bios:10:0+bios-qa:10:0+novels", lambda name: novel, is_val)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", "bios-qa:12:0+bible", "--steps", "3", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--probes", "knowledge", "--json"]) == 0
+    k = json.loads(capsys.readouterr().out)["probes"]["knowledge"]
+    assert k["people"] == 12 and 0 <= k["question_held_out_people"]["recall"] <= 1
+    assert sum(k["question_held_out_people"]["by_exposures"][str(e)] is not None for e in EXPOSURES) == 3  # odd people: 2, 8, 32

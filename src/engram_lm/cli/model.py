@@ -149,6 +149,10 @@ def _print_knowledge(k: dict[str, Any]) -> None:
           f"training template, {k['question']['recall']:.1%} asked as a question; {k['bits']:,.0f} bits "
           f"({k['bits_per_param']:.4f} per parameter)")  # fmt: skip
     print("  documents per person: " + "  ".join(f"{e}: {pct(v)}" for e, v in k["template"]["by_exposures"].items()))
+    if "question_held_out_people" in k:
+        q = k["question_held_out_people"]
+        print(f"  asked about the people whose answers training never asked: {q['recall']:.1%} (extraction); by "
+              "documents per person " + "  ".join(f"{e}: {pct(v)}" for e, v in q["by_exposures"].items()))  # fmt: skip
     if "engram_zeroed" in k:
         z = k["engram_zeroed"]["template"]
         print(f"  Engram zeroed: recall {z['recall']:.1%} (retained {pct(k['retained_recall'])}), "

@@ -119,6 +119,25 @@ def biography_documents(persons: list[Person], seed: int = 0) -> list[str]:
     return docs
 
 
+def qa_documents(persons: list[Person], seed: int = 0) -> list[str]:
+    """Question-answer documents for the people of even index (PLM 3.3's mixed training): one per
+    person, every attribute asked in its question form and answered. The people of odd index get
+    none: asked the same questions after training, they measure whether the model can extract
+    what it only read in biographies."""
+    rng = random.Random(seed + 2)
+    docs = []
+    for p in qa_people(persons):
+        pairs = [QUESTIONS[a][0].format(n=p.name, a=v) for a, v in p.attributes]
+        rng.shuffle(pairs)
+        docs.append(" ".join(pairs))
+    return docs
+
+
+def qa_people(persons: list[Person]) -> list[Person]:
+    """The people whose question-answer documents train (even index); the others are held out."""
+    return persons[::2]
+
+
 def knowledge_bits(value_nll_nats: float, attribute: str) -> float:
     """Bits a model holds about one attribute value beyond the uniform prior over its pool:
     log2 |pool| - (-log2 p(value)), clipped at 0 (a simplified form of PLM 3.3's bound: the

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from engram_lm.probes.biographies import ATTRIBUTES, EXPOSURES, QUESTIONS, TRAIN_TEMPLATES, Person, knowledge_bits, people
+from engram_lm.probes.biographies import (ATTRIBUTES, EXPOSURES, QUESTIONS, TRAIN_TEMPLATES, Person, knowledge_bits, people,
+                                          qa_people)  # fmt: skip
 from engram_lm.probes.mixes import find_mix
 from engram_lm.probes.scoring import answer_scores, encode_probe
 
@@ -52,7 +53,8 @@ def probe_knowledge(model, tokenizer, corpus: str, device: str | torch.device = 
     from engram_lm.analysis.capture import engram_zeroed
     from engram_lm.models.accounting import count_params
 
-    mix = find_mix(corpus, "bios")
+    mix = find_mix(corpus, "bios") or find_mix(corpus, "bios-qa")
+    with_qa = find_mix(corpus, "bios-qa") is not None
     if mix is None:
         raise ValueError(f"corpus {corpus!r} holds no biographies; train with --data bios:PEOPLE:SEED+CORPUS (e.g. "
                          "bios:600:0+bible)")  # fmt: skip
@@ -62,6 +64,10 @@ def probe_knowledge(model, tokenizer, corpus: str, device: str | torch.device = 
     pad = model.config.eod_id if model.config.eod_id is not None else 0
     with torch.no_grad():
         result = {"people": count, "seed": seed, "facts": count * len(ATTRIBUTES), **score_facts(logits_of, tokenizer, persons, pad, device)}
+        if with_qa:  # the question form for the people whose answers training never asked: extraction
+            asked = set(qa_people(persons))
+            held_out = [p for p in persons if p not in asked]
+            result["question_held_out_people"] = score_facts(logits_of, tokenizer, held_out, pad, device)["question"]
         has_engram = any(b.engram is not None for b in model.blocks)
         if has_engram:
             with engram_zeroed(model):

@@ -1,5 +1,5 @@
 """Probe documents mixed into a corpus, named in `--data`: `bios:PEOPLE:SEED+CORPUS` (synthetic
-biographies, probes/biographies.py), `recall:DOCS:SEED+CORPUS` (in-context recall documents,
+biographies, probes/biographies.py; `bios-qa:` adds question-answer documents for half the people), `recall:DOCS:SEED+CORPUS` (in-context recall documents,
 probes/recall.py); they compose (`bios:600:0+recall:3000:0+bible`).
 
 Every mix of a spec is placed in one pass over the corpus under them. The held-out split
@@ -16,6 +16,7 @@ import random
 from typing import Callable
 
 MIXES = {"bios": ("PEOPLE", "bios:600:0+bible (600 people, seed 0, mixed into the Bible)"),
+         "bios-qa": ("PEOPLE", "bios-qa:600:0+bible (600 people and question-answer documents for half of them)"),
          "recall": ("DOCS", "recall:3000:0+bible (3,000 recall documents, seed 0, mixed into the Bible)")}  # fmt: skip
 
 
@@ -61,11 +62,14 @@ def mixed_corpus(spec: str, load: Callable[[str], list[str]], is_val: Callable[[
     """The documents of a composed spec: the base corpus (`load`) with every mix's documents
     between its training documents (probes/mixes.py's module doc). Recall needles are cut from
     the corpus's training text, never from held-out text."""
-    from engram_lm.probes.biographies import biography_documents, people
+    from engram_lm.probes.biographies import biography_documents, people, qa_documents
     from engram_lm.probes.recall import recall_documents
 
     mixes, inner = parse_mixes(spec)
-    bios = [d for kind, count, seed in mixes if kind == "bios" for d in biography_documents(people(count, seed), seed)]
+    bios = [d for kind, count, seed in mixes if kind in ("bios", "bios-qa") for d in biography_documents(people(count, seed), seed)]
+    bios += [d for kind, count, seed in mixes if kind == "bios-qa" for d in qa_documents(people(count, seed), seed)]
+    if sum(kind.startswith("bios") for kind, _, _ in mixes) > 1:
+        raise ValueError(f"corpus {spec!r}: bios and bios-qa in one --data; give one of them")
     recall = next(((count, seed) for kind, count, seed in mixes if kind == "recall"), None)
     train, held = split_for_mix(load(inner), len(bios) + (recall[0] if recall else 0), is_val)
     extra = bios + (recall_documents(recall[0], recall[1], train) if recall else [])

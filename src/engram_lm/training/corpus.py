@@ -50,7 +50,7 @@ def load_corpus(name_or_path: str) -> list[str]:
         return python_stdlib_files()
     if name_or_path == "bible+facts":
         return bible_with_facts()
-    if name_or_path.startswith(("bios:", "recall:")):
+    if name_or_path.startswith(("bios:", "bios-qa:", "recall:")):
         return corpus_with_probes(name_or_path)
     return read_user_corpus(Path(name_or_path))
 
