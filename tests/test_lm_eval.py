@@ -177,3 +177,15 @@ def test_engram_lm_eval_is_lm_evals_command_line_with_the_model_registered(run, 
     assert main(["lm-eval", "--model", "engram-lm", "--model_args", "memory=ram", "--tasks", "toy_mc",
                  "--include_path", str(tasks)]) == 2  # fmt: skip
     assert "needs --model_args pretrained=RUN" in capsys.readouterr().err
+
+
+def test_a_hub_task_without_the_hub_is_one_line_naming_both_ways_out(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    def offline():
+        raise ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    assert main(["lm-eval", "--model", "engram-lm", "--model_args", "pretrained=x", "--tasks", "lambada_openai"]) == 2
+    err = capsys.readouterr().err
+    assert "Couldn't reach" in err and "HF_DATASETS_OFFLINE=1" in err and "--include_path" in err

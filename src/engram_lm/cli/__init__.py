@@ -87,6 +87,11 @@ def lm_eval_main(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"engram lm-eval: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # a hub task's data, offline
+        print(f"engram lm-eval: error: {exc}: the task's data comes from the Hugging Face hub; run it once where the hub "
+              "is reachable (later runs read the datasets cache, HF_DATASETS_OFFLINE=1), or write a task YAML over local "
+              "files and pass its folder with --include_path (docs/model.md)", file=sys.stderr)  # fmt: skip
+        return 2
     finally:
         sys.argv = saved
     return 0
