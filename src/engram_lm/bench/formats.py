@@ -72,22 +72,14 @@ def _engram_lm(checkpoint: str, batches: int):
 
 
 def _retrofit(run: str, batches: int):
-    import json
-
-    from transformers import AutoModelForCausalLM
-
-    from engram_lm.hf.adapter import load_adapter
-    from engram_lm.hf.train import RetrofitConfig
+    from engram_lm.hf.families import causal_lm
+    from engram_lm.hf.train import RetrofitConfig, load_retrofit_run
     from engram_lm.training.data import eval_windows, prepare_data
 
-    result = json.loads((Path(run) / "result.json").read_text())
+    model, result = load_retrofit_run(run)
     cfg = RetrofitConfig(**{k: v for k, v in result["config"].items() if k in RetrofitConfig.__dataclass_fields__})
-    base = AutoModelForCausalLM.from_pretrained(result["model"], local_files_only=True, dtype=torch.float32)
-    model = load_adapter(base, Path(run) / "adapter").eval()
     data = prepare_data(cfg.data, str(Path(result["model"]) / "tokenizer.json"))
     windows = eval_windows(data.val, cfg.batch_size, cfg.seq_len, batches)
-    from engram_lm.hf.families import causal_lm
-
     retrofit = causal_lm(model).engram
     calls = [retrofit.hasher.hash_all(x, eod_id=retrofit.eod_id, global_rows=True)[0] for x, _ in windows]  # layer 1st
     tables = [retrofit.engrams[str(k)].memory for k in retrofit.hasher.layout.layer_ids]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from engram_lm.checkpoint import store as ckpt_io
-from engram_lm.hf.adapter import load_engram, replace_dir, save_engram
+from engram_lm.hf.adapter import load_adapter, load_engram, replace_dir, save_engram
 from engram_lm.hf.families import FAMILIES
 from engram_lm.hf.retrofit import add_engram
 from engram_lm.training.allocator import keep_large_buffers_on_heap
@@ -138,6 +138,16 @@ def retrofit(model_path: str | Path, cfg: RetrofitConfig, out_dir: str | Path, *
                   "adapter": str(out_dir / "adapter"), "steps": cfg.steps, "val_tokens": sum(y.numel() for _, y in windows)}  # fmt: skip
         write_json(out_dir / "result.json", {**result, "config": asdict(cfg), "model": str(model_path), **run_metadata()})
         return result
+
+
+def load_retrofit_run(run: str | Path, memory: str = "device"):
+    """(the base model with the run's adapter on it, in eval mode; the run's result.json) of an
+    `engram retrofit` run folder."""
+    from transformers import AutoModelForCausalLM
+
+    result = json.loads((Path(run) / "result.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(result["model"], local_files_only=True, dtype=torch.float32)
+    return load_adapter(base, Path(run) / "adapter", memory=memory).eval(), result
 
 
 def _check_model_folder(model_path: Path) -> Path:

@@ -158,19 +158,17 @@ def retrofit_lm(pretrained: str, memory: str = "device", device: str = "cpu", ba
 
     Batch size 1 by default: lm-eval left-pads prompts for generation, and Engram hashes the ids
     it is given (pad n-grams included), so a padded batch's generations differ from unpadded ones."""
-    import json
-
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from engram_lm.hf.adapter import load_adapter
+    from engram_lm.hf.train import load_retrofit_run
 
     if unused:
         raise ValueError(f"engram-lm model_args for a retrofit run: unknown {sorted(unused)}; known: pretrained, memory, "
                          "device, batch_size, max_length")  # fmt: skip
-    base = Path(json.loads((Path(pretrained) / "result.json").read_text())["model"])
-    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
-    model = load_adapter(model, Path(pretrained) / "adapter", memory=memory).to(device).eval()
+    model, result = load_retrofit_run(pretrained, memory)
+    model = model.to(device)
+    base = Path(result["model"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"))
     eos = model.config.eos_token_id
     if tokenizer.eos_token is None and eos is not None:

@@ -89,13 +89,16 @@ def load_for_inference(
         block = model.blocks[layer_id]
         table = _make_table(memory, state, export_dir, layer_id, block.engram.memory, fingerprint, device, verify,
                             budgets[layer_id], shared)  # fmt: skip
-        if cache_rows:
-            table = CachedTable(table, cache_rows, device=device)
-        if prefetch:
-            table = PrefetchingTable(table, device=device)
-        block.engram.memory = table
+        block.engram.memory = _fetched_ahead(table, cache_rows, prefetch, device)
     model.init_rope(device)
     return model.eval(), state
+
+
+def _fetched_ahead(table, cache_rows: int, prefetch: bool, device: torch.device):
+    """The table behind a hot-row cache and a background prefetcher, where asked."""
+    if cache_rows:
+        table = CachedTable(table, cache_rows, device=device)
+    return PrefetchingTable(table, device=device) if prefetch else table
 
 
 def _nothing_to_fetch_ahead(cache_rows: int, prefetch: bool) -> tuple[int, bool]:

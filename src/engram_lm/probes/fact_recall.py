@@ -26,10 +26,10 @@ def fact_probes(tokenizer, persons: list[Person], form: str) -> list:
 
 
 def score_facts(logits_of: Callable[[torch.Tensor], torch.Tensor], tokenizer, persons: list[Person], pad_id: int,
-                device: str | torch.device = "cpu") -> dict[str, Any]:  # fmt: skip
+                device: str | torch.device = "cpu", forms: tuple[str, ...] = ("template", "question")) -> dict[str, Any]:  # fmt: skip
     """Recall per form, per exposure count and per attribute; bits from the template form."""
     out: dict[str, Any] = {}
-    for form in ("template", "question"):
+    for form in forms:
         scores = answer_scores(logits_of, fact_probes(tokenizer, persons, form), pad_id, device=device)
         rows = [(p.exposures, a, s) for (p, a), s in zip(((p, a) for p in persons for a in ATTRIBUTES), scores)]
         out[form] = {
@@ -67,7 +67,7 @@ def probe_knowledge(model, tokenizer, corpus: str, device: str | torch.device = 
         if with_qa:  # the question form for the people whose answers training never asked: extraction
             asked = set(qa_people(persons))
             held_out = [p for p in persons if p not in asked]
-            result["question_held_out_people"] = score_facts(logits_of, tokenizer, held_out, pad, device)["question"]
+            result["question_held_out_people"] = score_facts(logits_of, tokenizer, held_out, pad, device, ("question",))["question"]
         has_engram = any(b.engram is not None for b in model.blocks)
         if has_engram:
             with engram_zeroed(model):
