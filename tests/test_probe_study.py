@@ -24,6 +24,26 @@ def test_the_section_needs_long_data_and_plans_three_arms_per_seed():
     assert len({s.train.steps for s in specs}) == 1 and specs[0].train.steps == 3 * 400
 
 
+def test_the_second_size_halves_every_width_and_keeps_the_data_steps_and_parameter_match():
+    from engram_lm.models.accounting import count_config
+
+    full = study_plan(seeds=1, long_data="novels", sections=("probes",))["probes"]
+    half = study_plan(seeds=1, long_data="novels", sections=("probes-half",))["probes-half"]
+    assert [s.key for s in half] == ["probes-half/moe/seed-0", "probes-half/engram/seed-0", "probes-half/capacity1/seed-0"]
+    assert [s.train for s in half] == [s.train for s in full]  # same data, steps and seeds: same epochs
+    moe, engram = half[0].model, half[1].model
+    assert (moe.dim, moe.num_heads, moe.expert_hidden, moe.num_layers) == (64, 2, 64, 4)
+    assert moe.dim // moe.num_heads == full[0].model.dim // full[0].model.num_heads  # head dim kept
+    assert engram.engram.embed_per_ngram == 64
+    counts = [count_config(s.model) for s in half]
+    # iso-parameter at this size too: total within 0.1%, active equal; about a quarter of the quickstart's
+    assert abs(counts[1].total / counts[0].total - 1) < 1e-3 and counts[1].active == counts[0].active
+    assert 0.2 < counts[0].total / count_config(full[0].model).total < 0.3
+    assert P.claims("half")["bits"] == P.CLAIMS["bits"] + " (half width)"
+    with pytest.raises(ValueError, match="unknown probe model size 'huge'"):
+        P.probe_models("huge")
+
+
 def test_each_arm_trains_is_probed_and_the_page_renders(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "PEOPLE", 12)
     monkeypatch.setattr(P, "RECALL_DOCS", 30)
@@ -81,3 +101,6 @@ def test_the_verdicts_are_paired_over_seeds_by_hand():
     verdicts, _ = P.recall_section(runs)
     assert verdicts[0][1] == "inconclusive at this scale"  # 0, +0.01, -0.01: nothing to call
     assert P.knowledge_section(runs[:3])[0] == []  # an arm missing: not rendered yet
+    half, lines = P.knowledge_section(runs, size="half")  # the same numbers under the second size's names
+    assert [v[1:] for v in half] == [v[1:] for v in (bits, few, table, zeroed)] and half[0][0].endswith("(half width)")
+    assert lines[0].endswith("(probes-half)") and "half its width" in lines[2]

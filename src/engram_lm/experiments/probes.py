@@ -52,11 +52,36 @@ def probe_data(long_data: str) -> str:
     return f"bios:{PEOPLE}:0+recall:{RECALL_DOCS}:0+first:{NOVEL_CHARS}:{long_data}"
 
 
-def probe_specs(*, long_data: str, seeds, prefix: str = "") -> list[RunSpec]:
-    base, train_cfg = quickstart_moe()
-    train_cfg = paper_optimiser(train_cfg)
+# The two model sizes (issue 39 asks for two at least): the quickstart, and the same model at half
+# its width (every width halved, the head dimension and the depth kept; the same data and tokens,
+# so the same epochs: only the parameters change). Each size is its own study section.
+SIZES = {"quickstart": "probes", "half": "probes-half"}
+SIZE_WORDS = {"quickstart": "The quickstart MoE", "half": "The quickstart MoE at half its width (dim 64, 2 heads of 32, "
+                                                          "expert width 64, Engram 64 per n-gram)"}  # fmt: skip
+
+
+def probe_models(size: str = "quickstart"):
+    """(the MoE, its Engram template) at `size`."""
+    if size not in SIZES:
+        raise ValueError(f"unknown probe model size {size!r}; choose from {list(SIZES)}")
+    base, template = quickstart_moe()[0], quickstart_engram_template()
+    if size == "half":
+        base = base.with_(dim=base.dim // 2, num_heads=base.num_heads // 2, ffn_hidden=base.ffn_hidden // 2,
+                          expert_hidden=base.expert_hidden // 2)  # fmt: skip
+        template = template.with_(embed_per_ngram=template.embed_per_ngram // 2)
+    return base, template
+
+
+def claims(size: str = "quickstart") -> dict[str, str]:
+    """The section's claims, named for its size (the quickstart's keep their words)."""
+    return CLAIMS if size == "quickstart" else {k: f"{v} (half width)" for k, v in CLAIMS.items()}
+
+
+def probe_specs(*, long_data: str, seeds, prefix: str = "", size: str = "quickstart") -> list[RunSpec]:
+    base, template = probe_models(size)
+    train_cfg = paper_optimiser(quickstart_moe()[1])
     train_cfg = train_cfg.with_(data=probe_data(long_data), steps=STEPS_MULTIPLE * train_cfg.steps)
-    engram = allocate(base, QUICKSTART_RHO, quickstart_engram_template())
+    engram = allocate(base, QUICKSTART_RHO, template)
     models = {"moe": base, "engram": engram, "capacity1": engram.with_(engram=engram.engram.with_(single_slot=True))}
     return [RunSpec(f"{prefix}{arm}/seed-{seed}", models[arm], train_cfg.with_(seed=seed),
                     {"experiment": "probes", "variant": arm, "seed": seed}, keep_checkpoint=True)
@@ -104,9 +129,6 @@ def _by_arm(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {arm: sorted((r for r in analysed if r["variant"] == arm), key=lambda r: r["seed"]) for arm in ARMS}
 
 
-NOT_RUN = f"Not run yet (`{STUDY_COMMAND}`; section `probes`)."
-
-
 def _finished(runs: list[dict[str, Any]]):
     """(analysed runs by arm, all of them, their regime in words), or None until every arm has one."""
     arms = _by_arm(runs)
@@ -143,13 +165,18 @@ def _paired(claim: str, a: dict[int, float], b: dict[int, float], expected: str,
     return [claim, claim_verdict(c.verdict, expected), where, f"{what}{fmt_estimate(c.diff, True, 3)}"]
 
 
-def knowledge_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
-    title = "## What the memory stores: facts about people (probes)"
+def _not_run(size: str) -> str:
+    return f"Not run yet (`{STUDY_COMMAND}`; section `{SIZES[size]}`)."
+
+
+def knowledge_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tuple[list[list[str]], list[str]]:
+    title = f"## What the memory stores: facts about people ({SIZES[size]})"
     if (found := _finished(runs)) is None:
-        return [], [title, "", NOT_RUN, ""]
+        return [], [title, "", _not_run(size), ""]
     arms, done, where = found
+    named = claims(size)
     k = lambda f: (lambda a: f(a["knowledge"]))  # noqa: E731
-    lines = [title, "", f"The quickstart MoE, its iso-parameter MoE+Engram and the capacity-1 control, {STEPS_MULTIPLE}x the "
+    lines = [title, "", f"{SIZE_WORDS[size]}, its iso-parameter MoE+Engram and the capacity-1 control, {STEPS_MULTIPLE}x the "
              f"quickstart's tokens on `{done[0]['data']}` ({epochs_range(done)} epochs: a person written n times was read "
              f"about n x that many times), {seeds_of(done)} seed(s), trained on the current code. {PEOPLE} synthetic people "
              "(probes/biographies.py), five attributes each, person i written 1, 2, 4 ... 32 times; a fact is recalled "
@@ -175,27 +202,27 @@ def knowledge_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list
               "control is its own (one row per hash column: fewer parameters, the same active ones), so its bits per "
               "parameter are not a like-for-like comparison."]  # fmt: skip
     verdicts = [
-        _verdict(CLAIMS["bits"], e, m, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus MoE"),
-        _verdict(CLAIMS["few"], e, m, _few, "higher", where, "template recall at 1-4 documents, Engram minus MoE"),
-        _verdict(CLAIMS["table"], e, c, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus capacity-1"),
-        _zeroed_verdict(e, where),
+        _verdict(named["bits"], e, m, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus MoE"),
+        _verdict(named["few"], e, m, _few, "higher", where, "template recall at 1-4 documents, Engram minus MoE"),
+        _verdict(named["table"], e, c, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus capacity-1"),
+        _zeroed_verdict(e, where, named["zeroed"]),
     ]  # fmt: skip
     return verdicts, lines + [""]
 
 
-def _zeroed_verdict(engram: list[dict[str, Any]], where: str) -> list[str]:
+def _zeroed_verdict(engram: list[dict[str, Any]], where: str, claim: str) -> list[str]:
     facts = _per_seed(engram, lambda a: a["knowledge"].get("retained_recall"))
     tokens = _per_seed(engram, lambda a: a["next_token"]["retained"])
-    row = _paired(CLAIMS["zeroed"], facts, tokens, "lower", where,
+    row = _paired(claim, facts, tokens, "lower", where,
                   f"share kept with Engram zeroed: fact recall {_est(engram, lambda a: a['knowledge'].get('retained_recall'))}, "
                   f"next-token accuracy {_est(engram, lambda a: a['next_token']['retained'])}; difference ")  # fmt: skip
     return row[:3] + [row[3] + " (paper: 29-44% of factual QA kept, 81-93% of reading comprehension)"]
 
 
-def recall_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
-    title = "## What the memory frees: in-context recall (probes)"
+def recall_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tuple[list[list[str]], list[str]]:
+    title = f"## What the memory frees: in-context recall ({SIZES[size]})"
     if (found := _finished(runs)) is None:
-        return [], [title, "", NOT_RUN, ""]
+        return [], [title, "", _not_run(size), ""]
     arms, done, where = found
     r_ = lambda f: (lambda a: f(a["recall"]))  # noqa: E731
     context = done[0]["analysis"]["recall"]["context"]
@@ -215,9 +242,9 @@ def recall_section(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[st
                   "would make it measurable: far more recall documents (Zoology trains on hundreds of thousands of "
                   "instances), or a model large and long-trained enough to form induction heads on novels."]  # fmt: skip
     e, m = arms["engram"], arms["moe"]
-    verdicts = [_verdict(CLAIMS["mqar"], e, m, r_(lambda q: q["mqar"]["accuracy"]), "higher", where,
+    verdicts = [_verdict(claims(size)["mqar"], e, m, r_(lambda q: q["mqar"]["accuracy"]), "higher", where,
                          "key-value recall, Engram minus MoE"),
-                _verdict(CLAIMS["needle"], e, m, r_(lambda q: q["needle"]["accuracy"]), "higher", where,
+                _verdict(claims(size)["needle"], e, m, r_(lambda q: q["needle"]["accuracy"]), "higher", where,
                          "needle accuracy, Engram minus MoE")]  # fmt: skip
     return verdicts, lines + [""]
 

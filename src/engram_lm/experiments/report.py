@@ -32,7 +32,8 @@ from engram_lm.experiments.retrofit import CLAIMS as RETROFIT_CLAIMS
 from engram_lm.experiments.retrofit import retrofit_section
 from engram_lm.experiments.runner import read_result
 from engram_lm.experiments.scaling import SCALING_4X, scaling_4x_section, scaling_section, versus_strongest_overencoding
-from engram_lm.experiments.probes import CLAIMS as PROBE_CLAIMS
+from engram_lm.experiments.probes import claims as probe_claims
+from engram_lm.experiments.probes import SIZES as PROBE_SECTIONS
 from engram_lm.experiments.probes import knowledge_section, recall_section
 from engram_lm.experiments.sensitivity import sensitivity_section
 from engram_lm.experiments.summary import plot_summary, summary_lines
@@ -62,7 +63,7 @@ FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc
            "allocation": "allocation.png", "allocation-4x": "allocation.png", "scaling": "scaling.png",
            "ablations": "ablations.png", "branch-fusion": "ablations.png", "scaling-4x": "scaling.png", "regularisation": "curves.png",
            "regularisation-cost": "curves.png", "regularisation-control": "curves.png",
-           "regime": "regime.png", "probes": "probes.png"}  # fmt: skip
+           "regime": "regime.png", "probes": "probes.png", "probes-half": "probes.png"}  # fmt: skip
 
 
 # Every claim the verdict table must answer, with the section that answers it: a claim whose
@@ -92,7 +93,7 @@ CLAIMS = [("duration", "Engram beats the iso-parameter MoE (single-epoch)"),
           ("regime", REGIME_CLAIM),
           ("scaling-4x", f"{SCALING_4X}: Engram's loss falls log-linearly with table size"),
           *(("retrofit", claim[0]) for claim in RETROFIT_CLAIMS),
-          *(("probes", claim) for claim in PROBE_CLAIMS.values())]  # fmt: skip
+          *((section, claim) for size, section in PROBE_SECTIONS.items() for claim in probe_claims(size).values())]  # fmt: skip
 
 
 def load_results(root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -175,6 +176,8 @@ SECTIONS: list[tuple[str, Section]] = [
     ("retrofit", retrofit_section),
     ("probes", knowledge_section),
     ("probes", recall_section),
+    ("probes-half", functools.partial(knowledge_section, size="half")),
+    ("probes-half", functools.partial(recall_section, size="half")),
 ]  # fmt: skip
 
 

@@ -39,6 +39,7 @@ long runs):
                 --long-data with synthetic biographies and in-context recall documents mixed
                 in; facts recalled against exposures, in bits and with Engram zeroed, and
                 key-value recall and needles (experiments/probes.py)
+  probes-half   the same at half the quickstart's width (the second model size)
 Sections that need --long-data are skipped without it (and the plan says so). Runs are
 folders under --out; a folder with result.json is finished and reused.
 """
@@ -66,8 +67,8 @@ from engram_lm.recipes import quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
             "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation", "regime",
-            "probes")  # fmt: skip
-NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x", "probes")
+            "probes", "probes-half")  # fmt: skip
+NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x", "probes", "probes-half")
 
 
 def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTIONS) -> dict[str, list[RunSpec]]:
@@ -106,6 +107,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
         "regime": lambda: regime_specs(seeds=seed_list, prefix="regime/", candidates=REGIME_CANDIDATES,
                                        corpora=regime_corpora(long_data if long_data and Path(long_data).exists() else None)),
         "probes": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes/"),
+        "probes-half": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes-half/", size="half"),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
     }
@@ -215,7 +217,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
     write_regime(section("regime"), out / "regime")
-    write_probes(section("probes"), out / "probes")
+    for name in ("probes", "probes-half"):
+        write_probes(section(name), out / name)
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
     write_curves(section("regularisation-control"), out / "regularisation-control",
