@@ -286,15 +286,21 @@ def _stack(name: str, weight: torch.Tensor, path: Path, rows: int, dim: int, dev
 def _table(tier: str, weight: torch.Tensor, path: Path, rows: int, dim: int, device: torch.device):
     if tier == "ram":
         return HostTable(weight, device=device)
+    return file_table(tier, path, rows, dim, "fp32", device)
+
+
+def file_table(tier: str, path: Path, rows: int, dim: int, dtype: str, device: torch.device):
+    """A table file of `dtype` rows served by `tier`: ssd, tiered (the default budget: the whole
+    file, or half the available memory) or mmap."""
     if tier == "ssd":
         from engram_lm.memory.ssd import SsdTable
 
-        return SsdTable(path, rows, dim, "fp32", device=device)
-    if tier == "tiered":  # the default budget: the whole file, or half the available memory
+        return SsdTable(path, rows, dim, dtype, device=device)
+    if tier == "tiered":
         from engram_lm.memory.tiered import tiered_table
 
-        return tiered_table(path, rows, dim, "fp32", device=device)
-    return MmapTable(path, rows, dim, "fp32", device=device)
+        return tiered_table(path, rows, dim, dtype, device=device)
+    return MmapTable(path, rows, dim, dtype, device=device)
 
 
 def _bench_model(table_gb: float, data, device: torch.device) -> tuple[EngramLM, torch.Tensor]:

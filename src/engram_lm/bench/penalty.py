@@ -70,22 +70,29 @@ def check_fits(shape: Shape, table_bytes: int, workdir: Path, dtype_bytes: int, 
                disk: int | None = None) -> int:  # fmt: skip
     """The backbone's parameter count; refuses, before anything is written, a shape whose weights (and
     the RAM tier's copy of the table) exceed the available memory, or a table larger than the disk."""
-    from engram_lm.memory.tiered import available_memory_bytes
-
     with torch.device("meta"):
         model = EngramLM(shape.model)
     params = sum(p.numel() for n, p in model.named_parameters() if ".memory." not in n)
-    need = params * dtype_bytes + table_bytes
+    check_fits_bytes(shape.name, params, dtype_bytes, table_bytes, table_bytes, workdir, memory=memory, disk=disk)
+    return params
+
+
+def check_fits_bytes(name: str, params: int, dtype_bytes: int, in_memory: int, file_bytes: int, workdir: Path, *,
+                     memory: int | None = None, disk: int | None = None) -> None:  # fmt: skip
+    """Refuses, in one line naming what it needs, weights plus `in_memory` table bytes beyond 90% of
+    the available memory, or a table file of `file_bytes` (+1 GB) beyond the free disk of `workdir`."""
+    from engram_lm.memory.tiered import available_memory_bytes
+
+    need = params * dtype_bytes + in_memory
     memory = available_memory_bytes() if memory is None else memory
     if memory is not None and need > 0.9 * memory:
-        raise ValueError(f"--shape {shape.name} needs {need / 1e9:.1f} GB of memory ({params / 1e9:.2f}B parameters at "
-                         f"{dtype_bytes} bytes + a {table_bytes / 1e9:.1f} GB table for the ram tier), this machine has "
-                         f"{memory / 1e9:.1f} GB available: a smaller --table-gb, or a larger machine")  # fmt: skip
+        raise ValueError(f"--shape {name} needs {need / 1e9:.1f} GB of memory ({params / 1e9:.2f}B parameters at "
+                         f"{dtype_bytes} bytes + a {in_memory / 1e9:.1f} GB table for the ram tier), this machine has "
+                         f"{memory / 1e9:.1f} GB available: a smaller --table-gb, fewer --tiers, or a larger machine")  # fmt: skip
     disk = _free_disk(workdir) if disk is None else disk
-    if table_bytes + (1 << 30) > disk:
-        raise ValueError(f"--table-gb: the table file needs {table_bytes / 1e9:.1f} GB + 1 GB free in {workdir}, which has "
-                         f"{disk / 1e9:.1f} GB: a smaller --table-gb or another --workdir")  # fmt: skip
-    return params
+    if file_bytes + (1 << 30) > disk:
+        raise ValueError(f"--shape {name}: the table file needs {file_bytes / 1e9:.1f} GB + 1 GB free in {workdir}, which "
+                         f"has {disk / 1e9:.1f} GB: a smaller --table-gb or another --workdir")  # fmt: skip
 
 
 def _free_disk(folder: Path) -> int:
@@ -176,10 +183,17 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
                   turns: int = 5, tiers: tuple[str, ...] = ("device", "ram", "tiered", "mmap", "ssd"),
                   prefill: tuple[int, ...] | None = None, decode: tuple[int, ...] | None = None,
                   new_tokens: int | None = None, cold: bool = True, shape: Shape | None = None) -> dict[str, Any]:  # fmt: skip
-    """Every tier x prefetch against the backbone without Engram, warm (alternating turns) and cold."""
+    """Every tier x prefetch against the backbone without Engram, warm (alternating turns) and cold.
+    A released model's shape (bench/hf_shapes.py) runs its own table instead (`table_gb` unused)."""
+    from engram_lm.bench.hf_shapes import HF_SHAPES
     from engram_lm.training.allocator import keep_large_buffers_on_heap
 
     keep_large_buffers_on_heap()
+    if shape is None and shape_name in HF_SHAPES:
+        from engram_lm.bench.hf_penalty import bench_hf_penalty
+
+        return bench_hf_penalty(HF_SHAPES[shape_name](), workdir=workdir, device=device, turns=turns, tiers=tiers,
+                                prefill=prefill, decode=decode, new_tokens=new_tokens, cold=cold)  # fmt: skip
     device = torch.device(device)
     defaults = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
     works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"])
@@ -201,8 +215,9 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "table.bin"
         write_table(path, rows, dim)
-        warm = _warm(model, shape, works, ids, names, path, rows, dim, device, turns)
-        cold_results = _cold(model, shape, works, ids, names, path, rows, dim, device, warm["none"]) if cold else {}
+        runner = EngramRunner(model, shape, path, rows, dim, device)
+        warm = _warm(runner, works, ids, names, turns)
+        cold_results = _cold(runner, works, ids, names, warm["none"]) if cold else {}
     return {"shape": shape.name, "source": shape.source, "chosen": shape.chosen, "params": params,
             "table_rows": rows, "table_bytes": table_bytes, "device": str(device), "torch_threads": torch.get_num_threads(),
             "turns": turns, "workloads": [w.name for w in works], "new_tokens": works[-1].new_tokens,
@@ -210,57 +225,77 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
             "peak_rss_gb": _peak_rss() / 1e9}  # fmt: skip
 
 
-def _install(model: EngramLM, shape: Shape, engram, hasher, table) -> None:
-    """The table under the Engram layer, or (table None) the backbone without Engram at all."""
-    layer = shape.model.engram.layer_ids[0]
-    if table is None:
-        model.blocks[layer].engram = model.hasher = None
-    else:
-        model.blocks[layer].engram, model.hasher = engram, hasher
-        engram.memory = table
+class EngramRunner:
+    """How the timing loop drives an engram-lm model: a tier's table under its Engram layer (or no
+    Engram at all), and one workload timed."""
+
+    def __init__(self, model: EngramLM, shape: Shape, path: Path, rows: int, dim: int, device: torch.device) -> None:
+        self.model, self.shape, self.path, self.rows, self.dim, self.device = model, shape, path, rows, dim, device
+        self.layer = shape.model.engram.layer_ids[0]
+        self.engram, self.hasher = model.blocks[self.layer].engram, model.hasher
+
+    def make_table(self, name: str):
+        return make_table(name, self.path, self.rows, self.dim, self.device)
+
+    def install(self, table) -> None:
+        """The table under the Engram layer, or (table None) the backbone without Engram at all."""
+        if table is None:
+            self.model.blocks[self.layer].engram = self.model.hasher = None
+        else:
+            self.model.blocks[self.layer].engram, self.model.hasher = self.engram, self.hasher
+            self.engram.memory = table
+
+    def time(self, work: Workload, ids: torch.Tensor) -> dict[str, Any]:
+        return time_workload(self.model, work, ids)
+
+    def placement(self, table) -> dict[str, Any]:
+        return {k: v for k, v in table.placement().items() if isinstance(v, (int, float, str))}
+
+    def close(self, table) -> None:
+        table.close()
 
 
-def _warm(model, shape, works, ids, names, path, rows, dim, device, turns) -> dict[str, Any]:
-    layer = shape.model.engram.layer_ids[0]
-    engram, hasher = model.blocks[layer].engram, model.hasher
-    tables = {"none": None, **{n: make_table(n, path, rows, dim, device) for n in names}}
+def _warm(runner, works, ids, names, turns) -> dict[str, Any]:
+    """Every configuration built once, then timed in alternating turns (the first turn warms every tier, uncounted)."""
+    tables = {"none": None, **{n: runner.make_table(n) for n in names}}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {n: {w.name: [] for w in works} for n in tables}
     order = list(tables)
-    for turn in range(turns + 1):  # the first turn warms every tier and is not counted
+    for turn in range(turns + 1):
         for name in order[turn % len(order) :] + order[: turn % len(order)]:
-            _install(model, shape, engram, hasher, tables[name])
+            runner.install(tables[name])
             for work in works:
-                sample = time_workload(model, work, ids)
+                sample = runner.time(work, ids)
                 if turn:
                     samples[name][work.name].append(sample)
-    _install(model, shape, engram, hasher, tables[names[0]] if names else None)
     out = {name: summarise(samples[name], samples["none"]) for name in order}
     for name, table in tables.items():
         if table is not None:
-            out[name]["placement"] = {k: v for k, v in table.placement().items() if isinstance(v, (int, float, str))}
-            table.close()
+            runner.install(table)
+            out[name]["placement"] = runner.placement(table)
+            runner.close(table)
+    runner.install(None)
     return out
 
 
-def _cold(model, shape, works, ids, names, path, rows, dim, device, warm_none) -> dict[str, Any]:
+def _cold(runner, works, ids, names, warm_none) -> dict[str, Any]:
     """One configuration at a time on a file whose pages were dropped: its first contact, one turn."""
     from engram_lm.bench.offload import _evict
 
-    layer = shape.model.engram.layer_ids[0]
-    engram, hasher = model.blocks[layer].engram, model.hasher
     out = {}
     for name in names:
         if name.split("+")[0] in ("ram", "device"):
             continue  # in memory: nothing to drop
-        _evict(path)
-        table = make_table(name, path, rows, dim, device)
-        _install(model, shape, engram, hasher, table)
-        out[name] = {"resident_before": _resident_fraction(path), **{
-            w.name: _rate(time_workload(model, w, ids)) for w in works}}  # fmt: skip
-        table.close()
+        _evict(runner.path)
+        table = runner.make_table(name)
+        runner.install(table)
+        out[name] = {"resident_before": _resident_fraction(runner.path), **{
+            w.name: _rate(runner.time(w, ids)) for w in works}}  # fmt: skip
+        out[name]["placement"] = runner.placement(table)
+        runner.close(table)
+    runner.install(None)
     for name, works_out in out.items():  # one cold turn each: its cost against the warm backbone's median
         for work, entry in works_out.items():
-            if isinstance(entry, dict):
+            if isinstance(entry, dict) and "tok_s" in entry:
                 entry["penalty_vs_warm_none"] = warm_none[work]["tok_s"] / entry["tok_s"] - 1
     return out
 

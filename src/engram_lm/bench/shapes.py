@@ -76,7 +76,9 @@ SHAPES = {"quickstart": quickstart, "paper-4b": paper_4b, "paper-8b": paper_8b}
 
 def get_shape(name: str) -> Shape:
     if name not in SHAPES:
-        raise ValueError(f"unknown --shape {name!r}; choose one of {sorted(SHAPES)}")
+        from engram_lm.bench.hf_shapes import HF_SHAPES
+
+        raise ValueError(f"unknown --shape {name!r}; choose one of {sorted(SHAPES) + sorted(HF_SHAPES)}")
     return SHAPES[name]()
 
 

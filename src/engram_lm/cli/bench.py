@@ -119,6 +119,11 @@ def _print_penalty(r: dict[str, Any]) -> None:
                 pen = f"{value:+.1%}" if value is not None else ""
                 lat = f"{e['p50_ms']:>9.2f}{e['p99_ms']:>9.2f}" if "p50_ms" in e else ""
                 print(f"  {name + (' cold' if state == 'cold' else ''):<22}{work:<14}{e['tok_s']:>10,.1f}{pen:>10}{ci:>20}{lat}")
+    waits = [(f"{name}{' cold' if state == 'cold' else ''}", e["placement"]["waited_ms_per_call"])
+             for state in ("warm", "cold") for name, e in r[state].items()
+             if "waited_ms_per_call" in e.get("placement", {})]  # fmt: skip
+    if waits:  # a table read at the model's input: no compute before it to overlap
+        print("  the table layer's wait per call (ms): " + ", ".join(f"{n} {w:.2f}" for n, w in waits))
     print(f"peak resident memory {r['peak_rss_gb']:.2f} GB")
 
 
@@ -337,9 +342,11 @@ def _add_model_benches(bench) -> None:
     """A model with its table on every tier: tokens/s and the penalty against the same model without Engram."""
     b = bench.add_parser("penalty", help="a real-sized model's tokens/s with its Engram table on each tier (+prefetch), "
                                          "warm and cold, against the same model without Engram (the paper's Table 4 claim)")  # fmt: skip
-    b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b"),
-                   help="the model (bench/shapes.py says where each number comes from)")
-    b.add_argument("--table-gb", type=float, default=1.0, help="size of the Engram table file (fp32 rows)")
+    b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b", "gemma4-e2b"),
+                   help="the model (bench/shapes.py and bench/hf_shapes.py say where each number comes from; gemma4-e2b: "
+                        "transformers' Gemma 4 class at E2B's released shape, its per-layer table served by the tiers)")  # fmt: skip
+    b.add_argument("--table-gb", type=float, default=1.0,
+                   help="size of the Engram table file (fp32 rows); a released shape serves its own table instead")  # fmt: skip
     b.add_argument("--tiers", default="device,ram,tiered,mmap,ssd", help="comma-separated tiers (device: CUDA only)")
     b.add_argument("--turns", type=int, default=5, help="alternating warm turns per configuration (one more untimed)")
     b.add_argument("--prefill", type=int_list, help="prefill lengths (default: 1024,4096 on CUDA, 128 on a CPU)")

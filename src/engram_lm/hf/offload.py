@@ -254,9 +254,10 @@ def _wrapped(table: MemoryTable, cache_rows: int, prefetch: bool, device) -> Mem
     return PrefetchingTable(table, device, policy="always") if prefetch else table
 
 
-def install_prefetch(model: nn.Module, tables: list[ServedTable]) -> None:
-    """The pre-hook that starts each table's reads when a forward's input ids are known (`_PrefetchHook`)."""
-    model.register_forward_pre_hook(_PrefetchHook(tables), with_kwargs=True)
+def install_prefetch(model: nn.Module, tables: list[ServedTable]):
+    """The pre-hook that starts each table's reads when a forward's input ids are known (`_PrefetchHook`);
+    returns its handle (`.remove()` takes it off)."""
+    return model.register_forward_pre_hook(_PrefetchHook(tables), with_kwargs=True)
 
 
 def _export_once(model: nn.Module, tables: dict[str, ServedTable], export_dir: Path, dtype: str) -> None:
