@@ -7,8 +7,9 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from engram_lm.bench.hf_penalty import HFRunner, bench_hf_penalty, build_hf_model, hf_params, rows_in_memory, write_rows  # noqa: E402
-from engram_lm.bench.hf_shapes import GEMMA4_E2B_TEXT, HF_SHAPES, gemma4_e2b, hf_scaled_down  # noqa: E402
+from engram_lm.bench.hf_penalty import (HFRunner, bench_hf_penalty, build_hf_model, hf_params, rows_in_memory,  # noqa: E402
+                                        served_table, write_rows)
+from engram_lm.bench.hf_shapes import GEMMA4_E2B_TEXT, HF_SHAPES, QWEN38_TEXT, gemma4_e2b, hf_scaled_down, qwen38_slice  # noqa: E402
 from engram_lm.bench.penalty import Workload, bench_penalty, check_fits_bytes  # noqa: E402
 
 CONFIGS = ["ram", "ram+prefetch", "tiered", "tiered+prefetch", "mmap", "mmap+prefetch", "ssd", "ssd+prefetch"]
@@ -30,26 +31,44 @@ def test_gemma4_e2b_is_the_released_text_configuration():
     assert GEMMA4_E2B_TEXT["use_double_wide_mlp"] and HF_SHAPES["gemma4-e2b"] is gemma4_e2b
 
 
+def test_qwen38_slice_is_the_released_configuration_cut_in_depth_and_experts_only():
+    """Its table is the released one (bench real-table's 320,001,536 rows, from the same layout), 160 values a
+    row (ple_embed_dim 2560 over 2 orders x 8 heads); only the layers and the experts are cut."""
+    from engram_lm.bench.real_table import MODELS
+
+    shape = qwen38_slice()
+    assert shape.table_shape == (MODELS["qwen3.8"]["rows"], MODELS["qwen3.8"]["dim"]) == (320_001_536, 160)
+    changed = {k for k in QWEN38_TEXT if shape.kwargs[k] != QWEN38_TEXT[k]}
+    assert changed == {"num_hidden_layers", "layer_types", "num_experts"}
+    assert shape.kwargs["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] and shape.kwargs["ple_layer_ids"] == [2]
+    assert shape.config().num_experts_per_tok == 10 and shape.table_file == "qwen3.8-ngram-table-fp8.bin"
+    assert 1.9e9 < hf_params(shape) < 1.95e9  # besides the table: it fits this machine in bf16 (3.8 GB)
+
+
 def test_gemma4_e2b_has_its_published_effective_parameter_count():
     """Google calls E2B "2.3B effective parameters": every weight but the per-layer table (2.35B more)."""
     assert 2.25e9 < hf_params(gemma4_e2b()) < 2.32e9
 
 
-def test_every_tier_serves_the_official_forwards_logits(tmp_path):
+@pytest.mark.parametrize("make", [gemma4_e2b, qwen38_slice])
+def test_every_tier_serves_the_official_forwards_logits(tmp_path, make):
     """The scaled-down model with its table served by each tier (and prefetched) gives the logits of the
     official class with the same rows in its own in-memory embedding; the model without the table differs."""
-    shape = hf_scaled_down(gemma4_e2b())
-    model, holder, scale = build_hf_model(shape)
+    shape = hf_scaled_down(make())
+    model = build_hf_model(shape)
+    served = served_table(model, shape)
+    assert served.embedding.weight.device.type == "meta"  # never held
     rows, dim = shape.table_shape
     path = tmp_path / "table.bin"
     write_rows(path, rows, dim, shape.table_dtype)
-    official = type(holder.embed_tokens_per_layer)(rows, dim, 0, embed_scale=float(scale))
+    official = served.embedding.to_empty(device="cpu")
     official.weight.data.copy_(rows_in_memory(path, rows, dim, shape.table_dtype, torch.float32))
-    ids = torch.randint(0, rows, (2, 12), generator=torch.Generator().manual_seed(0))
-    holder.embed_tokens_per_layer = official
+    if served.scale is not None:  # to_empty emptied Gemma's scale buffer too
+        official.embed_scale = served.scale.clone()
+    ids = torch.randint(0, shape.kwargs["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    runner = HFRunner(model, holder, scale, shape, path, torch.device("cpu"))
+    runner = HFRunner(model, shape, path, torch.device("cpu"))
     for name in CONFIGS:
         embedding = runner.make_table(name)
         runner.install(embedding)
@@ -65,15 +84,29 @@ def test_every_tier_serves_the_official_forwards_logits(tmp_path):
     assert len(sample["steps"]) == 3 and sample["tokens"] == 6
 
 
-def test_the_scaled_down_shape_runs_a_prefill_and_a_decode_through_every_tier_warm_and_cold(tmp_path):
-    r = bench_hf_penalty(hf_scaled_down(gemma4_e2b()), workdir=tmp_path, turns=1, prefill=(16,), decode=(2,), new_tokens=2)
+@pytest.mark.parametrize("make", [gemma4_e2b, qwen38_slice])
+def test_the_scaled_down_shape_runs_a_prefill_and_a_decode_through_every_tier_warm_and_cold(tmp_path, make):
+    r = bench_hf_penalty(hf_scaled_down(make()), workdir=tmp_path, turns=1, prefill=(16,), decode=(2,), new_tokens=2)
     assert list(r["warm"]) == ["none", *CONFIGS]
     assert sorted(r["cold"]) == sorted(c for c in CONFIGS if not c.startswith("ram"))
     for config, works in r["warm"].items():
         assert works["prefill-16"]["tok_s"] > 0 and ("penalty" in works["decode-b2"]) == (config != "none")
         if config != "none":  # the table layer's wait is measured for every tier, prefetched or not
             assert works["placement"]["waited_ms_per_call"] > 0 and works["placement"]["calls"] > 0
-    assert r["table_rows"] == 512 and r["table_dim"] == 32 and list(tmp_path.iterdir()) == []  # the file removed
+    assert list(tmp_path.iterdir()) == [] and not r["table_file_reused"]  # an unnamed table file is removed
+
+
+def test_a_named_table_file_is_written_once_kept_and_reused(tmp_path):
+    from dataclasses import replace
+
+    shape = replace(hf_scaled_down(qwen38_slice()), table_file="slice.bin")
+    run = lambda: bench_hf_penalty(shape, workdir=tmp_path, turns=1, prefill=(8,), decode=(1,), new_tokens=1,  # noqa: E731
+                                   tiers=("mmap",), cold=False)  # fmt: skip
+    first = run()
+    stamp = (tmp_path / "slice.bin").stat().st_mtime_ns
+    second = run()
+    assert not first["table_file_reused"] and second["table_file_reused"]
+    assert (tmp_path / "slice.bin").stat().st_mtime_ns == stamp and [f.name for f in tmp_path.iterdir()] == ["slice.bin"]
 
 
 def test_gemma4_e2b_that_does_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):

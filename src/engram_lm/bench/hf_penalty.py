@@ -1,19 +1,23 @@
-"""`engram bench penalty --shape gemma4-e2b`: the penalty of a released `transformers` model's table.
+"""`engram bench penalty --shape gemma4-e2b | qwen3.8-slice`: the penalty of a released model's table,
+in `transformers`' own class.
 
-The model is built from `transformers`' own class at the shape's released configuration, with
-random weights in the released dtype, its table never in memory: the class is built with a
-one-row per-layer table, which is then replaced by engram-lm's `TierEmbedding` over the shape's
-full row count (bench/hf_shapes.py), reading a file of random rows through each tier, exactly as
-`offload_tables` serves a loaded model's table (its scale, and with `+prefetch` its forward
-pre-hook, which requests the rows as soon as a forward's ids are known). The timing loop, the
-workloads and the penalty are bench/penalty.py's; "none" is the same model with its per-layer
-path switched off. The table is read at the model's input, before block 0, so prefetch has no
-compute to overlap: the layer's measured wait per call is reported beside every tier
-(`waited_ms_per_call`), cold and warm.
+The model is built from the shape's class at its configuration (bench/hf_shapes.py), random
+weights in the released dtype, its table a placeholder on the meta device (never held): the
+class is built with exactly that `nn.Embedding` made on meta. The table is then served as
+`offload_tables` serves a loaded model's (hf/offload.py: the same `ServedTable` found, the same
+`TierEmbedding` with Gemma's scale, with `+prefetch` the same forward pre-hook requesting the
+rows - qwen4_exp's hashed by the official layout - as soon as a forward's ids are known), reading
+a file of random rows through each tier. The timing loop, workloads and penalty are
+bench/penalty.py's; "none" is the same model with its table's path switched off (Gemma: its
+own per-layer test; qwen4_exp: the PLE module off its layer). Both tables are read at the start
+of the forward (Gemma's at the input, qwen4_exp's at block 2 after one linear-attention block),
+so prefetch has little or no compute to overlap: the table layer's measured wait per call is
+reported beside every tier (`waited_ms_per_call`), cold and warm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import tempfile
 from pathlib import Path
@@ -21,34 +25,50 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from engram_lm.bench.hf_shapes import HFShape
 from engram_lm.bench.penalty import _cold, _peak_rss, _sync, _warm, tier_names, workloads
 from engram_lm.memory.codec import decode_rows, encode_rows, row_bytes
 
 
+@contextlib.contextmanager
+def _table_on_meta(rows: int, dim: int):
+    """Inside the block, an `nn.Embedding` of exactly (rows, dim) is created on the meta device: the
+    table is served from a file, never held; every other weight and buffer is real."""
+    original = nn.Embedding.__init__
+
+    def init(self, num_embeddings, embedding_dim, *args, **kwargs):
+        if (num_embeddings, embedding_dim) == (rows, dim):
+            kwargs["device"] = "meta"
+        original(self, num_embeddings, embedding_dim, *args, **kwargs)
+
+    nn.Embedding.__init__ = init
+    try:
+        yield
+    finally:
+        nn.Embedding.__init__ = original
+
+
 def build_hf_model(shape: HFShape):
-    """(the model with random weights in the shape's dtype, the per-layer holder, the table's scale);
-    the per-layer table is built with one row and never filled in."""
-    config = shape.config(vocab_size_per_layer_input=1)
+    """The model with random weights in the shape's dtype; its table a placeholder on the meta device."""
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(shape.dtype)
     try:
-        model = shape.model_class()(config).eval()
+        with _table_on_meta(*shape.table_shape):
+            model = shape.model_class()(shape.config()).eval()
     finally:
         torch.set_default_dtype(previous)
-    config.vocab_size_per_layer_input = shape.table_shape[0]  # the released value, for whoever reads the config
-    holder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    scale = getattr(holder.embed_tokens_per_layer, "embed_scale", None)
-    return model, holder, None if scale is None else scale.detach().clone()
+    return model
 
 
 def hf_params(shape: HFShape) -> int:
-    """Parameters without the per-layer table (built on the meta device: nothing allocated)."""
+    """Parameters besides the table (built on the meta device: nothing allocated)."""
     with torch.device("meta"):
-        model = shape.model_class()(shape.config(vocab_size_per_layer_input=1))
-    return sum(p.numel() for p in model.parameters()) - shape.table_shape[1]
+        model = shape.model_class()(shape.config())
+    rows, dim = shape.table_shape
+    return sum(p.numel() for p in model.parameters()) - rows * dim
 
 
 def write_rows(path: Path, rows: int, dim: int, dtype: str, chunk: int = 1 << 16) -> None:
@@ -60,14 +80,19 @@ def write_rows(path: Path, rows: int, dim: int, dtype: str, chunk: int = 1 << 16
 
 
 class HFRunner:
-    """How the timing loop drives a `transformers` model whose per-layer table a tier serves."""
+    """How the timing loop drives a `transformers` model whose table a tier serves: the shape's table
+    module found and swapped for `TierEmbedding`, the model's table path switched on and off."""
 
-    def __init__(self, model, holder, scale, shape: HFShape, path: Path, device: torch.device) -> None:
-        self.model, self.holder, self.scale, self.shape, self.path, self.device = model, holder, scale, shape, path, device
+    def __init__(self, model, shape: HFShape, path: Path, device: torch.device) -> None:
+        self.model, self.shape, self.path, self.device = model, shape, path, device
         self.rows, self.dim = shape.table_shape
-        self.width = shape.kwargs["hidden_size_per_layer_input"]
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.hook = None
+        self.served = served_table(model, shape)
+        self.scale = self.served.scale
+        self.switch = _switch(model, shape, self.served)
+        setattr(self.served.holder, self.served.attr, nn.Module())  # the meta placeholder out, so the model moves
+        model.to(device)
 
     def make_table(self, name: str):
         from engram_lm.hf.offload import TierEmbedding
@@ -96,22 +121,18 @@ class HFRunner:
         return TierEmbedding(table, self.rows, self.dim, self.shape.dtype, scale=self.scale)
 
     def install(self, embedding) -> None:
-        """The tier's table as the per-layer embedding, or (None) the model with its per-layer path off."""
-        from engram_lm.hf.offload import ServedTable, install_prefetch
+        """The tier's table as the model's table, or (None) the model with its table's path off."""
+        from engram_lm.hf.offload import install_prefetch
 
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        width = 0 if embedding is None else self.width
-        for module in (self.holder, *self.holder.layers):
-            module.hidden_size_per_layer_input = width
+        self.switch(embedding is not None)
         if embedding is None:
             return
-        self.holder.embed_tokens_per_layer = embedding
+        setattr(self.served.holder, self.served.attr, embedding)
         if embedding.table.placement().get("prefetch"):
-            rows = self.rows
-            served = ServedTable(self.holder, "embed_tokens_per_layer", "bench", lambda ids, _: torch.where(ids < rows, ids, 0))
-            self.hook = install_prefetch(self.model, [served])
+            self.hook = install_prefetch(self.model, [self.served])
 
     def time(self, work, ids: torch.Tensor) -> dict[str, Any]:
         """Seconds for the workload (and each decode step's), on `ids` of shape (B, T)."""
@@ -144,6 +165,49 @@ class HFRunner:
         embedding.table.close()
 
 
+def served_table(model, shape: HFShape):
+    """The shape's table as `offload_tables` finds it (hf/offload.py's ServedTable: the holder, the
+    rows a forward's ids ask for, the scale), its placeholder still on the meta device."""
+    from engram_lm.hf.offload import served_tables
+
+    tables = list(served_tables(model).values())
+    if len(tables) != 1:
+        raise AssertionError(f"{shape.name}: expected one served table, found {len(tables)}")
+    return tables[0]
+
+
+def _switch(model, shape: HFShape, served):
+    """A function turning the table's path on or off: Gemma's own per-layer test (its width 0 skips
+    the table, the projection and the gates); qwen4_exp's PLE module on its decoder layer, or None."""
+    if shape.table == "per-layer":
+        width = shape.kwargs["hidden_size_per_layer_input"]
+        holder = served.holder
+
+        def switch(on: bool) -> None:
+            for module in (holder, *holder.layers):
+                module.hidden_size_per_layer_input = width if on else 0
+
+        return switch
+    layer = next(m for m in model.modules() if getattr(m, "ple", None) is not None and served.holder in m.ple.modules())
+    ple = layer.ple
+
+    def switch(on: bool) -> None:
+        layer.ple = ple if on else None
+
+    return switch
+
+
+def _write_table(path: Path, rows: int, dim: int, dtype: str) -> None:
+    """fp8 tables of a billion rows: `bench real-table`'s writer (one random block repeated: minutes, not
+    hours); anything else random rows chunk by chunk."""
+    if dtype == "fp8" and rows > 1 << 24:
+        from engram_lm.bench.real_table import write_random_fp8_table
+
+        write_random_fp8_table(path, rows, dim)
+    else:
+        write_rows(path, rows, dim, dtype)
+
+
 def rows_in_memory(path: Path, rows: int, dim: int, table_dtype: str, dtype: torch.dtype) -> torch.Tensor:
     """The whole file as a (rows, dim) tensor of `dtype`; bf16 rows read as they lie (no fp32 copy)."""
     if table_dtype == "bf16":
@@ -171,17 +235,19 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
     workdir = Path(workdir or tempfile.gettempdir())
     dtype_bytes = torch.empty(0, dtype=shape.dtype).element_size()
     in_memory = rows * dim * dtype_bytes if {"ram", "device"} & set(tiers) else 0
-    check_fits_bytes(shape.name, params, dtype_bytes, in_memory, table_bytes, workdir)
-    model, holder, scale = build_hf_model(shape)
-    model.to(device)
+    named = workdir / shape.table_file if shape.table_file else None
+    reused = named is not None and named.is_file() and named.stat().st_size == table_bytes
+    check_fits_bytes(shape.name, params, dtype_bytes, in_memory, 0 if reused else table_bytes, workdir)
+    model = build_hf_model(shape)
     longest = max([w.size for w in works if w.kind == "prefill"] + [16])
     batch = max([w.size for w in works if w.kind == "decode"] + [1])
     ids = torch.randint(0, shape.kwargs["vocab_size"], (batch, longest), generator=torch.Generator().manual_seed(2))
     names = tier_names(device, tiers)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        path = Path(tmp) / "table.bin"
-        write_rows(path, rows, dim, shape.table_dtype)
-        runner = HFRunner(model, holder, scale, shape, path, device)
+        path = named or Path(tmp) / "table.bin"  # a named file is kept for the next run (and `bench real-table`)
+        if not reused:
+            _write_table(path, rows, dim, shape.table_dtype)
+        runner = HFRunner(model, shape, path, device)
         warm = _warm(runner, works, ids, names, turns)
         cold_results = _cold(runner, works, ids, names, warm["none"]) if cold else {}
     return {"shape": shape.name, "source": shape.source, "chosen": shape.chosen, "params": params,
@@ -189,4 +255,5 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
             "weights_dtype": str(shape.dtype).removeprefix("torch."), "device": str(device),
             "torch_threads": torch.get_num_threads(), "turns": turns, "workloads": [w.name for w in works],
             "new_tokens": works[-1].new_tokens, "scaled_for_cpu": device.type != "cuda", "warm": warm,
-            "cold": cold_results, "peak_rss_gb": _peak_rss() / 1e9}  # fmt: skip
+            "cold": cold_results, "peak_rss_gb": _peak_rss() / 1e9, "table_file": str(named) if named else None,
+            "table_file_reused": reused}  # fmt: skip

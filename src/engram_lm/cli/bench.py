@@ -342,9 +342,11 @@ def _add_model_benches(bench) -> None:
     """A model with its table on every tier: tokens/s and the penalty against the same model without Engram."""
     b = bench.add_parser("penalty", help="a real-sized model's tokens/s with its Engram table on each tier (+prefetch), "
                                          "warm and cold, against the same model without Engram (the paper's Table 4 claim)")  # fmt: skip
-    b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b", "gemma4-e2b"),
+    b.add_argument("--shape", default="quickstart", choices=("quickstart", "paper-4b", "paper-8b", "gemma4-e2b", "qwen3.8-slice"),
                    help="the model (bench/shapes.py and bench/hf_shapes.py say where each number comes from; gemma4-e2b: "
-                        "transformers' Gemma 4 class at E2B's released shape, its per-layer table served by the tiers)")  # fmt: skip
+                        "transformers' Gemma 4 class at E2B's released shape, its per-layer table served by the tiers; qwen3.8-slice: "
+                        "qwen4_exp at Qwen3.8-Flash-Next's width with its full 52.8 GB n-gram table, 4 layers, 16 experts; "
+                        "its table file is kept in --workdir and reused, as `bench real-table --keep` leaves it)")  # fmt: skip
     b.add_argument("--table-gb", type=float, default=1.0,
                    help="size of the Engram table file (fp32 rows); a released shape serves its own table instead")  # fmt: skip
     b.add_argument("--tiers", default="device,ram,tiered,mmap,ssd", help="comma-separated tiers (device: CUDA only)")
