@@ -40,6 +40,10 @@ def test_the_second_size_halves_every_width_and_keeps_the_data_steps_and_paramet
     assert abs(counts[1].total / counts[0].total - 1) < 1e-3 and counts[1].active == counts[0].active
     assert 0.2 < counts[0].total / count_config(full[0].model).total < 0.3
     assert P.claims("half")["bits"] == P.CLAIMS["bits"] + " (half width)"
+    qa = study_plan(seeds=1, long_data="novels", sections=("probes-qa",))["probes-qa"]
+    assert [s.model for s in qa] == [s.model for s in full] and qa[0].key == "probes-qa/moe/seed-0"
+    assert qa[0].train.data == "bios-qa:600:0+recall:3000:0+first:7000000:novels"
+    assert "mqar" not in P.claims("qa") and P.claims("qa")["extraction"] == P.EXTRACTION
     with pytest.raises(ValueError, match="unknown probe model size 'huge'"):
         P.probe_models("huge")
 
@@ -78,6 +82,7 @@ def test_each_arm_trains_is_probed_and_the_page_renders(tmp_path, monkeypatch):
 def _run(variant: str, seed: int, bits: float, few: float, kept: float, tokens_kept: float, mqar: float) -> dict:
     by = {str(e): few for e in (1, 2, 4)} | {str(e): 0.5 for e in (8, 16, 32)}
     knowledge = {"params": {"params_total": 3e6}, "template": {"recall": 0.3, "by_exposures": by}, "question": {"recall": 0.1},
+                 "question_held_out_people": {"recall": few / 2},
                  "bits": bits, "bits_per_param": bits / 3e6, "retained_recall": kept if variant != "moe" else None}  # fmt: skip
     recall = {"context": 128, "mqar": {"accuracy": mqar, "by_pairs": {str(n): mqar for n in (2, 4, 8, 16)}},
               "needle": {"accuracy": mqar / 2}}  # fmt: skip
@@ -104,3 +109,13 @@ def test_the_verdicts_are_paired_over_seeds_by_hand():
     half, lines = P.knowledge_section(runs, size="half")  # the same numbers under the second size's names
     assert [v[1:] for v in half] == [v[1:] for v in (bits, few, table, zeroed)] and half[0][0].endswith("(half width)")
     assert lines[0].endswith("(probes-half)") and "half its width" in lines[2]
+    qa, lines = P.knowledge_section(runs, size="qa")  # bios-qa: the same four, then extraction
+    assert [v[0] for v in qa] == [P.claims("qa")[k] for k in ("bits", "few", "table", "zeroed", "extraction")]
+    # never-asked half's recall, Engram minus MoE: 0.1 - 0.05, 0.125 - 0.05, 0.11 - 0.05 -> 0.0617 ± 0.0073
+    assert qa[4][1] == "reproduced" and "difference +0.062 ± 0.007" in qa[4][3]
+    assert any(line.startswith("| MoE+Engram |") for line in lines[lines.index("Extraction (Physics of LMs 3.1/3.3): "
+                                                                               "training read question-answer documents "
+                                                                               "for the even half of the people only; the "
+                                                                               "never-asked half's questions test whether a "
+                                                                               "fact stored from biographies can be retrieved "
+                                                                               "in a form training never paired with it."):])

@@ -48,16 +48,22 @@ CLAIMS = {
 }
 
 
-def probe_data(long_data: str) -> str:
-    return f"bios:{PEOPLE}:0+recall:{RECALL_DOCS}:0+first:{NOVEL_CHARS}:{long_data}"
+def probe_data(long_data: str, size: str = "quickstart") -> str:
+    bios = "bios-qa" if size == "qa" else "bios"
+    return f"{bios}:{PEOPLE}:0+recall:{RECALL_DOCS}:0+first:{NOVEL_CHARS}:{long_data}"
 
 
-# The two model sizes (issue 39 asks for two at least): the quickstart, and the same model at half
-# its width (every width halved, the head dimension and the depth kept; the same data and tokens,
-# so the same epochs: only the parameters change). Each size is its own study section.
-SIZES = {"quickstart": "probes", "half": "probes-half"}
+# The variants, each its own study section: the quickstart; the same model at half its width (issue
+# 39 asks for two sizes at least: every width halved, the head dimension and the depth kept, the same
+# data and tokens, so the same epochs: only the parameters change); and the quickstart on bios-qa
+# (Physics of LMs 3.3's mixed training: question-answer documents for half the people, so that the
+# other half's questions, never asked in training, measure extraction).
+SIZES = {"quickstart": "probes", "half": "probes-half", "qa": "probes-qa"}
 SIZE_WORDS = {"quickstart": "The quickstart MoE", "half": "The quickstart MoE at half its width (dim 64, 2 heads of 32, "
-                                                          "expert width 64, Engram 64 per n-gram)"}  # fmt: skip
+                                                          "expert width 64, Engram 64 per n-gram)",
+              "qa": "The quickstart MoE on biographies with question-answer documents for the even half of the people "
+                    "(bios-qa)"}  # fmt: skip
+EXTRACTION = "knowledge: Engram answers questions never asked in training better (bios-qa, the held-out half)"
 
 
 def probe_models(size: str = "quickstart"):
@@ -65,7 +71,7 @@ def probe_models(size: str = "quickstart"):
     if size not in SIZES:
         raise ValueError(f"unknown probe model size {size!r}; choose from {list(SIZES)}")
     base, template = quickstart_moe()[0], quickstart_engram_template()
-    if size == "half":
+    if size == "half":  # "qa" is the quickstart's
         base = base.with_(dim=base.dim // 2, num_heads=base.num_heads // 2, ffn_hidden=base.ffn_hidden // 2,
                           expert_hidden=base.expert_hidden // 2)  # fmt: skip
         template = template.with_(embed_per_ngram=template.embed_per_ngram // 2)
@@ -73,14 +79,17 @@ def probe_models(size: str = "quickstart"):
 
 
 def claims(size: str = "quickstart") -> dict[str, str]:
-    """The section's claims, named for its size (the quickstart's keep their words)."""
+    """The section's claims, named for its variant (the quickstart's keep their words); bios-qa's are
+    the knowledge claims and extraction (its recall documents are the quickstart section's)."""
+    if size == "qa":
+        return {k: f"{v} (bios-qa)" for k, v in CLAIMS.items() if k not in ("mqar", "needle")} | {"extraction": EXTRACTION}
     return CLAIMS if size == "quickstart" else {k: f"{v} (half width)" for k, v in CLAIMS.items()}
 
 
 def probe_specs(*, long_data: str, seeds, prefix: str = "", size: str = "quickstart") -> list[RunSpec]:
     base, template = probe_models(size)
     train_cfg = paper_optimiser(quickstart_moe()[1])
-    train_cfg = train_cfg.with_(data=probe_data(long_data), steps=STEPS_MULTIPLE * train_cfg.steps)
+    train_cfg = train_cfg.with_(data=probe_data(long_data, size), steps=STEPS_MULTIPLE * train_cfg.steps)
     engram = allocate(base, QUICKSTART_RHO, template)
     models = {"moe": base, "engram": engram, "capacity1": engram.with_(engram=engram.engram.with_(single_slot=True))}
     return [RunSpec(f"{prefix}{arm}/seed-{seed}", models[arm], train_cfg.with_(seed=seed),
@@ -207,7 +216,22 @@ def knowledge_section(runs: list[dict[str, Any]], size: str = "quickstart") -> t
         _verdict(named["table"], e, c, k(lambda q: q["bits"]), "higher", where, "bits, Engram minus capacity-1"),
         _zeroed_verdict(e, where, named["zeroed"]),
     ]  # fmt: skip
+    if size == "qa":
+        lines += _extraction_lines(arms)
+        verdicts.append(_verdict(named["extraction"], e, m, k(lambda q: q["question_held_out_people"]["recall"]), "higher",
+                                 where, "question recall of the never-asked half, Engram minus MoE"))  # fmt: skip
     return verdicts, lines + [""]
+
+
+def _extraction_lines(arms: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Question recall of the half whose questions training asked, and of the half it never asked, by arm."""
+    k = lambda f: (lambda a: f(a["knowledge"]))  # noqa: E731
+    table = [[LABELS[arm], _est(rs, k(lambda q: q["question"]["recall"])),
+              _est(rs, k(lambda q: q["question_held_out_people"]["recall"]))] for arm, rs in arms.items()]  # fmt: skip
+    return ["", "Extraction (Physics of LMs 3.1/3.3): training read question-answer documents for the even half of the "
+            "people only; the never-asked half's questions test whether a fact stored from biographies can be "
+            "retrieved in a form training never paired with it.", "",
+            *md_table(["model", "question recall, all people", "question recall, the never-asked half"], table)]  # fmt: skip
 
 
 def _zeroed_verdict(engram: list[dict[str, Any]], where: str, claim: str) -> list[str]:

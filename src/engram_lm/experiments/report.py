@@ -63,7 +63,7 @@ FIGURES = {"duration": "duration.png", "duration-repeated": "duration.png", "mhc
            "allocation": "allocation.png", "allocation-4x": "allocation.png", "scaling": "scaling.png",
            "ablations": "ablations.png", "branch-fusion": "ablations.png", "scaling-4x": "scaling.png", "regularisation": "curves.png",
            "regularisation-cost": "curves.png", "regularisation-control": "curves.png",
-           "regime": "regime.png", "probes": "probes.png", "probes-half": "probes.png"}  # fmt: skip
+           "regime": "regime.png", "probes": "probes.png", "probes-half": "probes.png", "probes-qa": "probes.png"}  # fmt: skip
 
 
 # Every claim the verdict table must answer, with the section that answers it: a claim whose
@@ -178,6 +178,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("probes", recall_section),
     ("probes-half", functools.partial(knowledge_section, size="half")),
     ("probes-half", functools.partial(recall_section, size="half")),
+    ("probes-qa", functools.partial(knowledge_section, size="qa")),
 ]  # fmt: skip
 
 

@@ -40,6 +40,8 @@ long runs):
                 in; facts recalled against exposures, in bits and with Engram zeroed, and
                 key-value recall and needles (experiments/probes.py)
   probes-half   the same at half the quickstart's width (the second model size)
+  probes-qa     the same (quickstart size) on bios-qa: question-answer documents for half the people,
+                so that the other half's questions measure extraction
 Sections that need --long-data are skipped without it (and the plan says so). Runs are
 folders under --out; a folder with result.json is finished and reused.
 """
@@ -67,8 +69,8 @@ from engram_lm.recipes import quickstart_moe
 
 SECTIONS = ("sanity", "oe-diagnosis", "duration", "scaling", "sensitivity", "allocation-4x", "regularisation",
             "regularisation-control", "regularisation-cost", "ablations", "branch-fusion", "table-lr", "scaling-4x", "duration-repeated", "mhc", "allocation", "regime",
-            "probes", "probes-half")  # fmt: skip
-NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x", "probes", "probes-half")
+            "probes", "probes-half", "probes-qa")  # fmt: skip
+NEEDS_LONG_DATA = ("duration", "allocation-4x", "mhc", "scaling-4x", "probes", "probes-half", "probes-qa")
 
 
 def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTIONS) -> dict[str, list[RunSpec]]:
@@ -108,6 +110,7 @@ def study_plan(*, seeds: int = 3, long_data: str | None = None, sections=SECTION
                                        corpora=regime_corpora(long_data if long_data and Path(long_data).exists() else None)),
         "probes": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes/"),
         "probes-half": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes-half/", size="half"),
+        "probes-qa": lambda: probe_specs(long_data=long_data, seeds=seed_list, prefix="probes-qa/", size="qa"),
         "scaling-4x": lambda: scaling_specs(budgets=SCALING_TABLE_PARAMS[::2], seeds=seed_list, steps=quick, data=long_data,
                                             methods=("engram",), prefix="scaling-4x/"),
     }
@@ -217,7 +220,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
     write_regime(section("regime"), out / "regime")
-    for name in ("probes", "probes-half"):
+    for name in ("probes", "probes-half", "probes-qa"):
         write_probes(section(name), out / name)
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
