@@ -105,6 +105,11 @@ def test_the_verdicts_are_paired_over_seeds_by_hand():
     assert zeroed[1] == "reproduced" and "difference -0.550 ± 0.029" in zeroed[3]
     verdicts, _ = P.recall_section(runs)
     assert verdicts[0][1] == "inconclusive at this scale"  # 0, +0.01, -0.01: nothing to call
+    chance = [dict(r, analysis=dict(r["analysis"], recall=dict(r["analysis"]["recall"], mqar={
+        "accuracy": 0.006 if r["variant"] == "engram" else 0.005, "by_pairs": {str(n): 0.005 for n in (2, 4, 8, 16)}},
+        needle={"accuracy": 0.0}))) for r in runs]  # fmt: skip
+    verdicts, _ = P.recall_section(chance)  # +0.001 on every seed: a call by the rule, but both at chance
+    assert verdicts[0][1] == "inconclusive at this scale" and verdicts[0][3].startswith("not measurable: every model at chance")
     assert P.knowledge_section(runs[:3])[0] == []  # an arm missing: not rendered yet
     half, lines = P.knowledge_section(runs, size="half")  # the same numbers under the second size's names
     assert [v[1:] for v in half] == [v[1:] for v in (bits, few, table, zeroed)] and half[0][0].endswith("(half width)")

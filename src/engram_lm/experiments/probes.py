@@ -36,6 +36,7 @@ NOVEL_CHARS = 7_000_000  # with the probe documents, about one epoch at 3x the q
 ARMS = ("moe", "engram", "capacity1")
 LABELS = {"moe": "MoE", "engram": "MoE+Engram", "capacity1": "capacity-1"}
 FEW = (1, 2, 4)  # "few exposures": documents per person
+MEASURABLE = 0.05  # a recall probe below this for every run is at chance (1 in 90 for a two-digit value)
 GUESS = sum(1 / len(POOLS[a]) for a in ATTRIBUTES) / len(ATTRIBUTES)  # recall of a model that names one value per pool
 
 CLAIMS = {
@@ -260,7 +261,7 @@ def recall_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tupl
               _est(rs, r_(lambda q: q["needle"]["accuracy"]))] for arm, rs in arms.items()]  # fmt: skip
     lines += md_table(["model", "key-value recall", *(f"{n} pairs" for n in PAIRS), "needle"], table)
     best = max(r["analysis"]["recall"][kind]["accuracy"] or 0 for r in done for kind in ("mqar", "needle"))
-    if best < 0.05:
+    if best < MEASURABLE:
         lines += ["", f"Not measurable at this scale: no run answers more than {best:.1%} of either probe, chance for a "
                   "two-digit value (1 in 90); the models did not learn to retrieve from context. The smallest change that "
                   "would make it measurable: far more recall documents (Zoology trains on hundreds of thousands of "
@@ -270,6 +271,9 @@ def recall_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tupl
                          "key-value recall, Engram minus MoE"),
                 _verdict(claims(size)["needle"], e, m, r_(lambda q: q["needle"]["accuracy"]), "higher", where,
                          "needle accuracy, Engram minus MoE")]  # fmt: skip
+    if best < MEASURABLE:  # a difference between chance-level scores is no call, however small its error bar
+        verdicts = [[v[0], "inconclusive at this scale", v[2], f"not measurable: every model at chance (best {best:.1%}); "
+                     + v[3]] for v in verdicts]  # fmt: skip
     return verdicts, lines + [""]
 
 
