@@ -58,6 +58,10 @@ def test_every_shape_scaled_down_runs_a_prefill_and_a_decode_through_every_tier(
         assert works["prefill-24"]["tok_s"] > 0 and works["decode-b2"]["p99_ms"] >= works["decode-b2"]["p50_ms"] > 0
         assert ("penalty" in works["decode-b2"]) == (config != "none")
     assert r["cold"]["ssd"]["resident_before"] in (0.0, None)  # dropped before the cold pass (None: unknown here)
+    for works in r["cold"].values():  # one turn against the backbone timed just before it, and against the warm median
+        e = works["decode-b2"]
+        assert e["penalty"] == pytest.approx(e["none_tok_s"] / e["tok_s"] - 1)
+        assert e["penalty_vs_warm_none"] == pytest.approx(r["warm"]["none"]["decode-b2"]["tok_s"] / e["tok_s"] - 1)
     assert r["warm"]["ssd+prefetch"]["placement"]["prefetched"] > 0
     assert list(tmp_path.iterdir()) == []  # the table file went with the run
     json.dumps(r)  # --json writes it all

@@ -12,7 +12,8 @@ one model of a named shape (bench/shapes.py; random weights) runs every workload
 each also `+prefetch` (the model requests every Engram layer's rows when a step's ids are known,
 before block 0, so a table at block k overlaps blocks 0..k-1). Warm: every configuration built
 once and timed in alternating turns (a VM's drift falls on all alike); cold: one configuration at
-a time, a fresh table on a file whose pages were dropped (and checked dropped), one turn.
+a time, a fresh table on a file whose pages were dropped (and checked dropped), one turn, against
+the backbone timed just before it.
 Workloads: a prefill of T tokens (batch 1) and greedy decoding of n tokens at batch b, each step
 timed (p50 / p99 per token). The penalty is the median over turns of (time with the table) /
 (time without) - 1, with a bootstrap 95% interval of that median; tokens/s are medians.
@@ -278,13 +279,17 @@ def _warm(runner, works, ids, names, turns) -> dict[str, Any]:
 
 
 def _cold(runner, works, ids, names, warm_none) -> dict[str, Any]:
-    """One configuration at a time on a file whose pages were dropped: its first contact, one turn."""
+    """One configuration at a time on a file whose pages were dropped: its first contact, one turn,
+    against the backbone timed just before it (a VM drifts over minutes: the warm median is a
+    second reference, `penalty_vs_warm_none`)."""
     from engram_lm.bench.offload import _evict
 
     out = {}
     for name in names:
         if name.split("+")[0] in ("ram", "device"):
             continue  # in memory: nothing to drop
+        runner.install(None)
+        before = {w.name: _rate(runner.time(w, ids)) for w in works}
         _evict(runner.path)
         table = runner.make_table(name)
         runner.install(table)
@@ -292,11 +297,12 @@ def _cold(runner, works, ids, names, warm_none) -> dict[str, Any]:
             w.name: _rate(runner.time(w, ids)) for w in works}}  # fmt: skip
         out[name]["placement"] = runner.placement(table)
         runner.close(table)
+        for work, ref in before.items():
+            entry = out[name][work]
+            entry["penalty"] = ref["tok_s"] / entry["tok_s"] - 1
+            entry["penalty_vs_warm_none"] = warm_none[work]["tok_s"] / entry["tok_s"] - 1
+            entry["none_tok_s"] = ref["tok_s"]
     runner.install(None)
-    for name, works_out in out.items():  # one cold turn each: its cost against the warm backbone's median
-        for work, entry in works_out.items():
-            if isinstance(entry, dict) and "tok_s" in entry:
-                entry["penalty_vs_warm_none"] = warm_none[work]["tok_s"] / entry["tok_s"] - 1
     return out
 
 

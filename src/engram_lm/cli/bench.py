@@ -115,7 +115,7 @@ def _print_penalty(r: dict[str, Any]) -> None:
                 if not isinstance(e, dict) or "tok_s" not in e:
                     continue
                 ci = f"[{e['ci95'][0]:+.1%}, {e['ci95'][1]:+.1%}]" if "ci95" in e else ""
-                value = e.get("penalty", e.get("penalty_vs_warm_none"))  # cold: one turn, against the warm backbone
+                value = e.get("penalty")  # cold: one turn, against the backbone timed just before it
                 pen = f"{value:+.1%}" if value is not None else ""
                 lat = f"{e['p50_ms']:>9.2f}{e['p99_ms']:>9.2f}" if "p50_ms" in e else ""
                 print(f"  {name + (' cold' if state == 'cold' else ''):<22}{work:<14}{e['tok_s']:>10,.1f}{pen:>10}{ci:>20}{lat}")
