@@ -86,8 +86,10 @@ def test_every_tier_serves_the_official_forwards_logits(tmp_path, make):
 
 @pytest.mark.parametrize("make", [gemma4_e2b, qwen38_slice])
 def test_the_scaled_down_shape_runs_a_prefill_and_a_decode_through_every_tier_warm_and_cold(tmp_path, make):
-    r = bench_hf_penalty(hf_scaled_down(make()), workdir=tmp_path, turns=1, prefill=(16,), decode=(2,), new_tokens=2)
-    assert list(r["warm"]) == ["none", *CONFIGS]
+    r = bench_hf_penalty(hf_scaled_down(make()), workdir=tmp_path, turns=1, prefill=(16,), decode=(2,), new_tokens=2,
+                         offline=(3, 4, 8, 2))  # fmt: skip
+    assert list(r["warm"]) == ["none", *CONFIGS] and r["workloads"] == ["prefill-16", "decode-b2", "offline-3"]
+    assert all(works["offline-3"]["tok_s"] > 0 for works in r["warm"].values())
     assert sorted(r["cold"]) == sorted(c for c in CONFIGS if not c.startswith("ram"))
     for config, works in r["warm"].items():
         assert works["prefill-16"]["tok_s"] > 0 and ("penalty" in works["decode-b2"]) == (config != "none")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engram_lm.bench.penalty import bench_penalty, check_fits, penalty_interval
 from engram_lm.bench.shapes import SHAPES, get_shape, scaled_down
@@ -76,3 +77,44 @@ def test_the_cli_prints_a_row_per_configuration_and_workload(tmp_path, capsys):
     assert "quickstart:" in out and out.count("decode-b1") == 5 and "ssd+prefetch" in out  # none, ram(+p), ssd(+p)
     assert main(["bench", "penalty", "--tiers", "ram,disk", "--workdir", str(tmp_path)]) == 2
     assert "--tiers disk" in capsys.readouterr().err
+
+
+def test_the_offline_batch_draws_its_lengths_once_and_serves_them_in_sorted_waves():
+    from engram_lm.bench.penalty import offline_waves, offline_workload, time_offline
+
+    w = offline_workload(5, 3, 9, 2)
+    assert w.name == "offline-5" and w.batch == 2 and len(w.lengths) == 5
+    assert all(3 <= p <= 9 and 3 <= o <= 9 for p, o in w.lengths) and [sum(x) for x in w.lengths] == sorted(map(sum, w.lengths))
+    assert offline_workload(5, 3, 9, 2) == w and offline_workload(5, 3, 9, 2, seed=1) != w  # drawn from the seed
+    waves = list(offline_waves(w))
+    assert [n for *_, n in waves] == [2, 2, 1]
+    assert waves[0][:2] == (max(p for p, _ in w.lengths[:2]), max(o for _, o in w.lengths[:2]))
+    calls = {"prefill": [], "step": 0}
+
+    def prefill(prompt, total):
+        calls["prefill"].append((tuple(prompt.shape), total))
+        return prompt[:, -1:], None
+
+    def step(nxt, _):
+        calls["step"] += 1
+        return nxt
+
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    out = time_offline(w, ids, prefill, step, torch.device("cpu"))
+    assert calls["prefill"] == [((n, p), p + o) for p, o, n in waves]  # one prefill per wave, padded to its longest
+    assert calls["step"] == sum(o - 1 for _, o, _ in waves)  # the prefill gives the first output token
+    assert out["tokens"] == sum(o for _, o in w.lengths) and out["seconds"] > 0
+    with pytest.raises(ValueError, match="SEQUENCES,LOW,HIGH,WAVE with 1 <= LOW <= HIGH"):
+        offline_workload(4, 9, 3, 2)
+
+
+def test_the_offline_batch_runs_through_every_tier_and_the_cli_refuses_a_malformed_one(tmp_path, capsys):
+    from engram_lm.cli import main
+
+    r = bench_penalty("quickstart", table_gb=0.002, workdir=tmp_path, turns=1, prefill=(8,), decode=(1,), new_tokens=2,
+                      tiers=("ram", "ssd"), cold=False, offline=(3, 4, 8, 2), shape=scaled_down(get_shape("quickstart")))  # fmt: skip
+    assert "offline-3" in r["workloads"]
+    for config, works in r["warm"].items():
+        assert works["offline-3"]["tok_s"] > 0 and ("penalty" in works["offline-3"]) == (config != "none")
+    assert main(["bench", "penalty", "--offline", "8,16,64", "--workdir", str(tmp_path)]) != 0
+    assert "SEQUENCES,LOW,HIGH,WAVE, four integers" in capsys.readouterr().err

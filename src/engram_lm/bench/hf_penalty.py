@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from engram_lm.bench.hf_shapes import HFShape
-from engram_lm.bench.penalty import _cold, _peak_rss, _sync, _warm, tier_names, workloads
+from engram_lm.bench.penalty import _cold, _peak_rss, _sync, _warm, tier_names, time_offline, workload_ids, workloads
 from engram_lm.memory.codec import decode_rows, encode_rows, row_bytes
 
 
@@ -140,6 +140,17 @@ class HFRunner:
 
         device, model = self.device, self.model
         with torch.no_grad():
+            if work.kind == "offline":
+                def prefill(prompt, _total):
+                    out = model(input_ids=prompt, use_cache=True)
+                    return out.logits[:, -1].argmax(-1, keepdim=True), [_cache_of(out)]
+
+                def step(nxt, state):
+                    out = model(input_ids=nxt, use_cache=True, **{self.cache_kw: state[0]})
+                    state[0] = _cache_of(out)
+                    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+                return time_offline(work, ids, prefill, step, device)
             if work.kind == "prefill":
                 _sync(device)
                 t0 = time.perf_counter()
@@ -222,13 +233,14 @@ def _cache_of(out):
 
 def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str = "cpu", turns: int = 5,
                      tiers: tuple[str, ...] = ("device", "ram", "tiered", "mmap", "ssd"), prefill=None, decode=None,
-                     new_tokens: int | None = None, cold: bool = True) -> dict[str, Any]:  # fmt: skip
+                     new_tokens: int | None = None, cold: bool = True,
+                     offline: tuple[int, int, int, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every tier x prefetch against the model without its table, warm (alternating turns) and cold."""
     from engram_lm.bench.penalty import CPU_WORKLOADS, GPU_WORKLOADS, check_fits_bytes
 
     device = torch.device(device)
     defaults = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
-    works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"])
+    works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"], offline)
     rows, dim = shape.table_shape
     table_bytes = rows * row_bytes(shape.table_dtype, dim)
     params = hf_params(shape)
@@ -239,9 +251,7 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
     reused = named is not None and named.is_file() and named.stat().st_size == table_bytes
     check_fits_bytes(shape.name, params, dtype_bytes, in_memory, 0 if reused else table_bytes, workdir)
     model = build_hf_model(shape)
-    longest = max([w.size for w in works if w.kind == "prefill"] + [16])
-    batch = max([w.size for w in works if w.kind == "decode"] + [1])
-    ids = torch.randint(0, shape.kwargs["vocab_size"], (batch, longest), generator=torch.Generator().manual_seed(2))
+    ids = workload_ids(works, shape.kwargs["vocab_size"])
     names = tier_names(device, tiers)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = named or Path(tmp) / "table.bin"  # a named file is kept for the next run (and `bench real-table`)

@@ -15,7 +15,8 @@ once and timed in alternating turns (a VM's drift falls on all alike); cold: one
 a time, a fresh table on a file whose pages were dropped (and checked dropped), one turn, against
 the backbone timed just before it.
 Workloads: a prefill of T tokens (batch 1) and greedy decoding of n tokens at batch b, each step
-timed (p50 / p99 per token). The penalty is the median over turns of (time with the table) /
+timed (p50 / p99 per token); with `offline`, also the paper's offline batch (`offline_workload`:
+requests of Uniform(low, high) prompt and output tokens served in waves, output tokens/s). The penalty is the median over turns of (time with the table) /
 (time without) - 1, with a bootstrap 95% interval of that median; tokens/s are medians.
 """
 
@@ -43,17 +44,64 @@ GPU_WORKLOADS = {"prefill": (1024, 4096), "decode": (1, 8, 32), "new_tokens": 64
 
 @dataclass(frozen=True)
 class Workload:
-    kind: str  # "prefill" or "decode"
-    size: int  # tokens of the prefill, or the decode batch
+    kind: str  # "prefill", "decode" or "offline"
+    size: int  # tokens of the prefill, the decode batch, or the offline sequences
     new_tokens: int = 0
+    lengths: tuple[tuple[int, int], ...] = ()  # offline: (prompt, output) tokens of each sequence
+    wave: int = 0  # offline: sequences decoded together
 
     @property
     def name(self) -> str:
-        return f"prefill-{self.size}" if self.kind == "prefill" else f"decode-b{self.size}"
+        return {"prefill": f"prefill-{self.size}", "decode": f"decode-b{self.size}"}.get(self.kind, f"offline-{self.size}")
+
+    @property
+    def longest(self) -> int:
+        """Prompt tokens the workload's ids must hold."""
+        return max([p for p, _ in self.lengths], default=self.size if self.kind == "prefill" else 16)
+
+    @property
+    def batch(self) -> int:
+        return {"decode": self.size, "offline": self.wave}.get(self.kind, 1)
 
 
-def workloads(prefill: tuple[int, ...], decode: tuple[int, ...], new_tokens: int) -> list[Workload]:
-    return [Workload("prefill", t) for t in prefill] + [Workload("decode", b, new_tokens) for b in decode]
+def workloads(prefill: tuple[int, ...], decode: tuple[int, ...], new_tokens: int,
+              offline: tuple[int, int, int, int] | None = None) -> list[Workload]:  # fmt: skip
+    works = [Workload("prefill", t) for t in prefill] + [Workload("decode", b, new_tokens) for b in decode]
+    return works + ([offline_workload(*offline)] if offline else [])
+
+
+def offline_workload(sequences: int, low: int, high: int, wave: int, seed: int = 0) -> Workload:
+    """The paper's offline batch (nano-vLLM's benchmark): `sequences` requests, each with a prompt and an
+    output of Uniform(low, high) tokens, drawn once from `seed`; served in waves of `wave` sequences
+    sorted by length (a static batch per wave, padded to its longest prompt and output: a paged
+    engine's continuous batching wastes less), throughput counted in the requested output tokens."""
+    if sequences < 1 or wave < 1 or not 1 <= low <= high:
+        raise ValueError(f"--offline {sequences},{low},{high},{wave}: give SEQUENCES,LOW,HIGH,WAVE with 1 <= LOW <= HIGH "
+                         "and at least one sequence and one per wave (the paper: 512,100,1024)")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    lengths = sorted(zip(rng.integers(low, high + 1, sequences).tolist(), rng.integers(low, high + 1, sequences).tolist()),
+                     key=sum)  # fmt: skip
+    return Workload("offline", sequences, lengths=tuple(lengths), wave=min(wave, sequences))
+
+
+def offline_waves(work: Workload):
+    """(prompt length, output length, sequences) of each wave: its longest prompt and output."""
+    for start in range(0, len(work.lengths), work.wave):
+        group = work.lengths[start : start + work.wave]
+        yield max(p for p, _ in group), max(o for _, o in group), len(group)
+
+
+def time_offline(work: Workload, ids: torch.Tensor, prefill, step, device: torch.device) -> dict[str, Any]:
+    """Seconds for every wave's prefill and decode steps; `prefill(prompt_BT, total_len) -> (next_B1, state)`,
+    `step(next_B1, state) -> next_B1`."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for prompt_len, output_len, count in offline_waves(work):
+        nxt, state = prefill(ids[:count, :prompt_len].to(device), prompt_len + output_len)
+        for _ in range(output_len - 1):
+            nxt = step(nxt, state)
+    _sync(device)
+    return {"seconds": time.perf_counter() - t0, "tokens": sum(o for _, o in work.lengths)}
 
 
 def penalty_interval(with_table: list[float], without: list[float], resamples: int = 2000,
@@ -132,6 +180,13 @@ def time_workload(model: EngramLM, work: Workload, ids: torch.Tensor) -> dict[st
     """Seconds for the workload (and each decode step's seconds), on `ids` of shape (B, T)."""
     device = model.head.weight.device
     with torch.no_grad():
+        if work.kind == "offline":
+            def prefill(prompt, total):
+                cache = model.new_cache(prompt.shape[0], total)
+                return model(prompt, cache=cache)[0][:, -1].argmax(-1, keepdim=True), cache
+
+            return time_offline(work, ids, prefill, lambda nxt, cache: model(nxt, cache=cache)[0][:, -1].argmax(-1, keepdim=True),
+                                device)  # fmt: skip
         if work.kind == "prefill":
             _sync(device)
             t0 = time.perf_counter()
@@ -149,6 +204,12 @@ def time_workload(model: EngramLM, work: Workload, ids: torch.Tensor) -> dict[st
             _sync(device)
             steps.append(time.perf_counter() - t0)
         return {"seconds": sum(steps), "tokens": work.size * work.new_tokens, "steps": steps}
+
+
+def workload_ids(works: list[Workload], vocab: int) -> torch.Tensor:
+    """Random ids every workload reads from: as many rows as the largest batch, as long as the longest prompt."""
+    shape = (max(w.batch for w in works), max(w.longest for w in works))
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(2))
 
 
 def _sync(device: torch.device) -> None:
@@ -183,7 +244,8 @@ def make_table(name: str, path: Path, rows: int, dim: int, device: torch.device)
 def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | None = None, device: str = "cpu",
                   turns: int = 5, tiers: tuple[str, ...] = ("device", "ram", "tiered", "mmap", "ssd"),
                   prefill: tuple[int, ...] | None = None, decode: tuple[int, ...] | None = None,
-                  new_tokens: int | None = None, cold: bool = True, shape: Shape | None = None) -> dict[str, Any]:  # fmt: skip
+                  new_tokens: int | None = None, cold: bool = True, shape: Shape | None = None,
+                  offline: tuple[int, int, int, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every tier x prefetch against the backbone without Engram, warm (alternating turns) and cold.
     A released model's shape (bench/hf_shapes.py) runs its own table instead (`table_gb` unused)."""
     from engram_lm.bench.hf_shapes import HF_SHAPES
@@ -194,10 +256,10 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
         from engram_lm.bench.hf_penalty import bench_hf_penalty
 
         return bench_hf_penalty(HF_SHAPES[shape_name](), workdir=workdir, device=device, turns=turns, tiers=tiers,
-                                prefill=prefill, decode=decode, new_tokens=new_tokens, cold=cold)  # fmt: skip
+                                prefill=prefill, decode=decode, new_tokens=new_tokens, cold=cold, offline=offline)  # fmt: skip
     device = torch.device(device)
     defaults = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
-    works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"])
+    works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"], offline)
     shape = shape or get_shape(shape_name)
     e = shape.model.engram
     dim = e.head_dim
@@ -209,9 +271,7 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
     table_bytes = rows * row_bytes("fp32", dim)
     params = check_fits(shape, table_bytes if "ram" in tiers or "device" in tiers else 0, workdir, 4)
     model = build_model(shape, device)
-    longest = max([w.size for w in works if w.kind == "prefill"] + [16])
-    batch = max([w.size for w in works if w.kind == "decode"] + [1])
-    ids = torch.randint(0, shape.model.vocab_size, (batch, longest), generator=torch.Generator().manual_seed(2))
+    ids = workload_ids(works, shape.model.vocab_size)
     names = tier_names(device, tiers)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "table.bin"

@@ -101,7 +101,19 @@ def cmd_bench_penalty(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--tiers {','.join(unknown)}: choose from device, ram, tiered, mmap, ssd")
     return bench_penalty(args.shape, table_gb=args.table_gb, workdir=Path(args.workdir) if args.workdir else None,
                          device=args.device, turns=args.turns, tiers=tiers, prefill=tuple(args.prefill or ()) or None,
-                         decode=tuple(args.decode or ()) or None, new_tokens=args.new_tokens, cold=not args.no_cold)  # fmt: skip
+                         decode=tuple(args.decode or ()) or None, new_tokens=args.new_tokens, cold=not args.no_cold,
+                         offline=_offline_arg(args.offline))  # fmt: skip
+
+
+def _offline_arg(value: str | None) -> tuple[int, int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        sequences, low, high, wave = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--offline {value}: give SEQUENCES,LOW,HIGH,WAVE, four integers (the paper: 512,100,1024 and "
+                         "a wave the memory holds, e.g. 512,100,1024,32 on a GPU, 8,16,64,4 on a CPU)") from None  # fmt: skip
+    return sequences, low, high, wave
 
 
 def _print_penalty(r: dict[str, Any]) -> None:
@@ -354,6 +366,10 @@ def _add_model_benches(bench) -> None:
     b.add_argument("--prefill", type=int_list, help="prefill lengths (default: 1024,4096 on CUDA, 128 on a CPU)")
     b.add_argument("--decode", type=int_list, help="decode batch sizes (default: 1,8,32 on CUDA, 1 on a CPU)")
     b.add_argument("--new-tokens", type=int, help="tokens decoded per decode workload (default: 64 on CUDA, 16 on a CPU)")
+    b.add_argument("--offline", metavar="SEQ,LOW,HIGH,WAVE",
+                   help="also the paper's offline batch: SEQ requests of Uniform(LOW, HIGH) prompt and output tokens, "
+                        "served in waves of WAVE (paper: 512,100,1024; e.g. 512,100,1024,32 on a GPU, 8,16,64,4 on a CPU); "
+                        "throughput in output tokens/s")  # fmt: skip
     b.add_argument("--no-cold", action="store_true", help="skip the cold pass (one configuration at a time, pages dropped)")
     b.add_argument("--workdir", help="folder for the table file (default: the system's temporary folder)")
     b.add_argument("--device", default="cpu", help="compute device (cuda: the table also in GPU memory, pinned RAM)")
