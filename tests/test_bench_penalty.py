@@ -113,7 +113,7 @@ def test_the_offline_batch_runs_through_every_tier_and_the_cli_refuses_a_malform
 
     r = bench_penalty("quickstart", table_gb=0.002, workdir=tmp_path, turns=1, prefill=(8,), decode=(1,), new_tokens=2,
                       tiers=("ram", "ssd"), cold=False, offline=(3, 4, 8, 2), shape=scaled_down(get_shape("quickstart")))  # fmt: skip
-    assert "offline-3" in r["workloads"]
+    assert "offline-3" in r["workloads"] and r["new_tokens"] == 2  # the decode workload's, not the offline batch's
     for config, works in r["warm"].items():
         assert works["offline-3"]["tok_s"] > 0 and ("penalty" in works["offline-3"]) == (config != "none")
     assert main(["bench", "penalty", "--offline", "8,16,64", "--workdir", str(tmp_path)]) != 0

@@ -264,6 +264,6 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
             "table_rows": rows, "table_dim": dim, "table_dtype": shape.table_dtype, "table_bytes": table_bytes,
             "weights_dtype": str(shape.dtype).removeprefix("torch."), "device": str(device),
             "torch_threads": torch.get_num_threads(), "turns": turns, "workloads": [w.name for w in works],
-            "new_tokens": works[-1].new_tokens, "scaled_for_cpu": device.type != "cuda", "warm": warm,
+            "new_tokens": max(w.new_tokens for w in works), "scaled_for_cpu": device.type != "cuda", "warm": warm,
             "cold": cold_results, "peak_rss_gb": _peak_rss() / 1e9, "table_file": str(named) if named else None,
             "table_file_reused": reused}  # fmt: skip

@@ -281,7 +281,7 @@ def bench_penalty(shape_name: str, *, table_gb: float = 1.0, workdir: Path | Non
         cold_results = _cold(runner, works, ids, names, warm["none"]) if cold else {}
     return {"shape": shape.name, "source": shape.source, "chosen": shape.chosen, "params": params,
             "table_rows": rows, "table_bytes": table_bytes, "device": str(device), "torch_threads": torch.get_num_threads(),
-            "turns": turns, "workloads": [w.name for w in works], "new_tokens": works[-1].new_tokens,
+            "turns": turns, "workloads": [w.name for w in works], "new_tokens": max(w.new_tokens for w in works),
             "scaled_for_cpu": device.type != "cuda", "warm": warm, "cold": cold_results,
             "peak_rss_gb": _peak_rss() / 1e9}  # fmt: skip
 

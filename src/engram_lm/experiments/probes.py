@@ -64,6 +64,7 @@ SIZE_WORDS = {"quickstart": "The quickstart MoE", "half": "The quickstart MoE at
                                                           "expert width 64, Engram 64 per n-gram)",
               "qa": "The quickstart MoE on biographies with question-answer documents for the even half of the people "
                     "(bios-qa)"}  # fmt: skip
+QUESTION_WORDS = {False: "training never read", True: "(training read the even half's questions, never the odd half's)"}
 EXTRACTION = "knowledge: Engram answers questions never asked in training better (bios-qa, the held-out half)"
 
 
@@ -191,7 +192,7 @@ def knowledge_section(runs: list[dict[str, Any]], size: str = "quickstart") -> t
              f"about n x that many times), {seeds_of(done)} seed(s), trained on the current code. {PEOPLE} synthetic people "
              "(probes/biographies.py), five attributes each, person i written 1, 2, 4 ... 32 times; a fact is recalled "
              "when every token of its value is the argmax after a training template (*template*) or after a question "
-             "training never read (*question*). *Bits*: log2 of the attribute's pool size minus the value's NLL in bits, "
+             f"{QUESTION_WORDS[size == 'qa']} (*question*). *Bits*: log2 of the attribute's pool size minus the value's NLL in bits, "
              "clipped at 0, summed (a simplified form of Physics of LMs 3.3's bound; their anchor: ~2 bits per parameter "
              f"at enough exposures). *Kept*: recall with Engram's output zeroed over recall with it. Guessing one value "
              f"of each pool scores {GUESS:.1%}.", ""]  # fmt: skip
