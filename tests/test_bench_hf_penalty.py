@@ -116,7 +116,7 @@ def test_gemma4_e2b_that_does_not_fit_is_refused_before_anything_is_written(tmp_
 
     monkeypatch.setattr(tiered, "available_memory_bytes", lambda: 8 * 10**9)
     with pytest.raises(ValueError, match=r"gemma4-e2b needs 9\.\d GB of memory \(2\.2\dB parameters at 2 bytes \+ a 4\.7 GB "
-                                         r"table for the ram tier\), this machine has 8\.0 GB"):  # fmt: skip
+                                         r"table for the ram tier\), this machine has 8\.0 GB available: --tiers without ram"):  # fmt: skip
         bench_penalty("gemma4-e2b", workdir=tmp_path, tiers=("ram", "ssd"))
     with pytest.raises(ValueError, match=r"the table file needs 4\.7 GB \+ 1 GB free in .* which has 2\.0 GB"):
         check_fits_bytes("gemma4-e2b", 10, 2, 0, 262_144 * 8_960 * 2, tmp_path, memory=10**15, disk=2 * 10**9)

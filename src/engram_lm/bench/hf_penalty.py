@@ -249,7 +249,8 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
     in_memory = rows * dim * dtype_bytes if {"ram", "device"} & set(tiers) else 0
     named = workdir / shape.table_file if shape.table_file else None
     reused = named is not None and named.is_file() and named.stat().st_size == table_bytes
-    check_fits_bytes(shape.name, params, dtype_bytes, in_memory, 0 if reused else table_bytes, workdir)
+    check_fits_bytes(shape.name, params, dtype_bytes, in_memory, 0 if reused else table_bytes, workdir,
+                     fix="--tiers without ram and device (the released table, served from its file), or a larger machine")  # fmt: skip
     model = build_hf_model(shape)
     ids = workload_ids(works, shape.kwargs["vocab_size"])
     names = tier_names(device, tiers)

@@ -127,7 +127,8 @@ def check_fits(shape: Shape, table_bytes: int, workdir: Path, dtype_bytes: int, 
 
 
 def check_fits_bytes(name: str, params: int, dtype_bytes: int, in_memory: int, file_bytes: int, workdir: Path, *,
-                     memory: int | None = None, disk: int | None = None) -> None:  # fmt: skip
+                     memory: int | None = None, disk: int | None = None,
+                     fix: str = "a smaller --table-gb, fewer --tiers, or a larger machine") -> None:  # fmt: skip
     """Refuses, in one line naming what it needs, weights plus `in_memory` table bytes beyond 90% of
     the available memory, or a table file of `file_bytes` (+1 GB) beyond the free disk of `workdir`."""
     from engram_lm.memory.tiered import available_memory_bytes
@@ -137,7 +138,7 @@ def check_fits_bytes(name: str, params: int, dtype_bytes: int, in_memory: int, f
     if memory is not None and need > 0.9 * memory:
         raise ValueError(f"--shape {name} needs {need / 1e9:.1f} GB of memory ({params / 1e9:.2f}B parameters at "
                          f"{dtype_bytes} bytes + a {in_memory / 1e9:.1f} GB table for the ram tier), this machine has "
-                         f"{memory / 1e9:.1f} GB available: a smaller --table-gb, fewer --tiers, or a larger machine")  # fmt: skip
+                         f"{memory / 1e9:.1f} GB available: {fix}")  # fmt: skip
     disk = _free_disk(workdir) if disk is None else disk
     if file_bytes + (1 << 30) > disk:
         raise ValueError(f"--shape {name}: the table file needs {file_bytes / 1e9:.1f} GB + 1 GB free in {workdir}, which "
