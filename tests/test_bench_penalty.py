@@ -80,7 +80,7 @@ def test_the_cli_prints_a_row_per_configuration_and_workload(tmp_path, capsys):
 
 
 def test_the_offline_batch_draws_its_lengths_once_and_serves_them_in_sorted_waves():
-    from engram_lm.bench.penalty import offline_waves, offline_workload, time_offline
+    from engram_lm.bench.penalty import offline_waves, offline_workload, timed
 
     w = offline_workload(5, 3, 9, 2)
     assert w.name == "offline-5" and w.batch == 2 and len(w.lengths) == 5
@@ -100,7 +100,7 @@ def test_the_offline_batch_draws_its_lengths_once_and_serves_them_in_sorted_wave
         return nxt
 
     ids = torch.zeros(2, 9, dtype=torch.long)
-    out = time_offline(w, ids, prefill, step, torch.device("cpu"))
+    out = timed(w, ids, torch.device("cpu"), None, prefill, step)
     assert calls["prefill"] == [((n, p), p + o) for p, o, n in waves]  # one prefill per wave, padded to its longest
     assert calls["step"] == sum(o - 1 for _, o, _ in waves)  # the prefill gives the first output token
     assert out["tokens"] == sum(o for _, o in w.lengths) and out["seconds"] > 0

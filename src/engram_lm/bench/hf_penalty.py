@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from engram_lm.bench.hf_shapes import HFShape
-from engram_lm.bench.penalty import _cold, _peak_rss, _sync, _warm, tier_names, time_offline, workload_ids, workloads
+from engram_lm.bench.penalty import (CPU_WORKLOADS, GPU_WORKLOADS, _cold, _peak_rss, _warm, check_fits_bytes, tier_names,
+                                     timed, workload_ids, workloads)
 from engram_lm.memory.codec import decode_rows, encode_rows, row_bytes
 
 
@@ -135,38 +136,20 @@ class HFRunner:
             self.hook = install_prefetch(self.model, [self.served])
 
     def time(self, work, ids: torch.Tensor) -> dict[str, Any]:
-        """Seconds for the workload (and each decode step's), on `ids` of shape (B, T)."""
-        import time
+        """Seconds for the workload (and each decode step's), on `ids` of shape (B, T); the cache lives in
+        a one-item list, replaced by each forward's."""
+        model = self.model
 
-        device, model = self.device, self.model
-        with torch.no_grad():
-            if work.kind == "offline":
-                def prefill(prompt, _total):
-                    out = model(input_ids=prompt, use_cache=True)
-                    return out.logits[:, -1].argmax(-1, keepdim=True), [_cache_of(out)]
+        def start(prompt, _total):
+            out = model(input_ids=prompt, use_cache=True)
+            return out.logits[:, -1].argmax(-1, keepdim=True), [_cache_of(out)]
 
-                def step(nxt, state):
-                    out = model(input_ids=nxt, use_cache=True, **{self.cache_kw: state[0]})
-                    state[0] = _cache_of(out)
-                    return out.logits[:, -1].argmax(-1, keepdim=True)
+        def step(nxt, state):
+            out = model(input_ids=nxt, use_cache=True, **{self.cache_kw: state[0]})
+            state[0] = _cache_of(out)
+            return out.logits[:, -1].argmax(-1, keepdim=True)
 
-                return time_offline(work, ids, prefill, step, device)
-            if work.kind == "prefill":
-                _sync(device)
-                t0 = time.perf_counter()
-                model(input_ids=ids[:1, : work.size].to(device), use_cache=False)
-                _sync(device)
-                return {"seconds": time.perf_counter() - t0, "tokens": work.size}
-            out = model(input_ids=ids[: work.size, :16].to(device), use_cache=True)
-            cache, steps = _cache_of(out), []
-            for _ in range(work.new_tokens):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), use_cache=True, **{self.cache_kw: cache})
-                _sync(device)
-                steps.append(time.perf_counter() - t0)
-                cache = _cache_of(out)
-            return {"seconds": sum(steps), "tokens": work.size * work.new_tokens, "steps": steps}
+        return timed(work, ids, self.device, lambda x: model(input_ids=x, use_cache=False), start, step)
 
     def placement(self, embedding) -> dict[str, Any]:
         out = {k: v for k, v in embedding.table.placement().items() if isinstance(v, (int, float, str))}
@@ -236,8 +219,6 @@ def bench_hf_penalty(shape: HFShape, *, workdir: Path | None = None, device: str
                      new_tokens: int | None = None, cold: bool = True,
                      offline: tuple[int, int, int, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every tier x prefetch against the model without its table, warm (alternating turns) and cold."""
-    from engram_lm.bench.penalty import CPU_WORKLOADS, GPU_WORKLOADS, check_fits_bytes
-
     device = torch.device(device)
     defaults = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
     works = workloads(prefill or defaults["prefill"], decode or defaults["decode"], new_tokens or defaults["new_tokens"], offline)

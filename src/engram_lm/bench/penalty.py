@@ -91,19 +91,6 @@ def offline_waves(work: Workload):
         yield max(p for p, _ in group), max(o for _, o in group), len(group)
 
 
-def time_offline(work: Workload, ids: torch.Tensor, prefill, step, device: torch.device) -> dict[str, Any]:
-    """Seconds for every wave's prefill and decode steps; `prefill(prompt_BT, total_len) -> (next_B1, state)`,
-    `step(next_B1, state) -> next_B1`."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for prompt_len, output_len, count in offline_waves(work):
-        nxt, state = prefill(ids[:count, :prompt_len].to(device), prompt_len + output_len)
-        for _ in range(output_len - 1):
-            nxt = step(nxt, state)
-    _sync(device)
-    return {"seconds": time.perf_counter() - t0, "tokens": sum(o for _, o in work.lengths)}
-
-
 def penalty_interval(with_table: list[float], without: list[float], resamples: int = 2000,
                      seed: int = 0) -> dict[str, float]:  # fmt: skip
     """Seconds per turn, paired by turn: the median ratio - 1 and a bootstrap 95% interval of it."""
@@ -179,29 +166,45 @@ def write_table(path: Path, rows: int, dim: int, chunk: int = 1 << 20) -> None:
 
 def time_workload(model: EngramLM, work: Workload, ids: torch.Tensor) -> dict[str, Any]:
     """Seconds for the workload (and each decode step's seconds), on `ids` of shape (B, T)."""
-    device = model.head.weight.device
-    with torch.no_grad():
-        if work.kind == "offline":
-            def prefill(prompt, total):
-                cache = model.new_cache(prompt.shape[0], total)
-                return model(prompt, cache=cache)[0][:, -1].argmax(-1, keepdim=True), cache
 
-            return time_offline(work, ids, prefill, lambda nxt, cache: model(nxt, cache=cache)[0][:, -1].argmax(-1, keepdim=True),
-                                device)  # fmt: skip
+    def start(prompt, total):
+        cache = model.new_cache(prompt.shape[0], total)
+        return model(prompt, cache=cache)[0][:, -1].argmax(-1, keepdim=True), cache
+
+    def step(nxt, cache):
+        return model(nxt, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+
+    return timed(work, ids, model.head.weight.device, model, start, step)
+
+
+def timed(work: Workload, ids: torch.Tensor, device: torch.device, full, start, step) -> dict[str, Any]:
+    """Seconds for `work` on `ids` (B, T), whatever the model: `full(ids_BT)` a forward without a cache,
+    `start(prompt_BT, total_len) -> (next_B1, state)` a prefill into a cache for `total_len` tokens,
+    `step(next_B1, state) -> next_B1` one greedy decode step. Prefill: the cacheless forward; decode:
+    each step timed (a 16-token prompt first, untimed); offline: every wave's prefill and steps."""
+    with torch.no_grad():
         if work.kind == "prefill":
             _sync(device)
             t0 = time.perf_counter()
-            model(ids[:1, : work.size].to(device))
+            full(ids[:1, : work.size].to(device))
             _sync(device)
             return {"seconds": time.perf_counter() - t0, "tokens": work.size}
+        if work.kind == "offline":
+            _sync(device)
+            t0 = time.perf_counter()
+            for prompt_len, output_len, count in offline_waves(work):
+                nxt, state = start(ids[:count, :prompt_len].to(device), prompt_len + output_len)
+                for _ in range(output_len - 1):
+                    nxt = step(nxt, state)
+            _sync(device)
+            return {"seconds": time.perf_counter() - t0, "tokens": sum(o for _, o in work.lengths)}
         prompt = ids[: work.size, :16].to(device)
-        cache = model.new_cache(work.size, prompt.shape[1] + work.new_tokens)
-        logits, _ = model(prompt, cache=cache)
+        nxt, state = start(prompt, prompt.shape[1] + work.new_tokens)
         steps = []
         for _ in range(work.new_tokens):
             _sync(device)
             t0 = time.perf_counter()
-            logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            nxt = step(nxt, state)
             _sync(device)
             steps.append(time.perf_counter() - t0)
         return {"seconds": sum(steps), "tokens": work.size * work.new_tokens, "steps": steps}

@@ -59,8 +59,8 @@ def probe_data(long_data: str, size: str = "quickstart") -> str:
 # data and tokens, so the same epochs: only the parameters change); and the quickstart on bios-qa
 # (Physics of LMs 3.3's mixed training: question-answer documents for half the people, so that the
 # other half's questions, never asked in training, measure extraction).
-SIZES = {"quickstart": "probes", "half": "probes-half", "qa": "probes-qa"}
-SIZE_WORDS = {"quickstart": "The quickstart MoE", "half": "The quickstart MoE at half its width (dim 64, 2 heads of 32, "
+VARIANTS = {"quickstart": "probes", "half": "probes-half", "qa": "probes-qa"}
+VARIANT_WORDS = {"quickstart": "The quickstart MoE", "half": "The quickstart MoE at half its width (dim 64, 2 heads of 32, "
                                                           "expert width 64, Engram 64 per n-gram)",
               "qa": "The quickstart MoE on biographies with question-answer documents for the even half of the people "
                     "(bios-qa)"}  # fmt: skip
@@ -70,8 +70,8 @@ EXTRACTION = "knowledge: Engram answers questions never asked in training better
 
 def probe_models(size: str = "quickstart"):
     """(the MoE, its Engram template) at `size`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown probe model size {size!r}; choose from {list(SIZES)}")
+    if size not in VARIANTS:
+        raise ValueError(f"unknown probe model size {size!r}; choose from {list(VARIANTS)}")
     base, template = quickstart_moe()[0], quickstart_engram_template()
     if size == "half":  # "qa" is the quickstart's
         base = base.with_(dim=base.dim // 2, num_heads=base.num_heads // 2, ffn_hidden=base.ffn_hidden // 2,
@@ -177,17 +177,17 @@ def _paired(claim: str, a: dict[int, float], b: dict[int, float], expected: str,
 
 
 def _not_run(size: str) -> str:
-    return f"Not run yet (`{STUDY_COMMAND}`; section `{SIZES[size]}`)."
+    return f"Not run yet (`{STUDY_COMMAND}`; section `{VARIANTS[size]}`)."
 
 
 def knowledge_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tuple[list[list[str]], list[str]]:
-    title = f"## What the memory stores: facts about people ({SIZES[size]})"
+    title = f"## What the memory stores: facts about people ({VARIANTS[size]})"
     if (found := _finished(runs)) is None:
         return [], [title, "", _not_run(size), ""]
     arms, done, where = found
     named = claims(size)
     k = lambda f: (lambda a: f(a["knowledge"]))  # noqa: E731
-    lines = [title, "", f"{SIZE_WORDS[size]}, its iso-parameter MoE+Engram and the capacity-1 control, {STEPS_MULTIPLE}x the "
+    lines = [title, "", f"{VARIANT_WORDS[size]}, its iso-parameter MoE+Engram and the capacity-1 control, {STEPS_MULTIPLE}x the "
              f"quickstart's tokens on `{done[0]['data']}` ({epochs_range(done)} epochs: a person written n times was read "
              f"about n x that many times), {seeds_of(done)} seed(s), trained on the current code. {PEOPLE} synthetic people "
              "(probes/biographies.py), five attributes each, person i written 1, 2, 4 ... 32 times; a fact is recalled "
@@ -246,7 +246,7 @@ def _zeroed_verdict(engram: list[dict[str, Any]], where: str, claim: str) -> lis
 
 
 def recall_section(runs: list[dict[str, Any]], size: str = "quickstart") -> tuple[list[list[str]], list[str]]:
-    title = f"## What the memory frees: in-context recall ({SIZES[size]})"
+    title = f"## What the memory frees: in-context recall ({VARIANTS[size]})"
     if (found := _finished(runs)) is None:
         return [], [title, "", _not_run(size), ""]
     arms, done, where = found

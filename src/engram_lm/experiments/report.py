@@ -33,7 +33,7 @@ from engram_lm.experiments.retrofit import retrofit_section
 from engram_lm.experiments.runner import read_result
 from engram_lm.experiments.scaling import SCALING_4X, scaling_4x_section, scaling_section, versus_strongest_overencoding
 from engram_lm.experiments.probes import claims as probe_claims
-from engram_lm.experiments.probes import SIZES as PROBE_SECTIONS
+from engram_lm.experiments.probes import VARIANTS as PROBE_SECTIONS
 from engram_lm.experiments.probes import knowledge_section, recall_section
 from engram_lm.experiments.sensitivity import sensitivity_section
 from engram_lm.experiments.summary import plot_summary, summary_lines

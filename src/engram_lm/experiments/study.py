@@ -58,7 +58,7 @@ from engram_lm.experiments.allocation import allocation_specs, write_allocation
 from engram_lm.experiments.curves import write_curves
 from engram_lm.experiments.duration import DECAYED, duration_specs, write_duration
 from engram_lm.experiments.oe_diagnosis import oe_diagnosis_specs
-from engram_lm.experiments.probes import analyse_probes, probe_specs, write_probes
+from engram_lm.experiments.probes import VARIANTS, analyse_probes, probe_specs, write_probes
 from engram_lm.experiments.regime import REGIME_CANDIDATES, regime_corpora, regime_specs, write_regime
 from engram_lm.experiments.regularisation import regularisation_control_specs, regularisation_specs
 from engram_lm.experiments.runner import RunSpec, hms, load_result, run_specs
@@ -220,7 +220,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
     for name in ("duration", "duration-repeated", "mhc"):
         write_duration(section(name), out / name)
     write_regime(section("regime"), out / "regime")
-    for name in ("probes", "probes-half", "probes-qa"):
+    for name in VARIANTS.values():
         write_probes(section(name), out / name)
     write_curves(section("regularisation"), out / "regularisation", "Validation loss as the built-in corpus repeats")
     write_curves(section("regularisation-cost"), out / "regularisation-cost", "Validation loss where nothing repeats")
